@@ -1,0 +1,157 @@
+"""Checkpoint files: one `torch.save` dict, loaded with `weights_only=True` (no code runs on load).
+
+Layout (see docs/CHECKPOINTS.md):
+    format: "atop-checkpoint", version: 1, kind: "classifier" | "purifier" | "defense"
+    config: Config.to_dict()                 (the run that produced the file)
+    classifier: {"name", "num_classes", "state_dict"}  or  classifier_ref: {"path", "sha256"}
+    purifier: {"name", "width", "state_dict"}, discriminator: {"state_dict"}   (purifier, defense)
+    optimizers: {name: state_dict}, epoch: int, metrics: {name: float}
+Writes go to a temporary file in the same folder and are renamed into place, so a crash mid-write
+never leaves a truncated checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from atop.config import Config, ConfigError
+from atop.data import DATASETS
+from atop.defense import Defense
+from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
+from atop.transforms import RandomTransform
+
+FORMAT, VERSION = "atop-checkpoint", 1
+KINDS = ("classifier", "purifier", "defense")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, of another kind or of another model; one-line message."""
+
+
+def save_checkpoint(path: str | os.PathLike, *, kind: str, cfg: Config, classifier: nn.Module | None = None,
+                    classifier_ref: str | os.PathLike | None = None, purifier: nn.Module | None = None,
+                    discriminator: nn.Module | None = None, optimizers: dict[str, Any] | None = None,
+                    epoch: int = 0, metrics: dict[str, float] | None = None) -> Path:
+    """Write one checkpoint atomically.
+
+    Args:
+        kind: "classifier", "purifier" or "defense".
+        classifier_ref: instead of embedding the classifier, point to a classifier checkpoint
+            (stored relative to this file's folder, with its sha256, checked on load).
+    """
+    if kind not in KINDS:
+        raise CheckpointError(f"kind={kind!r} is unknown; accepted: {', '.join(KINDS)}")
+    path = Path(path)
+    blob: dict[str, Any] = {"format": FORMAT, "version": VERSION, "kind": kind, "config": cfg.to_dict(),
+                            "epoch": epoch, "metrics": dict(metrics or {})}
+    if classifier is not None:
+        blob["classifier"] = {"name": cfg.classifier, "num_classes": DATASETS[cfg.dataset].num_classes,
+                              "state_dict": _cpu_state(classifier)}
+    elif classifier_ref is not None:
+        ref = Path(classifier_ref).resolve()
+        blob["classifier_ref"] = {"path": os.path.relpath(ref, path.resolve().parent), "sha256": sha256(ref)}
+    if purifier is not None:
+        blob["purifier"] = {"name": cfg.purifier, "width": cfg.purifier_width, "state_dict": _cpu_state(purifier)}
+    if discriminator is not None:
+        blob["discriminator"] = {"state_dict": _cpu_state(discriminator)}
+    if optimizers:
+        blob["optimizers"] = optimizers
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
+    """Read and check a checkpoint (weights_only); raise `CheckpointError` with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file: {reason}") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not an atop checkpoint (no format={FORMAT!r} entry)")
+    if blob.get("version") != VERSION:
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {blob.get('version')!r}; accepted: {VERSION}")
+    if kind is not None and blob["kind"] != kind and not (kind == "purifier" and blob["kind"] == "defense"):
+        raise CheckpointError(f"{str(path)!r} holds a {blob['kind']!r} checkpoint; expected {kind!r}")
+    try:
+        blob["config"] = Config.from_dict(blob["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{str(path)!r} has an invalid config: {exc}") from None
+    blob["path"] = str(path)
+    return blob
+
+
+def build_classifier(blob: dict[str, Any]) -> nn.Module:
+    """The classifier of a loaded checkpoint (embedded, or through its checked reference)."""
+    if "classifier" not in blob and "classifier_ref" in blob:
+        ref = blob["classifier_ref"]
+        target = (Path(blob["path"]).resolve().parent / ref["path"]).resolve()
+        if target.is_file() and sha256(target) != ref["sha256"]:
+            raise CheckpointError(f"classifier {str(target)!r} referenced by {blob['path']!r} has changed (sha256 differs)")
+        return build_classifier(load_checkpoint(target, kind="classifier"))
+    if "classifier" not in blob:
+        raise CheckpointError(f"{blob['path']!r} holds no classifier")
+    entry = blob["classifier"]
+    return _load_state(CLASSIFIERS[entry["name"]](entry["num_classes"]), entry["state_dict"], blob["path"], "classifier")
+
+
+def build_purifier(blob: dict[str, Any]) -> tuple[nn.Module, nn.Module | None]:
+    """The purifier generator and (if stored) discriminator of a loaded checkpoint."""
+    if "purifier" not in blob:
+        raise CheckpointError(f"{blob['path']!r} holds no purifier")
+    entry = blob["purifier"]
+    purifier = _load_state(PURIFIERS[entry["name"]](entry["width"]), entry["state_dict"], blob["path"], "purifier")
+    disc = None
+    if "discriminator" in blob:
+        disc = _load_state(PatchDiscriminator(), blob["discriminator"]["state_dict"], blob["path"], "discriminator")
+    return purifier, disc
+
+
+def load_defense(path: str | os.PathLike, device: str | torch.device = "cpu", seed: int = 0) -> Defense:
+    """The whole defense (RT -> purifier -> classifier) of a fine-tuning checkpoint, in eval mode."""
+    blob = load_checkpoint(path, kind="defense")
+    purifier, _ = build_purifier(blob)
+    defense = Defense(RandomTransform.from_config(blob["config"]), purifier, build_classifier(blob), seed=seed)
+    return defense.to(device).eval()
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> nn.Module:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CheckpointError(f"{path!r}: its {what} weights do not fit the {type(model).__name__} model: {first}") from None
+    return model

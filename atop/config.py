@@ -1,0 +1,257 @@
+"""One typed, flat config for a fine-tuning run.
+
+The same object is what Optuna suggests into, what a Ray Tune trainable receives, what MLflow logs
+(`asdict(cfg)`) and what every checkpoint carries. `Config.from_dict` is the only way in from the
+outside: it rejects unknown keys, converts strings to the right types and checks every range, and
+raises `ConfigError` with a one-line message naming the bad value and what would be accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the value and what is accepted."""
+
+
+class RTType(str, enum.Enum):
+    """Random transform families of the AToP paper (see `atop.transforms`)."""
+
+    RT1 = "rt1"  # random mask
+    RT2 = "rt2"  # Gaussian noise, then random mask
+    RT3 = "rt3"  # noise, then N disjoint masks, each inpainted, filled pixels combined
+
+
+class Norm(str, enum.Enum):
+    LINF = "linf"
+    L2 = "l2"
+
+
+class TrainAttack(str, enum.Enum):
+    FGSM = "fgsm"
+    PGD = "pgd"
+
+
+class GradPath(str, enum.Enum):
+    """Which model the training attack differentiates."""
+
+    CLASSIFIER = "classifier"  # the authors' code: perturb against f alone
+    DEFENSE = "defense"  # the paper's formula: through RT + purifier + classifier, with EOT
+
+
+class L1Target(str, enum.Enum):
+    CLEAN = "clean"
+    ADVERSARIAL = "adversarial"
+
+
+class EvalLevel(str, enum.Enum):
+    SCREEN = "screen"
+    FULL = "full"
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one AToP fine-tuning run (flat: Optuna and MLflow see the same names)."""
+
+    # data
+    dataset: str = "cifar10"
+    n_train: int = 512  # training images (a seeded subset of the train split; 0 = all)
+    n_eval: int = 64  # evaluation images (the first n of the test split)
+    seed: int = 0
+    # models
+    classifier: str = "small_cnn"
+    purifier: str = "unet"
+    purifier_width: int = 16
+    # random transform
+    rt: RTType = RTType.RT2
+    mask_ratio: float = 0.25  # fraction of blocks removed (RT1/RT2)
+    block_size: int = 4  # mask block side in pixels (the paper: 1/8 of the image side)
+    noise_std: float = 0.25  # Gaussian noise std on the [0,1] scale (RT2/RT3)
+    num_masks: int = 4  # disjoint masks covering the image (RT3)
+    # training attack
+    train_attack: TrainAttack = TrainAttack.FGSM
+    train_norm: Norm = Norm.LINF
+    train_eps: float = 8 / 255
+    train_steps: int = 1  # PGD steps (FGSM: always one)
+    train_step_size: float = 0.0  # 0 = eps for FGSM, 2.5 * eps / steps for PGD
+    train_random_start: bool = False
+    train_grad_path: GradPath = GradPath.CLASSIFIER
+    train_eot: int = 1  # EOT samples when the gradient passes the random defense
+    # losses and optimizer
+    lambda_ce: float = 0.1
+    gan_weight: float = 1.0
+    l1_weight: float = 1.0
+    ce_warmup_epochs: int = 0  # epochs of L_gen only before the CE term is switched on
+    l1_target: L1Target = L1Target.ADVERSARIAL
+    lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    epochs: int = 2
+    batch_size: int = 64
+    # evaluation
+    eval_level: EvalLevel = EvalLevel.SCREEN
+    eval_eps_linf: float = 8 / 255
+    eval_eps_l2: float = 0.5
+    unseen_attacks: str = "pgd_l2,fgsm_linf"  # comma-separated names from atop.attacks.ATTACKS
+    # speed switches (each checked against fp32 NCHW in bench/)
+    precision: Precision = Precision.FP32
+    channels_last: bool = False
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
+        """Build a checked config; unknown keys and out-of-range values raise `ConfigError`."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))}; "
+                f"accepted keys: {', '.join(known)}"
+            )
+        hints = typing.get_type_hints(cls)
+        converted = {name: _convert(name, value, hints[name]) for name, value in values.items()}
+        cfg = cls(**converted)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> Config:
+        """Load a JSON or YAML config file (YAML through `yaml.safe_load`), then apply overrides."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {str(path)!r} must end in .json, .yaml or .yml")
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value")
+        return cls.from_dict({**data, **overrides})
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed, checked like `from_dict`."""
+        return Config.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (enums as their strings): what MLflow and checkpoints store."""
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def unseen_attack_names(self) -> list[str]:
+        return [name.strip() for name in self.unseen_attacks.split(",") if name.strip()]
+
+    @property
+    def step_size(self) -> float:
+        """The training attack's step size after resolving the 0 = default rule."""
+        if self.train_step_size > 0:
+            return self.train_step_size
+        if self.train_attack is TrainAttack.FGSM:
+            return self.train_eps
+        return 2.5 * self.train_eps / self.train_steps
+
+    def validate(self) -> None:
+        """Check ranges and names; raise `ConfigError` on the first bad value."""
+        from atop.attacks import ATTACKS
+        from atop.data import DATASETS
+        from atop.models import CLASSIFIERS, PURIFIERS
+
+        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("classifier", self.classifier, CLASSIFIERS)
+        _one_of("purifier", self.purifier, PURIFIERS)
+        for name in self.unseen_attack_names:
+            _one_of("unseen_attacks entry", name, ATTACKS)
+        if not self.unseen_attack_names:
+            raise ConfigError(f"unseen_attacks={self.unseen_attacks!r} names no attack; accepted: {', '.join(ATTACKS)}")
+        _in_range("n_train", self.n_train, 0, None)
+        _in_range("n_eval", self.n_eval, 1, None)
+        _in_range("purifier_width", self.purifier_width, 4, 512)
+        _in_range("mask_ratio", self.mask_ratio, 0.0, 0.95)
+        _in_range("block_size", self.block_size, 1, 64)
+        _in_range("noise_std", self.noise_std, 0.0, 1.0)
+        _in_range("num_masks", self.num_masks, 2, 64)
+        _in_range("train_eps", self.train_eps, 0.0, 16.0)
+        _in_range("train_steps", self.train_steps, 1, 1000)
+        _in_range("train_step_size", self.train_step_size, 0.0, 16.0)
+        _in_range("train_eot", self.train_eot, 1, 256)
+        _in_range("lambda_ce", self.lambda_ce, 0.0, 100.0)
+        _in_range("gan_weight", self.gan_weight, 0.0, 100.0)
+        _in_range("l1_weight", self.l1_weight, 0.0, 1000.0)
+        _in_range("ce_warmup_epochs", self.ce_warmup_epochs, 0, 10_000)
+        _in_range("lr", self.lr, 1e-8, 1.0)
+        _in_range("beta1", self.beta1, 0.0, 0.9999)
+        _in_range("beta2", self.beta2, 0.0, 0.99999)
+        _in_range("epochs", self.epochs, 1, 100_000)
+        _in_range("batch_size", self.batch_size, 1, 65_536)
+        _in_range("eval_eps_linf", self.eval_eps_linf, 0.0, 1.0)
+        _in_range("eval_eps_l2", self.eval_eps_l2, 0.0, 100.0)
+        if self.train_norm is Norm.LINF and self.train_eps > 1.0:
+            raise ConfigError(f"train_eps={self.train_eps} is above 1 for linf on [0,1] images; accepted: 0..1")
+
+
+def _in_range(name: str, value: float, low: float, high: float | None) -> None:
+    if value < low or (high is not None and value > high):
+        accepted = f">= {low}" if high is None else f"{low}..{high}"
+        raise ConfigError(f"{name}={value!r} is out of range; accepted: {accepted}")
+
+
+def _one_of(name: str, value: str, choices: Mapping[str, Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is unknown; accepted: {', '.join(choices)}")
+
+
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+
+
+def _convert(name: str, value: Any, hint: Any) -> Any:
+    """Convert one raw value (often a string from a CLI, YAML or MLflow params) to the field type."""
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value.value if isinstance(value, enum.Enum) else str(value).lower())
+        except ValueError:
+            accepted = ", ".join(m.value for m in hint)
+            raise ConfigError(f"{name}={value!r} is unknown; accepted: {accepted}") from None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ConfigError(f"{name}={value!r} is not a boolean; accepted: true, false")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} is not a number; accepted: a {hint.__name__}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} is not a number; accepted: a {hint.__name__}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}={value!r} is not a number; accepted: a finite {hint.__name__}")
+        if hint is int:
+            if number != int(number):
+                raise ConfigError(f"{name}={value!r} is not an integer; accepted: an int")
+            return int(number)
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r} is not a string")
+        return value
+    raise TypeError(f"no converter for field {name} of type {hint}")
