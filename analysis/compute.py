@@ -36,9 +36,7 @@ class Objective:
         """Parse ``name``, ``name:max`` or ``name:min`` (a bare name is maximised)."""
         name, sep, direction = text.partition(":")
         if not name or (sep and direction not in ("min", "max")):
-            raise AnalysisError(
-                f"bad objective {text!r}; accepted: NAME, NAME:min or NAME:max"
-            )
+            raise AnalysisError(f"bad objective {text!r}; accepted: NAME, NAME:min or NAME:max")
         return cls(name, direction != "min")
 
     def __str__(self) -> str:
@@ -135,10 +133,15 @@ def knee_point(front: np.ndarray, maximise: np.ndarray) -> int:
     return int(np.argmin(np.linalg.norm(1.0 - goodness, axis=1)))
 
 
-def hypervolume_convergence(points: np.ndarray, ref: np.ndarray, maximise: np.ndarray) -> np.ndarray:
+def hypervolume_convergence(
+    points: np.ndarray, ref: np.ndarray, maximise: np.ndarray
+) -> np.ndarray:
     """Hypervolume of the first ``k + 1`` points, for ``k = 0 .. n - 1`` (non-decreasing)."""
     return np.array(
-        [moocore.hypervolume(points[: k + 1], ref=ref, maximise=maximise) for k in range(len(points))]
+        [
+            moocore.hypervolume(points[: k + 1], ref=ref, maximise=maximise)
+            for k in range(len(points))
+        ]
     )
 
 
@@ -158,7 +161,9 @@ def front_analysis(
     ranks = moocore.pareto_rank(points, maximise=maximise)
     front_idx = np.flatnonzero(ranks == 0)
     contributions = np.zeros(len(points))
-    contributions[front_idx] = moocore.hv_contributions(points[front_idx], ref=ref, maximise=maximise)
+    contributions[front_idx] = moocore.hv_contributions(
+        points[front_idx], ref=ref, maximise=maximise
+    )
     hv = moocore.hypervolume(points[front_idx], ref=ref, maximise=maximise)
     knee = int(front_idx[knee_point(points[front_idx], maximise)])
     return ranks, hv, contributions, knee, hypervolume_convergence(points, ref, maximise)
@@ -182,6 +187,11 @@ def analyse(
         AnalysisError: An objective is not a metric of the table, the reference point has the
             wrong length, or no run is kept (an empty experiment).
     """
+    rows = table.to_pylist()
+    if all(exclusion_reason(r, ()) for r in rows):
+        raise AnalysisError(
+            f"empty experiment: none of its {len(rows)} runs is a FINISHED trial run"
+        )
     metrics = sorted(c.removeprefix("final.") for c in table.column_names if c.startswith("final."))
     unknown = [o.name for o in objectives if o.name not in metrics]
     if unknown:
@@ -193,13 +203,11 @@ def analyse(
             f"reference point {list(ref_point)} has {len(ref_point)} values; "
             f"accepted: one per objective ({len(objectives)})"
         )
-    rows = table.to_pylist()
     reasons = [exclusion_reason(r, objectives) for r in rows]
     kept = [r for r, why in zip(rows, reasons) if why is None]
     if not kept:
         raise AnalysisError(
-            f"empty experiment: none of its {len(rows)} runs is a FINISHED trial with all "
-            f"objectives ({', '.join(o.name for o in objectives)})"
+            f"no FINISHED trial run has all objectives ({', '.join(o.name for o in objectives)})"
         )
     maximise = np.array([o.maximise for o in objectives])
     points = np.array([[r[f"final.{o.name}"] for o in objectives] for r in kept], dtype=float)
@@ -209,7 +217,9 @@ def analyse(
         objectives=tuple(objectives),
         points=points,
         run_ids=tuple(r["run_id"] for r in kept),
-        trial_numbers=np.array([-1 if r.get("trial_number") is None else r["trial_number"] for r in kept]),
+        trial_numbers=np.array(
+            [-1 if r.get("trial_number") is None else r["trial_number"] for r in kept]
+        ),
         groups=tuple(r.get(f"params.{GROUP_PARAM}") or "n/a" for r in kept),
         params=_varying_params(kept),
         ranks=ranks,
@@ -333,8 +343,11 @@ class CompareInfo:
 
 def study_label(table: pa.Table, name: str) -> str:
     """The search space most trial runs of a study were tagged with, or the study's name."""
-    spaces = [s for s, role in zip(table["space"].to_pylist(), table["role"].to_pylist())
-              if s and role != "study"]
+    spaces = [
+        s
+        for s, role in zip(table["space"].to_pylist(), table["role"].to_pylist())
+        if s and role != "study"
+    ]
     return Counter(spaces).most_common(1)[0][0] if spaces else name
 
 
@@ -348,9 +361,7 @@ def default_pair(objectives: Sequence[Objective]) -> tuple[Objective, Objective]
     return objectives[0], objectives[1]
 
 
-def compare(
-    infos: Sequence[FrontInfo], names: Sequence[str], labels: Sequence[str]
-) -> CompareInfo:
+def compare(infos: Sequence[FrontInfo], names: Sequence[str], labels: Sequence[str]) -> CompareInfo:
     """Compare studies analysed with the same objectives (the first one is the reference).
 
     Args:

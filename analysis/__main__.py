@@ -1,0 +1,154 @@
+"""Pareto analysis of a study's MLflow runs.
+
+    python -m analysis --mlflow-uri sqlite:////abs/path/mlflow.db --experiment NAME --out DIR \
+        [--objectives clean_acc robust_acc_seen robust_acc_unseen] [--ref-point 0 0 0] \
+        [--compare OTHER ...] [--log-to-mlflow]
+
+Writes into DIR: runs.parquet, pareto.parquet, front_pairs.png, front_3d.png, convergence.png,
+params.png, compare.png (with --compare), figures.html and report.md (see docs/ANALYSIS.md).
+Bad input prints one line ``error: ...`` to stderr, exits 2 and leaves no DIR behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis.compute import (
+    DEFAULT_OBJECTIVES,
+    FrontInfo,
+    Objective,
+    analyse,
+    compare,
+    study_label,
+)
+from analysis.draw import write_figures
+from analysis.errors import AnalysisError
+from analysis.load import load_study
+from analysis.report import render
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--mlflow-uri", required=True, help="tracking URI: http(s)://, sqlite:///, file:"
+    )
+    p.add_argument("--experiment", required=True, help="the study's MLflow experiment name")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument(
+        "--objectives",
+        nargs="+",
+        default=list(DEFAULT_OBJECTIVES),
+        help="metric names, each optionally :min or :max (default: max)",
+    )
+    p.add_argument(
+        "--ref-point",
+        nargs="+",
+        type=float,
+        help="hypervolume reference point, one value per objective "
+        "(default: 0 for maximised objectives)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="other experiments to overlay, with the EAF difference",
+    )
+    p.add_argument(
+        "--log-to-mlflow",
+        action="store_true",
+        help="log the outputs to the study's parent run under analysis/",
+    )
+    return p.parse_args(argv)
+
+
+def pareto_table(info: FrontInfo, runs: pa.Table) -> pa.Table:
+    """One row per first-front run: run id, trial, rt, objectives, contribution, knee, params."""
+    front = [i for i in range(len(info.points)) if info.on_front[i]]
+    ids = [info.run_ids[i] for i in front]
+    columns = {
+        "run_id": ids,
+        "trial_number": [int(info.trial_numbers[i]) for i in front],
+        "rt": [info.groups[i] for i in front],
+        **{o.name: info.points[front, k] for k, o in enumerate(info.objectives)},
+        "hv_contribution": info.contributions[front],
+        "is_knee": [i == info.knee for i in front],
+    }
+    by_id = {r: k for k, r in enumerate(runs["run_id"].to_pylist())}
+    params = runs.take([by_id[r] for r in ids]).select(
+        [c for c in runs.column_names if c.startswith("params.")]
+    )
+    head = pa.table(columns)
+    return pa.Table.from_arrays(
+        [*head.columns, *params.columns], names=[*head.column_names, *params.column_names]
+    )
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Load, compute, draw and write; return the output directory."""
+    objectives = [Objective.parse(text) for text in args.objectives]
+    minimise = [o.name for o in objectives if not o.maximise]
+    study = load_study(args.mlflow_uri, args.experiment, minimise)
+    info = analyse(study.table, objectives, args.ref_point)
+    if args.log_to_mlflow and study.parent_run_id is None:
+        raise AnalysisError(
+            f"--log-to-mlflow: experiment {args.experiment!r} has no parent run "
+            "(tag atop.role=study) to log to"
+        )
+    cmp = None
+    if args.compare:
+        others = [load_study(args.mlflow_uri, name, minimise) for name in args.compare]
+        infos = [info, *(analyse(s.table, objectives, info.ref_point) for s in others)]
+        studies = [study, *others]
+        cmp = compare(
+            infos, [s.name for s in studies], [study_label(s.table, s.name) for s in studies]
+        )
+
+    # Everything is written into a temporary sibling of DIR and moved into place at the end, so
+    # a failure leaves no half-written DIR.
+    out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        pq.write_table(study.table, tmp / "runs.parquet")
+        pq.write_table(pareto_table(info, study.table), tmp / "pareto.parquet")
+        files = ["runs.parquet", "pareto.parquet", *write_figures(info, tmp, study.name, cmp)]
+        files.append("report.md")
+        text = render(info, study.name, args.mlflow_uri, files, cmp)
+        (tmp / "report.md").write_text(text, encoding="utf-8")
+        out.mkdir(exist_ok=True)
+        for name in files:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.log_to_mlflow:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=args.mlflow_uri)
+        for name in files:
+            client.log_artifact(study.parent_run_id, str(out / name), artifact_path="analysis")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 on bad input)."""
+    args = parse_args(argv)
+    try:
+        out = run(args)
+    except AnalysisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""Figures of a study, drawn only from a :class:`~analysis.compute.FrontInfo` (and a
+:class:`~analysis.compute.CompareInfo`): static PNGs with matplotlib, one interactive HTML page
+with plotly (hover shows run id, trial, RT type and objective values).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on cluster nodes or in CI
+
+import matplotlib.pyplot as plt
+import moocore
+import numpy as np
+import plotly.graph_objects as go
+from matplotlib.patches import Rectangle
+from plotly.subplots import make_subplots
+
+from analysis.compute import CompareInfo, FrontInfo, Objective
+
+PALETTE = plt.get_cmap("tab10").colors
+MARGIN = 0.02
+
+
+def axis_label(objective: Objective) -> str:
+    return f"{objective.name} ({'higher' if objective.maximise else 'lower'} is better)"
+
+
+def axis_limits(values: np.ndarray) -> tuple[float, float]:
+    """0..1 for fractions (all accuracies), so studies and figures compare at a glance;
+    otherwise the data range with a 5% margin."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if lo >= 0.0 and hi <= 1.0:
+        return -MARGIN, 1.0 + MARGIN
+    pad = 0.05 * (hi - lo or 1.0)
+    return lo - pad, hi + pad
+
+
+def staircase(points: np.ndarray, maximise: np.ndarray) -> np.ndarray:
+    """Vertices of the boundary of the region that the non-dominated subset of 2-D ``points``
+    attains, from one end of the front to the other."""
+    front = moocore.filter_dominated(points, maximise=maximise)
+    sign = np.where(maximise, -1.0, 1.0)
+    front = front[np.argsort(front[:, 0] * sign[0])]
+    corners = np.column_stack([front[1:, 0], front[:-1, 1]])
+    out = np.empty((2 * len(front) - 1, 2))
+    out[0::2], out[1::2] = front, corners
+    return out
+
+
+def _group_colours(info: FrontInfo) -> dict[str, tuple]:
+    return {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(sorted(set(info.groups)))}
+
+
+def _hover(info: FrontInfo) -> list[str]:
+    return [
+        f"run {rid}<br>trial {t}<br>rt {g}<br>"
+        + "<br>".join(f"{o.name} = {v:.4f}" for o, v in zip(info.objectives, p))
+        + ("<br><b>first front</b>" if r == 0 else "")
+        + ("<br><b>knee</b>" if i == info.knee else "")
+        for i, (rid, t, g, p, r) in enumerate(
+            zip(info.run_ids, info.trial_numbers, info.groups, info.points, info.ranks)
+        )
+    ]
+
+
+def _scatter_mpl(ax, info: FrontInfo, cols: list[int]) -> None:
+    colours = _group_colours(info)
+    front, knee = info.on_front, info.knee
+    for group, colour in colours.items():
+        mine = np.array([g == group for g in info.groups])
+        for sel, kw in (
+            (mine & ~front, {"s": 18, "alpha": 0.4}),
+            (mine & front, {"s": 55, "edgecolors": "black", "linewidths": 1.2}),
+        ):
+            ax.scatter(*info.points[sel][:, cols].T, color=colour, **kw)
+    ax.scatter(
+        *info.points[knee, cols], marker="*", s=260, color="gold", edgecolors="black", zorder=5
+    )
+
+
+def _legend_handles(info: FrontInfo) -> list:
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], ls="", marker="o", color=c, label=f"rt = {g}")
+        for g, c in _group_colours(info).items()
+    ]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            ls="",
+            marker="o",
+            mfc="white",
+            mec="black",
+            mew=1.2,
+            ms=8,
+            label="first Pareto front",
+        )
+    )
+    handles.append(Line2D([], [], ls="", marker="*", mfc="gold", mec="black", ms=15, label="knee"))
+    return handles
+
+
+def front_pairs_png(info: FrontInfo, path: Path, title: str) -> None:
+    """One panel per pair of objectives: every kept run coloured by RT type, the first front
+    (in all objectives) outlined in black, the knee as a star."""
+    pairs = list(combinations(range(len(info.objectives)), 2))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 5), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs):
+        _scatter_mpl(ax, info, [i, j])
+        ax.set_xlabel(axis_label(info.objectives[i]))
+        ax.set_ylabel(axis_label(info.objectives[j]))
+        ax.set_xlim(axis_limits(info.points[:, i]))
+        ax.set_ylim(axis_limits(info.points[:, j]))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(handles=_legend_handles(info), loc="best", fontsize=8)
+    fig.suptitle(f"{title}: {info.on_front.sum()} of {len(info.points)} runs on the first front")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def front_3d_png(info: FrontInfo, path: Path, title: str) -> None:
+    """The three objectives in one 3-D view, styled as :func:`front_pairs_png`."""
+    fig = plt.figure(figsize=(7, 6.5))
+    ax = fig.add_subplot(projection="3d")
+    _scatter_mpl(ax, info, [0, 1, 2])
+    for k, setter in enumerate((ax.set_xlim, ax.set_ylim, ax.set_zlim)):
+        setter(axis_limits(info.points[:, k]))
+    ax.set_xlabel(info.objectives[0].name)
+    ax.set_ylabel(info.objectives[1].name)
+    ax.set_zlabel(info.objectives[2].name)
+    ax.legend(handles=_legend_handles(info), loc="upper left", fontsize=8)
+    ax.set_title(f"{title}: {info.on_front.sum()} runs on the first front")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def convergence_png(info: FrontInfo, path: Path, title: str) -> None:
+    """Hypervolume of the runs finished up to each trial, against the trial number."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    x = info.trial_numbers
+    ax.step(x, info.convergence, where="post", color="tab:blue")
+    ax.plot(x, info.convergence, "o", ms=3, color="tab:blue")
+    ax.set_xlabel("trial number (kept runs only)")
+    ax.set_ylabel("hypervolume")
+    ax.set_ylim(0, max(info.hypervolume, 1e-12) * 1.08)
+    ref = ", ".join(f"{v:g}" for v in info.ref_point)
+    ax.set_title(f"{title}: hypervolume over trials (reference point ({ref}))")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _axes_values(info: FrontInfo) -> list[tuple[str, np.ndarray, list[str] | None]]:
+    """Parallel-coordinates axes: (name, values scaled to [0, 1], category names or None)."""
+    axes = []
+    for name, raw in info.params.items():
+        try:
+            values, cats = np.array([float(v) for v in raw]), None
+        except ValueError:
+            cats = sorted(set(raw))
+            values = np.array([cats.index(v) for v in raw], dtype=float)
+        axes.append((name, values, cats))
+    axes += [(o.name, info.points[:, k], None) for k, o in enumerate(info.objectives)]
+    return axes
+
+
+def params_png(info: FrontInfo, path: Path, title: str) -> None:
+    """Parallel coordinates: each varying hyperparameter and each objective is an axis, each run
+    a line coloured by RT type; first-front runs are drawn thick."""
+    axes = _axes_values(info)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(axes)), 4.8))
+    scaled = []
+    for k, (name, values, cats) in enumerate(axes):
+        lo, hi = values.min(), values.max()
+        scaled.append((values - lo) / (hi - lo) if hi > lo else np.full_like(values, 0.5))
+        labels = cats if cats else [f"{v:.3g}" for v in np.linspace(lo, hi, 3)]
+        ticks = np.linspace(0, 1, len(labels)) if hi > lo else [0.5]
+        for t, lab in zip(ticks, labels if hi > lo else labels[:1]):
+            ax.text(k + 0.04, t, lab, fontsize=7, va="center")
+    scaled = np.column_stack(scaled)
+    colours = _group_colours(info)
+    for row, group, on_front in zip(scaled, info.groups, info.on_front):
+        ax.plot(
+            range(len(axes)),
+            row,
+            color=colours[group],
+            lw=2.2 if on_front else 0.7,
+            alpha=0.95 if on_front else 0.35,
+        )
+    for k in range(len(axes)):
+        ax.axvline(k, color="grey", lw=0.8)
+    ax.set_xticks(range(len(axes)), [a[0] for a in axes], rotation=30, ha="right")
+    ax.set_yticks([])
+    ax.set_xlim(-0.2, len(axes) - 0.5)
+    ax.legend(
+        handles=_legend_handles(info)[:-2],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=8,
+        title="thick: first front",
+        title_fontsize=8,
+    )
+    ax.set_title(f"{title}: hyperparameters and objectives (each axis scaled to its range)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _compare_colours(cmp: CompareInfo) -> list[tuple]:
+    return [PALETTE[i % len(PALETTE)] for i in range(len(cmp.names))]
+
+
+def compare_png(cmp: CompareInfo, path: Path) -> None:
+    """Overlay of every study's runs and 2-D front in the compared pair of objectives (solid:
+    left side of the EAF difference, dashed: right side), next to the EAF difference."""
+    maximise = np.array([o.maximise for o in cmp.pair])
+    allp = np.vstack(cmp.points)
+    xlim, ylim = axis_limits(allp[:, 0]), axis_limits(allp[:, 1])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    for i, (name, pts, colour) in enumerate(zip(cmp.names, cmp.points, _compare_colours(cmp))):
+        ax.scatter(*pts.T, s=12, alpha=0.35, color=colour)
+        style = "-" if i in cmp.left else "--"
+        stairs = staircase(pts, maximise).T
+        ax.plot(*stairs, style, color=colour, marker="o", ms=4, label=f"{name} [{cmp.labels[i]}]")
+        ax2.plot(*stairs, style, color="black", lw=0.8, alpha=0.6)
+    ax.set_title("2-D fronts (solid: left side, dashed: right side)")
+    ax2.set_title(
+        "EAF difference: blue = left better, red = right better"
+        if cmp.eaf_diff is not None
+        else f"EAF difference not drawn: {cmp.eaf_note}",
+        fontsize=9,
+    )
+    if cmp.eaf_diff is not None:
+        norm = plt.Normalize(-1, 1)
+        cmap = plt.get_cmap("RdBu")
+        for x1, y1, x2, y2, d in cmp.eaf_diff:
+            if d == 0:
+                continue
+            # Infinite far corners run off the plot: clip them to its limits.
+            x2 = np.clip(x2, *xlim)
+            y2 = np.clip(y2, *ylim)
+            ax2.add_patch(
+                Rectangle(
+                    (min(x1, x2), min(y1, y2)),
+                    abs(x2 - x1),
+                    abs(y2 - y1),
+                    color=cmap(norm(d)),
+                    lw=0,
+                )
+            )
+        fig.colorbar(
+            plt.cm.ScalarMappable(norm=norm, cmap=cmap),
+            ax=ax2,
+            label="fraction of left studies minus right studies attaining",
+        )
+    for a in (ax, ax2):
+        a.set_xlim(xlim)
+        a.set_ylim(ylim)
+        a.set_xlabel(axis_label(cmp.pair[0]))
+        a.set_ylabel(axis_label(cmp.pair[1]))
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plotly_pairs(info: FrontInfo) -> go.Figure:
+    pairs = list(combinations(range(len(info.objectives)), 2))
+    fig = make_subplots(rows=1, cols=len(pairs))
+    hover = np.array(_hover(info))
+    colours = _group_colours(info)
+    for c, (i, j) in enumerate(pairs, start=1):
+        for group, colour in colours.items():
+            mine = np.array([g == group for g in info.groups])
+            rgb = f"rgb{tuple(int(255 * v) for v in colour)}"
+            line = np.where(info.on_front[mine], 2, 0)
+            fig.add_scatter(
+                x=info.points[mine, i],
+                y=info.points[mine, j],
+                mode="markers",
+                row=1,
+                col=c,
+                name=f"rt = {group}",
+                legendgroup=group,
+                showlegend=c == 1,
+                marker={
+                    "color": rgb,
+                    "size": np.where(info.on_front[mine], 11, 6),
+                    "line": {"width": line, "color": "black"},
+                },
+                text=hover[mine],
+                hovertemplate="%{text}<extra></extra>",
+            )
+        fig.update_xaxes(
+            title_text=axis_label(info.objectives[i]),
+            row=1,
+            col=c,
+            range=axis_limits(info.points[:, i]),
+        )
+        fig.update_yaxes(
+            title_text=axis_label(info.objectives[j]),
+            row=1,
+            col=c,
+            range=axis_limits(info.points[:, j]),
+        )
+    fig.update_layout(title="Objectives in pairs (black outline: first Pareto front)")
+    return fig
+
+
+def _plotly_3d(info: FrontInfo) -> go.Figure:
+    hover = np.array(_hover(info))
+    fig = go.Figure()
+    for group, colour in _group_colours(info).items():
+        mine = np.array([g == group for g in info.groups])
+        fig.add_scatter3d(
+            x=info.points[mine, 0],
+            y=info.points[mine, 1],
+            z=info.points[mine, 2],
+            mode="markers",
+            name=f"rt = {group}",
+            text=hover[mine],
+            hovertemplate="%{text}<extra></extra>",
+            marker={
+                "color": f"rgb{tuple(int(255 * v) for v in colour)}",
+                "size": np.where(info.on_front[mine], 7, 3),
+                "symbol": np.where(info.on_front[mine], "diamond", "circle"),
+            },
+        )
+    names = [o.name for o in info.objectives]
+    fig.update_layout(
+        title="3-D view (diamonds: first Pareto front)",
+        scene={"xaxis_title": names[0], "yaxis_title": names[1], "zaxis_title": names[2]},
+    )
+    return fig
+
+
+def _plotly_params(info: FrontInfo) -> go.Figure:
+    dims = []
+    for name, values, cats in _axes_values(info):
+        dim = {"label": name, "values": values}
+        if cats:
+            dim.update(tickvals=list(range(len(cats))), ticktext=cats)
+        dims.append(dim)
+    last = info.objectives[-1]
+    return go.Figure(
+        go.Parcoords(
+            dimensions=dims,
+            line={
+                "color": info.points[:, -1],
+                "colorscale": "Viridis",
+                "showscale": True,
+                "colorbar": {"title": last.name},
+            },
+        ),
+        layout={"title": f"Hyperparameters and objectives (colour: {last.name})"},
+    )
+
+
+def _plotly_convergence(info: FrontInfo) -> go.Figure:
+    fig = go.Figure(
+        go.Scatter(
+            x=info.trial_numbers,
+            y=info.convergence,
+            mode="lines+markers",
+            line_shape="hv",
+            text=list(info.run_ids),
+            hovertemplate="trial %{x}<br>hypervolume %{y:.5f}<br>run %{text}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title="Hypervolume over trials", xaxis_title="trial number", yaxis_title="hypervolume"
+    )
+    return fig
+
+
+def _plotly_compare(cmp: CompareInfo) -> go.Figure:
+    maximise = np.array([o.maximise for o in cmp.pair])
+    fig = go.Figure()
+    for i, (name, pts) in enumerate(zip(cmp.names, cmp.points)):
+        stairs = staircase(pts, maximise)
+        fig.add_scatter(
+            x=stairs[:, 0],
+            y=stairs[:, 1],
+            mode="lines+markers",
+            name=f"{name} [{cmp.labels[i]}]",
+            line={"dash": "solid" if i in cmp.left else "dash"},
+        )
+    allp = np.vstack(cmp.points)
+    fig.update_layout(
+        title="2-D fronts of the compared studies",
+        xaxis={"title": axis_label(cmp.pair[0]), "range": axis_limits(allp[:, 0])},
+        yaxis={"title": axis_label(cmp.pair[1]), "range": axis_limits(allp[:, 1])},
+    )
+    return fig
+
+
+def write_figures(
+    info: FrontInfo, out_dir: Path, title: str, cmp: CompareInfo | None = None
+) -> list[str]:
+    """Write every figure of a study into ``out_dir``.
+
+    Args:
+        info: The study's front information.
+        out_dir: Existing directory.
+        title: Study name, used in figure titles.
+        cmp: Comparison with other studies, or None.
+
+    Returns:
+        Names of the files written: ``front_pairs.png``, ``front_3d.png`` (3 objectives only),
+        ``convergence.png``, ``params.png`` (when some hyperparameter varies),
+        ``compare.png`` (with ``cmp``) and ``figures.html`` (all of them, interactive).
+    """
+    out_dir = Path(out_dir)
+    pngs = [("front_pairs.png", front_pairs_png, _plotly_pairs)]
+    if len(info.objectives) == 3:
+        pngs.append(("front_3d.png", front_3d_png, _plotly_3d))
+    pngs.append(("convergence.png", convergence_png, _plotly_convergence))
+    if info.params:
+        pngs.append(("params.png", params_png, _plotly_params))
+    figures = []
+    for name, draw_png, draw_html in pngs:
+        draw_png(info, out_dir / name, title)
+        figures.append(draw_html(info))
+    written = [name for name, _, _ in pngs]
+    if cmp is not None:
+        compare_png(cmp, out_dir / "compare.png")
+        figures.append(_plotly_compare(cmp))
+        written.append("compare.png")
+    # One self-contained page: plotly.js is inlined once, so it opens offline and in the MLflow
+    # UI's artifact viewer.
+    body = "\n".join(
+        fig.to_html(full_html=False, include_plotlyjs=(k == 0)) for k, fig in enumerate(figures)
+    )
+    html = (
+        f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>{body}</body></html>"
+    )
+    (out_dir / "figures.html").write_text(html, encoding="utf-8")
+    return [*written, "figures.html"]
