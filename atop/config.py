@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
 import typing
 from collections.abc import Mapping
@@ -128,23 +127,8 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> Config:
-        """Load a JSON or YAML config file (YAML through `yaml.safe_load`), then apply overrides."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config file {str(path)!r} must end in .json, .yaml or .yml")
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value")
-        return cls.from_dict({**data, **overrides})
+        """Load a JSON or YAML config file (see `read_config_file`), then apply overrides."""
+        return cls.from_dict({**read_config_file(path), **overrides})
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed, checked like `from_dict`."""
@@ -204,6 +188,26 @@ class Config:
         _in_range("eval_eps_l2", self.eval_eps_l2, 0.0, 100.0)
         if self.train_norm is Norm.LINF and self.train_eps > 1.0:
             raise ConfigError(f"train_eps={self.train_eps} is above 1 for linf on [0,1] images; accepted: 0..1")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a `.json`, `.yaml` or `.yml` file (YAML through `yaml.safe_load`: no tags)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"config file {str(path)!r} must end in .json, .yaml or .yml")
+    import yaml  # JSON is YAML too: one safe parser for both
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} does not parse: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value")
+    return data
 
 
 def _in_range(name: str, value: float, low: float, high: float | None) -> None:

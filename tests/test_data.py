@@ -1,0 +1,56 @@
+"""The data loader on the real CIFAR-10 files in ../shared/data, and its errors."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from atop.data import DataError, load_npz, load_split, resolve_data_dir, subset
+
+DATA_DIR = Path(os.environ.get("ATOP_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def test_real_cifar10_test_split():
+    data = load_split("cifar10", "test", DATA_DIR)
+    assert data.x.shape == (10_000, 3, 32, 32) and data.x.dtype == torch.uint8
+    assert data.y.dtype == torch.int64 and set(data.y.unique().tolist()) == set(range(10))
+    x, y = next(data.batches(16))
+    assert x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.1
+    assert torch.equal(y, data.y[:16])
+
+
+def test_subsets_are_prefixes_or_seeded():
+    data = load_split("cifar10", "test", DATA_DIR)
+    assert torch.equal(subset(data, 100).y, data.y[:100])
+    a, b, c = subset(data, 50, seed=1), subset(data, 50, seed=1), subset(data, 50, seed=2)
+    assert torch.equal(a.x, b.x) and not torch.equal(a.x, c.x)
+    assert len(subset(data, 0)) == len(data)
+
+
+def test_data_dir_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATOP_DATA_DIR", str(tmp_path))
+    assert resolve_data_dir() == tmp_path.resolve()
+    assert resolve_data_dir("/x") == Path("/x")
+
+
+def test_missing_data_names_the_paths_tried(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_split("cifar10", "test", tmp_path / "nowhere")
+    message = str(info.value)
+    assert "cifar10_test.npz" in message and "--data-dir" in message and "\n" not in message
+
+
+def test_any_npz_and_malformed_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mine.npz", x=rng.integers(0, 255, (5, 8, 8, 3), dtype=np.uint8), y=np.arange(5))
+    data = load_npz(tmp_path / "mine.npz")
+    assert data.x.shape == (5, 3, 8, 8)
+    np.savez(tmp_path / "bad.npz", x=np.zeros((5, 8, 8, 3), dtype=np.float32), y=np.arange(5))
+    with pytest.raises(DataError, match="uint8"):
+        load_npz(tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="cannot read"):
+        load_npz(tmp_path / "junk.npz")
+    with pytest.raises(DataError, match="dataset='mnist' is unknown"):
+        load_split("mnist", "test", tmp_path)
