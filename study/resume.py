@@ -1,0 +1,56 @@
+"""Resuming a study: settle what a killed driver left behind, count what is finished.
+
+Optuna's RDB storage is the source of truth. A trial left RUNNING by a killed driver is told FAIL
+(user attr `interrupted`), its MLflow run is ended KILLED (tag `atop.interrupted=true`), and its
+parameters are enqueued so the sampler's proposal is still evaluated. Interrupted trials do not
+count towards `--num-trials`; every other finished trial (COMPLETE, PRUNED, FAIL) does.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from trainables import tracking
+
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
+
+
+def settle_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage, mlflow_uri: str,
+                       experiment_id: str, parent_run_id: str, log=print) -> int:
+    """Settle trials and runs a killed driver left RUNNING; returns how many trials were interrupted."""
+    interrupted = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        if trial.params:
+            study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number}, skip_if_exists=False)
+        interrupted += 1
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    runs = tracking.trial_runs(mlflow_uri, experiment_id, parent_run_id)
+    client = tracking.client(mlflow_uri)
+    for number, run in runs.items():
+        if run.info.status not in ("RUNNING", "SCHEDULED"):
+            continue
+        state = states.get(number)
+        trial_attrs = study.trials[number].user_attrs if number < len(study.trials) else {}
+        if state in MLFLOW_STATUS and not trial_attrs.get("interrupted"):
+            client.set_terminated(run.info.run_id, MLFLOW_STATUS[state])
+        else:
+            client.set_tag(run.info.run_id, "atop.interrupted", "true")
+            client.set_terminated(run.info.run_id, "KILLED")
+    if interrupted:
+        log(f"resume: {interrupted} trial(s) interrupted by the last driver marked FAIL/KILLED and re-enqueued")
+    return interrupted
+
+
+def finished_count(study: optuna.Study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED_STATES)
+               if not t.user_attrs.get("interrupted"))
+
+
+def counts(study: optuna.Study) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    return {state.name.lower(): sum(1 for t in trials if t.state is state) for state in TrialState}

@@ -1,0 +1,103 @@
+"""The Optuna study is the single source of truth: a Ray Tune `Searcher` driving it by ask/tell.
+
+Ray's `OptunaSearch` writes trial states itself and cannot record PRUNED for a multi-objective
+study, and `Tuner.restore` has lost searcher state before; here the driver asks the RDB-stored study
+for each trial and tells it COMPLETE, PRUNED (stopped before its last epoch, e.g. by a scheduler) or
+FAIL. Each asked trial gets exactly one MLflow child run, made here, whose id travels in the Tune
+config with the Optuna trial number.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from atop.config import Config, ConfigError
+from search_spaces import Space
+from trainables.atop_trainable import RUN_ID, TRIAL_NUMBER, trial_summary
+
+#: (trial number, state, summary) -> None: settles the trial's MLflow run
+Settle = Callable[[int, TrialState, dict[str, Any]], None]
+
+
+class AskTellSearcher(Searcher):
+    """Asks `study` for at most `n_trials` trials, suggests from `space` over `base`, tells results.
+
+    Args:
+        study: the Optuna study (several objectives, all maximised).
+        space: the search space.
+        base: the config every trial starts from (`StudySettings.base_config()`).
+        n_trials: how many trials to ask for in this run of the driver.
+        new_run: trial number -> MLflow child run id (created by the driver).
+        settle: called once per finished trial with its final Optuna state.
+    """
+
+    def __init__(self, study: optuna.Study, space: Space, base: Config, n_trials: int,
+                 new_run: Callable[[int], str | None], settle: Settle):
+        super().__init__(metric=None, mode=None)
+        self.study, self.space, self.base, self.n_trials = study, space, base.to_dict(), n_trials
+        self.new_run, self.settle = new_run, settle
+        self.asked = 0
+        self.live: dict[str, tuple[optuna.Trial, int]] = {}  # tune trial id -> (optuna trial, epochs)
+        self.last: dict[str, dict[str, Any]] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True  # the space comes from `space`, the objectives are fixed
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        while self.asked < self.n_trials:
+            trial = self.study.ask()
+            self.asked += 1
+            params = self.space.suggest(trial)
+            try:
+                cfg = Config.from_dict({**self.base, **params})
+            except ConfigError as exc:  # a suggested combination the config refuses: FAIL, ask again
+                trial.set_user_attr("error", str(exc))
+                self.study.tell(trial, state=TrialState.FAIL)
+                continue
+            run_id = self.new_run(trial.number)
+            if run_id:
+                trial.set_user_attr("mlflow_run_id", run_id)
+            self.live[trial_id] = (trial, cfg.epochs)
+            return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id}
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self.last[trial_id] = result
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id not in self.live:
+            return
+        trial, epochs = self.live.pop(trial_id)
+        last = result or self.last.pop(trial_id, None)
+        self.last.pop(trial_id, None)
+        summary = trial_summary(last)
+        if error:
+            summary = {**summary, "failed": True,
+                       "error": "the trial raised after its retries (see its error file in the Tune folder)"}
+        for key in ("compute_s", "images_per_s"):
+            if key in summary:
+                trial.set_user_attr(key, summary[key])
+        if summary["failed"]:
+            trial.set_user_attr("error", summary["error"][:1000])
+            state = TrialState.FAIL
+            self.study.tell(trial, state=state)
+        elif summary["epoch"] < epochs:  # stopped early: its values are not final, keep them off the front
+            trial.set_user_attr("stopped_at_epoch", summary["epoch"])
+            state = TrialState.PRUNED
+            self.study.tell(trial, state=state)
+        else:
+            state = TrialState.COMPLETE
+            self.study.tell(trial, summary["values"])
+        number = trial.number
+        self.settle(number, state, summary)
+
+    # The Optuna storage holds the state; Tune's searcher checkpoints need none.
+    def save(self, checkpoint_path: str) -> None:
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass

@@ -1,0 +1,145 @@
+"""Study settings: a preset (data files under study/presets/), a config file, then CLI flags.
+
+A settings file (YAML through `yaml.safe_load`, or JSON) holds study-level keys (`STUDY_KEYS`),
+`pretrain:` (fields of `atop.pretrain.PretrainSettings`) and `config:` (fields of
+`atop.config.Config`, the settings every trial shares; a search space suggests the rest). Paths
+(data dir, storage path, MLflow URI) come only from the command line, never from a file, so no file
+can point a study outside its folder. Unknown keys and bad values raise `StudyError`, one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from atop.config import Config, ConfigError
+from atop.pretrain import PretrainSettings
+from search_spaces import SPACES
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+SAMPLERS = ("nsga2", "tpe", "gp", "random")
+OBJECTIVES = ("clean_acc", "robust_acc_seen", "robust_acc_unseen")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class StudyError(ValueError):
+    """Bad study input; the message is one line naming the value and what is accepted."""
+
+
+@dataclass
+class StudySettings:
+    space: str = "paper"
+    sampler: str = "nsga2"
+    population_size: int = 50  # NSGA-II generation size
+    num_trials: int = 4
+    max_concurrent: int = 2
+    cpus: float = 1.0  # per trial (fractions allowed)
+    gpus: float = 0.0  # per trial (fractions allowed)
+    max_failures: int = 1  # Tune retries of a trial that raised, from its last checkpoint
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.space not in SPACES:
+            raise StudyError(f"--space {self.space!r} is unknown; accepted: {', '.join(SPACES)}")
+        if self.sampler not in SAMPLERS:
+            raise StudyError(f"--sampler {self.sampler!r} is unknown; accepted: {', '.join(SAMPLERS)}")
+        for name, low in (("num_trials", 1), ("max_concurrent", 1), ("population_size", 2), ("max_failures", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise StudyError(f"--{name.replace('_', '-')} {value!r} is out of range; accepted: an integer >= {low}")
+        if not self.cpus > 0:
+            raise StudyError(f"--cpus {self.cpus!r} is out of range; accepted: a number > 0")
+        if not self.gpus >= 0:
+            raise StudyError(f"--gpus {self.gpus!r} is out of range; accepted: a number >= 0")
+        self.pretrain_settings()
+        self.base_config()
+
+    def pretrain_settings(self) -> PretrainSettings:
+        known = {f.name for f in dataclasses.fields(PretrainSettings)}
+        unknown = sorted(set(self.pretrain) - known)
+        if unknown:
+            raise StudyError(f"unknown pretrain key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(known)}")
+        try:
+            return PretrainSettings(**self.pretrain)
+        except (ConfigError, TypeError) as exc:
+            raise StudyError(f"pretrain: {exc}") from None
+
+    def base_config(self) -> Config:
+        """The config every trial starts from: Config defaults, the space's fixed values, `config`."""
+        space = SPACES[self.space]
+        clash = sorted(set(self.config) & _searched_names(self.space))
+        if clash:
+            raise StudyError(f"config key(s) {', '.join(clash)} are searched by space {self.space!r}; "
+                             "remove them or choose another space")
+        try:
+            return Config.from_dict({**space.fixed, **self.config})
+        except ConfigError as exc:
+            raise StudyError(str(exc)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _searched_names(space: str) -> set[str]:
+    """Every parameter name a space can suggest (read from its source: suggest calls only)."""
+    import inspect
+
+    source = inspect.getsource(SPACES[space].suggest)
+    return set(re.findall(r"suggest_\w+\(\s*\"(\w+)\"", source))
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """A settings file as a dict (YAML via safe_load, or JSON); one-line `StudyError` otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise StudyError(f"cannot read settings file {str(path)!r}: {exc.strerror}") from None
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise StudyError(f"settings file {str(path)!r} must end in .yaml, .yml or .json")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - json.JSONDecodeError or yaml.YAMLError
+        raise StudyError(f"cannot parse {str(path)!r}: {' '.join(str(exc).split())[:200]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise StudyError(f"settings file {str(path)!r} must hold a mapping of key: value")
+    return data
+
+
+def merge(base: StudySettings, data: dict[str, Any], source: str) -> StudySettings:
+    """`data` (from a file or flags) over `base`; `pretrain`/`config` merge key by key."""
+    known = {f.name for f in dataclasses.fields(StudySettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise StudyError(f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; accepted: {', '.join(known)}")
+    values = base.to_dict()
+    for key, value in data.items():
+        if key in ("pretrain", "config"):
+            if not isinstance(value, dict):
+                raise StudyError(f"{key} in {source} must be a mapping of key: value")
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return StudySettings(**values)
+
+
+def load_preset(name: str) -> StudySettings:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not NAME_RE.match(name) or not path.is_file():
+        raise StudyError(f"--preset {name!r} is unknown; accepted: {', '.join(presets())}")
+    return merge(StudySettings(), read_file(path), f"preset {name!r}")

@@ -1,0 +1,144 @@
+"""Shared fixtures: a real Ray head and a real MLflow server on 127.0.0.1, each started here and
+stopped here by PID (never `ray stop`, which kills every Ray process on the machine).
+
+Both are session-scoped and started only by tests that ask for them (the slow integration tests).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def data_dir() -> Path:
+    """Real CIFAR-10 as .npz: $ATOP_DATA_DIR, else ../shared/data beside the repository."""
+    return Path(os.environ.get("ATOP_DATA_DIR") or REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    path = data_dir()
+    if not (path / "cifar10_test.npz").is_file():
+        pytest.skip(f"real CIFAR-10 .npz files not found in {path} (set ATOP_DATA_DIR)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    """The environment for services: the venv's bin first on PATH (Ray jobs run its `python`)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s; log:\n{log.read_text()[-3000:]}")
+
+
+def stop_by_pid(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM the process we started and its process group, then SIGKILL what is left, by PID."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)  # the group we created with start_new_session=True
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=grace_s if sig == signal.SIGTERM else 10)
+        except subprocess.TimeoutExpired:
+            continue
+        _, alive = psutil.wait_procs(family, timeout=grace_s if sig == signal.SIGTERM else 5)
+        if not alive:
+            return
+        for p in alive:  # children that left our process group (Ray's daemons): by PID
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+    psutil.wait_procs(family, timeout=10)
+
+
+@dataclass
+class RayHead:
+    address: str  # the job-submission (dashboard) address, http://127.0.0.1:PORT
+    gcs_address: str
+    proc: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory) -> Iterator[RayHead]:
+    tmp = tmp_path_factory.mktemp("ray")
+    port, dash = free_port(), free_port()
+    log = tmp / "ray-head.log"
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+           "--include-dashboard", "true", "--block",
+           # every fixed default port set free: other engineers' Ray heads share this machine
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--temp-dir", str(tmp / "r")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=service_env(RAY_AUTH_MODE="disabled"),
+                                start_new_session=True, cwd=tmp)
+    try:
+        wait_http(f"http://127.0.0.1:{dash}/api/version", proc, 120, log)
+        yield RayHead(f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}", proc)
+    finally:
+        stop_by_pid(proc)
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    proc: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    tmp = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = tmp / "mlflow-server.log"
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
+                                env=service_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 120, log)
+        yield MlflowServer(f"http://127.0.0.1:{port}", proc)
+    finally:
+        stop_by_pid(proc)

@@ -1,0 +1,88 @@
+"""Search spaces: only suggest, conditional where they apply, every name a Config field."""
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+
+from atop.config import Config
+from search_spaces import SPACES
+from study.settings import _searched_names
+
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
+
+
+def _sampled(space: str, n: int = 200) -> list[dict]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append(SPACES[space].suggest(trial))
+        study.tell(trial, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("space", list(SPACES))
+def test_every_suggested_name_and_fixed_key_is_a_config_field(space):
+    names = {k for params in _sampled(space) for k in params} | set(SPACES[space].fixed)
+    assert names <= CONFIG_FIELDS, names - CONFIG_FIELDS
+    assert _searched_names(space) == {k for params in _sampled(space) for k in params}
+
+
+@pytest.mark.parametrize("space", list(SPACES))
+def test_every_suggestion_builds_a_valid_config(space):
+    for params in _sampled(space, 100):
+        Config.from_dict({**SPACES[space].fixed, **params})
+
+
+def test_paper_space_fixed_trial():
+    params = SPACES["paper"].suggest(optuna.trial.FixedTrial({"rt": "rt2", "lambda_ce": 0.07}))
+    assert params == {"rt": "rt2", "lambda_ce": 0.07}
+    params = SPACES["paper"].suggest(optuna.trial.FixedTrial({"rt": "rt3", "lambda_ce": 0.05, "num_masks": 4}))
+    assert params["num_masks"] == 4
+    cfg = Config.from_dict({**SPACES["paper"].fixed, **params})
+    assert (cfg.train_attack.value, cfg.train_norm.value, cfg.train_grad_path.value) == ("fgsm", "linf", "classifier")
+    assert cfg.train_eps == pytest.approx(8 / 255) and cfg.lr == 1e-4 and (cfg.beta1, cfg.beta2) == (0.5, 0.999)
+
+
+def test_paper_lambda_range_is_the_papers():
+    lambdas = [p["lambda_ce"] for p in _sampled("paper")]
+    assert 0.05 <= min(lambdas) and max(lambdas) <= 0.1
+
+
+WIDE_RT1_FGSM = {"rt": "rt1", "mask_ratio": 0.3, "block_size": 4, "train_attack": "fgsm", "train_norm": "linf",
+                 "train_eps": 8 / 255, "train_grad_path": "classifier", "lambda_ce": 0.1, "gan_weight": 1.0,
+                 "l1_weight": 10.0, "ce_warmup_epochs": 0, "l1_target": "clean", "lr": 1e-4}
+
+
+def test_wide_space_conditionals_rt1_fgsm_classifier():
+    params = SPACES["wide"].suggest(optuna.trial.FixedTrial(WIDE_RT1_FGSM))
+    assert params == WIDE_RT1_FGSM  # no noise_std, num_masks, train_steps, train_eot
+    assert not {"noise_std", "num_masks", "train_steps", "train_random_start", "train_eot"} & set(params)
+
+
+def test_wide_space_conditionals_rt3_pgd_defense():
+    fixed = {**WIDE_RT1_FGSM, "rt": "rt3", "noise_std": 0.25, "num_masks": 4, "train_attack": "pgd",
+             "train_norm": "l2", "train_eps": 0.5, "train_steps": 5, "train_random_start": True,
+             "train_grad_path": "defense", "train_eot": 2}
+    del fixed["mask_ratio"]
+    params = SPACES["wide"].suggest(optuna.trial.FixedTrial(fixed))
+    assert params == fixed
+    cfg = Config.from_dict({**SPACES["wide"].fixed, **params})
+    assert cfg.train_eot == 2 and cfg.num_masks == 4 and cfg.rt.value == "rt3"
+
+
+def test_wide_space_covers_the_registries():
+    seen = _sampled("wide", 300)
+    assert {p["rt"] for p in seen} == {"rt1", "rt2", "rt3"}
+    assert {p["train_attack"] for p in seen} == {"fgsm", "pgd"}
+    assert {p["train_norm"] for p in seen} == {"linf", "l2"}
+    assert {p["train_grad_path"] for p in seen} == {"classifier", "defense"}
+    for p in seen:
+        assert ("noise_std" in p) == (p["rt"] in ("rt2", "rt3"))
+        assert ("mask_ratio" in p) == (p["rt"] in ("rt1", "rt2"))
+        assert ("train_eot" in p) == (p["train_grad_path"] == "defense")
+        assert ("train_steps" in p) == (p["train_attack"] == "pgd")
+        if p["train_norm"] == "linf":
+            assert p["train_eps"] <= 16 / 255 + 1e-12

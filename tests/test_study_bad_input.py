@@ -1,0 +1,68 @@
+"""Bad study input: one line `error: ...` on stderr, exit 2, before anything is created."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, data_dir, free_port
+
+CASES = {
+    "unknown space": (["--space", "nope"], ["'nope'", "paper", "wide"]),
+    "unknown sampler": (["--sampler", "cmaes"], ["'cmaes'", "nsga2", "tpe", "gp", "random"]),
+    "zero trials": (["--num-trials", "0"], ["--num-trials", "0", ">= 1"]),
+    "unknown preset": (["--preset", "huge"], ["'huge'", "smoke"]),
+    "unknown option": (["--frobnicate", "3"], ["--frobnicate"]),
+    "missing data dir": (["--data-dir", "/nonexistent/atop-data"], ["/nonexistent/atop-data"]),
+    "unreachable mlflow": (["--mlflow-uri", f"http://127.0.0.1:{free_port()}"], ["unreachable", "127.0.0.1"]),
+    "relative sqlite": (["--mlflow-uri", "sqlite:///mlflow.db"], ["absolute"]),
+    "resume of a missing study": (["--resume"], ["no study 'bad'"]),
+    "bad config value": (["--epochs", "0"], ["epochs=0", "accepted"]),
+}
+
+
+def run_study(args: list[str], storage) -> subprocess.CompletedProcess:
+    base = ["--storage-path", str(storage), "--study-name", "bad"]
+    if "--data-dir" not in args:
+        base += ["--data-dir", str(data_dir())]
+    return subprocess.run([sys.executable, str(REPO / "study" / "run.py"), *args, *base], capture_output=True,
+                          text=True, timeout=120, cwd=storage, check=False)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_before_anything_starts(case, tmp_path):
+    args, needles = CASES[case]
+    storage = tmp_path / "studies"
+    storage.mkdir()
+    done = run_study(args, storage)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert list(storage.iterdir()) == []  # no study folder left behind
+    assert "Started a local Ray" not in done.stdout + done.stderr
+
+
+def test_config_file_unknown_key_and_unsafe_yaml(tmp_path):
+    storage = tmp_path / "studies"
+    storage.mkdir()
+    (tmp_path / "c.yaml").write_text("num_trials: 3\nconfig: {lamda_ce: 0.1}\n")
+    done = run_study(["--config", str(tmp_path / "c.yaml")], storage)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "'lamda_ce'" in done.stderr
+    (tmp_path / "u.yaml").write_text("!!python/object/apply:os.system ['echo hacked']\n")
+    done = run_study(["--config", str(tmp_path / "u.yaml")], storage)
+    assert done.returncode == 2 and done.stderr.startswith("error: cannot parse") and "hacked" not in done.stdout
+    (tmp_path / "p.yaml").write_text("storage_path: /etc\n")
+    done = run_study(["--config", str(tmp_path / "p.yaml")], storage)
+    assert done.returncode == 2 and "'storage_path'" in done.stderr
+    assert list(storage.iterdir()) == []
+
+
+def test_searched_key_in_config_is_refused(tmp_path):
+    storage = tmp_path / "studies"
+    storage.mkdir()
+    (tmp_path / "c.json").write_text('{"config": {"lambda_ce": 0.3}}')
+    done = run_study(["--config", str(tmp_path / "c.json"), "--space", "paper"], storage)
+    assert done.returncode == 2 and "lambda_ce" in done.stderr and "searched" in done.stderr

@@ -1,0 +1,135 @@
+"""The driver's pieces without a cluster: ask/tell searcher, resume settling, settings, Pareto table."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search_spaces import SPACES
+from study.resume import finished_count, settle_interrupted
+from study.run import make_sampler, pareto_table
+from study.searcher import AskTellSearcher
+from study.settings import StudyError, StudySettings, load_preset, merge, presets
+from trainables import tracking
+from trainables.atop_trainable import RUN_ID, TRIAL_NUMBER
+
+OBJ = {"clean_acc": 0.8, "robust_acc_seen": 0.3, "robust_acc_unseen": 0.2}
+
+
+def _searcher(n_trials=3, space="paper", epochs=2):
+    study = optuna.create_study(directions=["maximize"] * 3, sampler=optuna.samplers.RandomSampler(seed=0))
+    settled, made = [], []
+    base = StudySettings(space=space, config={"epochs": epochs}).base_config()
+
+    def new_run(number):
+        made.append(number)
+        return f"run{number}"
+
+    s = AskTellSearcher(study, SPACES[space], base, n_trials, new_run, lambda n, st, sm: settled.append((n, st)))
+    return study, s, settled, made
+
+
+def test_searcher_asks_tells_complete_pruned_fail_and_finishes():
+    study, s, settled, made = _searcher(n_trials=4)
+    configs = [s.suggest(f"t{i}") for i in range(4)]
+    assert s.suggest("t4") == "FINISHED"
+    assert [c[TRIAL_NUMBER] for c in configs] == [0, 1, 2, 3] and made == [0, 1, 2, 3]
+    assert configs[0][RUN_ID] == "run0" and configs[0]["train_attack"] == "fgsm"
+    s.on_trial_complete("t0", result={**OBJ, "epoch": 2, "compute_s": 3.0, "images_per_s": 50.0})
+    s.on_trial_complete("t1", result={**OBJ, "epoch": 1})  # stopped by a scheduler before its last epoch
+    s.on_trial_complete("t2", error=True)
+    s.on_trial_complete("t3", result={"atop_failed": 1, "atop_error": "FloatingPointError: loss became NaN"})
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.FAIL]
+    assert study.trials[0].values == [0.8, 0.3, 0.2] and study.trials[0].user_attrs["compute_s"] == 3.0
+    assert "NaN" in study.trials[3].user_attrs["error"]
+    assert [n for n, _ in settled] == [0, 1, 2, 3]
+
+
+def test_searcher_uses_the_last_reported_result_when_complete_has_none():
+    study, s, _, _ = _searcher(n_trials=1)
+    s.suggest("a")
+    s.on_trial_result("a", {**OBJ, "epoch": 2})
+    s.on_trial_complete("a")
+    assert study.trials[0].state is TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("name", ["nsga2", "tpe", "gp", "random"])
+def test_every_sampler_drives_a_three_objective_study(name):
+    study = optuna.create_study(directions=["maximize"] * 3, sampler=make_sampler(name, 0, 2, 0))
+    for i in range(4):
+        trial = study.ask()
+        params = SPACES["tiny"].suggest(trial)
+        study.tell(trial, [params["lambda_ce"], 1 - params["lambda_ce"], 0.1 * i])
+    assert len(study.best_trials) >= 1
+    assert "Pareto-optimal trials" in pareto_table(study)
+
+
+def test_resume_settles_interrupted_trials_and_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize"] * 3)
+    exp = tracking.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
+    parent = tracking.ensure_parent_run(uri, exp, "s", {"space": "paper"}, {})
+    done = study.ask({"lambda_ce": optuna.distributions.FloatDistribution(0.05, 0.1)})
+    study.tell(done, [0.5, 0.2, 0.1])
+    run_done = tracking.create_trial_run(uri, exp, parent, done.number, "paper", {})  # driver died before settling
+    killed = study.ask({"lambda_ce": optuna.distributions.FloatDistribution(0.05, 0.1)})
+    run_killed = tracking.create_trial_run(uri, exp, parent, killed.number, "paper", {})
+    assert finished_count(study) == 1
+    assert settle_interrupted(study, storage, uri, exp, parent, log=lambda m: None) == 1
+    assert study.trials[killed.number].state is TrialState.FAIL
+    waiting = study.trials[-1]
+    assert waiting.state is TrialState.WAITING and waiting.system_attrs["fixed_params"] == killed.params
+    assert finished_count(study) == 1
+    c = tracking.client(uri)
+    assert c.get_run(run_done).info.status == "FINISHED"
+    assert c.get_run(run_killed).info.status == "KILLED"
+    assert c.get_run(run_killed).data.tags["atop.interrupted"] == "true"
+    assert tracking.ensure_parent_run(uri, exp, "s", {}, {}) == parent  # resume reuses the parent run
+    runs = tracking.trial_runs(uri, exp, parent)
+    assert sorted(runs) == [0, 1] and runs[0].data.tags["atop.role"] == "trial"
+
+
+def test_run_logger_spools_during_an_outage_and_uploads_later(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
+    run_id = tracking.client(uri).create_run(exp).info.run_id
+    log = tracking.RunLogger(uri, run_id, tmp_path / "spool" / "t.jsonl")
+    real_send = log._send
+
+    def down(op):
+        raise ConnectionError("server down")
+
+    monkeypatch.setattr(log, "_send", down)
+    log.log_metrics({"clean_acc": 0.5}, step=1)
+    log.set_tags({"seed": 0})
+    assert (tmp_path / "spool" / "t.jsonl").is_file() and "ConnectionError" in log.last_error
+    monkeypatch.setattr(log, "_send", real_send)
+    log.log_metrics({"clean_acc": 0.6}, step=2)  # back up: the backlog goes first
+    assert not (tmp_path / "spool" / "t.jsonl").exists()
+    hist = tracking.client(uri).get_metric_history(run_id, "clean_acc")
+    assert [(m.step, m.value) for m in hist] == [(1, 0.5), (2, 0.6)]
+    # a spool left behind is replayed by the documented command
+    log2 = tracking.RunLogger(uri, run_id, tmp_path / "spool" / "u.jsonl")
+    monkeypatch.setattr(log2, "_send", down)
+    log2.log_metrics({"robust_acc_seen": 0.1}, step=1)
+    assert tracking.main(["upload", str(tmp_path / "spool" / "u.jsonl"), "--mlflow-uri", uri]) == 0
+    assert tracking.client(uri).get_run(run_id).data.metrics["robust_acc_seen"] == 0.1
+
+
+def test_presets_are_valid_and_smoke_is_small():
+    assert {"smoke", "tiny", "paper-cifar10", "paper-cifar100"} <= set(presets())
+    for name in presets():
+        load_preset(name).validate()
+    smoke = load_preset("smoke")
+    assert smoke.num_trials >= 4 and smoke.config["epochs"] == 2 and smoke.config["dataset"] == "cifar10"
+    paper = load_preset("paper-cifar100")
+    assert (paper.config["classifier"], paper.config["purifier"], paper.gpus) == ("wrn28_10", "gated", 1)
+
+
+def test_merge_rejects_unknown_keys():
+    with pytest.raises(StudyError, match="'nope'"):
+        merge(StudySettings(), {"nope": 1}, "x")
+    with pytest.raises(StudyError, match="unknown pretrain"):
+        StudySettings(pretrain={"epochs": 3}).validate()
