@@ -31,8 +31,24 @@ def data_dir() -> Path:
 def cifar_dir() -> Path:
     path = data_dir()
     if not (path / "cifar10_test.npz").is_file():
+        if os.environ.get("CI"):  # CI has ../shared beside the clone: missing data is a failure there
+            pytest.fail(f"real CIFAR-10 .npz files not found in {path} (set ATOP_DATA_DIR)")
         pytest.skip(f"real CIFAR-10 .npz files not found in {path} (set ATOP_DATA_DIR)")
     return path
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run tests marked slow (real Ray head, MLflow server, faults); CI does")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow to run it (the README test command and CI do)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def free_port() -> int:
