@@ -104,10 +104,11 @@ class Config:
     eval_level: EvalLevel = EvalLevel.SCREEN
     eval_eps_linf: float = 8 / 255
     eval_eps_l2: float = 0.5
-    unseen_attacks: str = "pgd_l2,fgsm_linf"  # comma-separated names from atop.attacks.ATTACKS
+    unseen_attacks: str = "pgd_l2,apgd_dlr_linf"  # comma-separated names from atop.attacks.ATTACKS
     # speed switches (each checked against fp32 NCHW in bench/)
     precision: Precision = Precision.FP32
     channels_last: bool = False
+    compile: bool = False  # torch.compile the purifier, discriminator and classifier
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:

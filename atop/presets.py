@@ -27,7 +27,7 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         config={"n_train": 1024, "n_eval": 128, "epochs": 3, "batch_size": 64, "purifier_width": 16,
                 "lr": 2e-4, "lambda_ce": 0.1},
-        pretrain=PretrainSettings(classifier_epochs=4, purifier_epochs=2, n_train=5000),
+        pretrain=PretrainSettings(classifier_epochs=4, purifier_epochs=2, n_train=5000, batch_size=32),
     ),
     "tiny": Preset(
         config={"n_train": 64, "n_eval": 16, "epochs": 1, "batch_size": 32, "purifier_width": 8},

@@ -2,7 +2,13 @@
 import pytest
 import torch
 
-from atop.checkpoint import CheckpointError, build_classifier, load_checkpoint, load_defense, save_checkpoint
+from atop.checkpoint import (
+    CheckpointError,
+    build_classifier,
+    load_checkpoint,
+    load_defense,
+    save_checkpoint,
+)
 from atop.config import Config
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
 

@@ -22,7 +22,7 @@ def models(seed=0):
     return CLASSIFIERS["small_cnn"](10), PURIFIERS["unet"](8), PatchDiscriminator(width=8)
 
 
-CFG = dict(n_train=32, n_eval=8, epochs=2, batch_size=16, purifier_width=8, unseen_attacks="pgd_l2")
+CFG = {"n_train": 32, "n_eval": 8, "epochs": 2, "batch_size": 16, "purifier_width": 8, "unseen_attacks": "pgd_l2"}
 
 
 @pytest.mark.parametrize("overrides", [

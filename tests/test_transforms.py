@@ -20,12 +20,12 @@ def test_rt1_removes_the_requested_fraction_of_blocks(ratio):
     assert torch.equal(views, x * (1 - holes))  # no noise in RT1
     # holes are whole 4x4 blocks
     blocks = holes.unfold(2, 4, 4).unfold(3, 4, 4)
-    assert torch.all((blocks.amin(dim=(-1, -2)) == blocks.amax(dim=(-1, -2))))
+    assert torch.all(blocks.amin(dim=(-1, -2)) == blocks.amax(dim=(-1, -2)))
 
 
 def test_rt2_noise_statistics_and_range():
     x = torch.full((16, 3, 32, 32), 0.5)
-    views, holes = make("rt2", mask_ratio=0.0, noise_std=0.1)(x, torch.Generator().manual_seed(0))
+    views, _holes = make("rt2", mask_ratio=0.0, noise_std=0.1)(x, torch.Generator().manual_seed(0))
     noise = views - x
     assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 0.1) < 0.01
     assert views.min() >= 0 and views.max() <= 1

@@ -11,16 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from atop.attacks.losses import cross_entropy
 from atop.config import Norm
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-example loss
-
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 class Attack:
@@ -33,7 +29,11 @@ class Attack:
         eot: random draws of the model averaged per gradient (Expectation over Transformation).
         eot_batched: draw all EOT samples in one forward pass (fast) or loop over them (less memory).
         seed: seeds the attack's own randomness (random starts, random search).
+
+    `BUDGET` names the cost arguments an evaluation level sets on this class (`steps`, `queries`).
     """
+
+    BUDGET: tuple[str, ...] = ("steps",)
 
     def __init__(self, model: nn.Module, *, eps: float, norm: Norm | str = Norm.LINF, eot: int = 1,
                  eot_batched: bool = True, seed: int = 0):
@@ -46,6 +46,8 @@ class Attack:
         self.generator: torch.Generator | None = None  # created on first use, on the input's device
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if len(x) == 0:
+            return x.detach().clone()
         if x.min() < 0 or x.max() > 1:
             raise ValueError(f"attack inputs must lie in [0,1], got [{x.min().item():.3g}, {x.max().item():.3g}]")
         if self.generator is None or self.generator.device != x.device:
@@ -61,6 +63,13 @@ class Attack:
         return {"attack": type(self).__name__, "eps": self.eps, "norm": self.norm.value, "eot": self.eot}
 
     # --- helpers for subclasses -------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits averaged over `eot` draws of the model, without gradients (black-box queries)."""
+        if self.eot_batched:
+            return self.model(x.repeat(self.eot, *([1] * (x.dim() - 1)))).view(self.eot, len(x), -1).mean(0)
+        return torch.stack([self.model(x) for _ in range(self.eot)]).mean(0)
 
     def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = cross_entropy
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
