@@ -206,6 +206,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} does not parse: {' '.join(str(exc).split())[:200]}") from None
+    if data is None:  # an empty file sets nothing
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value")
     return data

@@ -9,18 +9,18 @@ can point a study outside its folder. Unknown keys and bad values raise `StudyEr
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atop.config import Config, ConfigError
+from atop.config import Config, ConfigError, read_config_file
 from atop.pretrain import PretrainSettings
 from search_spaces import SPACES
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
+SCHEDULERS = ("none", "mo-asha")  # early stopping of trials (study/scheduler.py)
 OBJECTIVES = ("clean_acc", "robust_acc_seen", "robust_acc_unseen")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -39,6 +39,9 @@ class StudySettings:
     cpus: float = 1.0  # per trial (fractions allowed)
     gpus: float = 0.0  # per trial (fractions allowed)
     max_failures: int = 1  # Tune retries of a trial that raised, from its last checkpoint
+    scheduler: str = "none"  # "mo-asha": stop dominated trials at rungs (study/scheduler.py)
+    grace_period: int = 1  # mo-asha: first rung, in epochs
+    reduction_factor: int = 3  # mo-asha: about 1 in reduction_factor trials passes each rung
     pretrain: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -47,7 +50,10 @@ class StudySettings:
             raise StudyError(f"--space {self.space!r} is unknown; accepted: {', '.join(SPACES)}")
         if self.sampler not in SAMPLERS:
             raise StudyError(f"--sampler {self.sampler!r} is unknown; accepted: {', '.join(SAMPLERS)}")
-        for name, low in (("num_trials", 1), ("max_concurrent", 1), ("population_size", 2), ("max_failures", 0)):
+        if self.scheduler not in SCHEDULERS:
+            raise StudyError(f"--scheduler {self.scheduler!r} is unknown; accepted: {', '.join(SCHEDULERS)}")
+        for name, low in (("num_trials", 1), ("max_concurrent", 1), ("population_size", 2), ("max_failures", 0),
+                          ("grace_period", 1), ("reduction_factor", 2)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise StudyError(f"--{name.replace('_', '-')} {value!r} is out of range; accepted: an integer >= {low}")
@@ -56,7 +62,10 @@ class StudySettings:
         if not self.gpus >= 0:
             raise StudyError(f"--gpus {self.gpus!r} is out of range; accepted: a number >= 0")
         self.pretrain_settings()
-        self.base_config()
+        epochs = self.base_config().epochs
+        if self.scheduler == "mo-asha" and self.grace_period >= epochs:
+            raise StudyError(f"--grace-period {self.grace_period} leaves no rung before the last epoch ({epochs}); "
+                             "accepted with --scheduler mo-asha: a grace period < epochs")
 
     def pretrain_settings(self) -> PretrainSettings:
         known = {f.name for f in dataclasses.fields(PretrainSettings)}
@@ -97,28 +106,11 @@ def presets() -> list[str]:
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """A settings file as a dict (YAML via safe_load, or JSON); one-line `StudyError` otherwise."""
-    path = Path(path)
+    """A settings file as a dict (`atop.config.read_config_file`: YAML via safe_load, or JSON)."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise StudyError(f"cannot read settings file {str(path)!r}: {exc.strerror}") from None
-    if path.suffix not in (".yaml", ".yml", ".json"):
-        raise StudyError(f"settings file {str(path)!r} must end in .yaml, .yml or .json")
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # noqa: BLE001 - json.JSONDecodeError or yaml.YAMLError
-        raise StudyError(f"cannot parse {str(path)!r}: {' '.join(str(exc).split())[:200]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise StudyError(f"settings file {str(path)!r} must hold a mapping of key: value")
-    return data
+        return read_config_file(path)
+    except ConfigError as exc:
+        raise StudyError(str(exc).replace("config file", "settings file")) from None
 
 
 def merge(base: StudySettings, data: dict[str, Any], source: str) -> StudySettings:
