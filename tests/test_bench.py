@@ -1,0 +1,121 @@
+"""bench/: the baseline and our FT step do equal work (so a ratio compares like with like), bf16
+stays within its tolerance, and `python -m bench` runs at a tiny size and writes its schema.
+No timing is asserted: this machine is shared and noisy."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.core import TINY, Result
+from bench.ft_step import (
+    BF16_TOLERANCE,
+    FP32_TOLERANCE,
+    BaselineRun,
+    OursStep,
+    bench_config,
+    build_models,
+    loss_difference,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def batch(n=TINY.batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def params(module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def assert_close_dicts(a, b, rtol, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=rtol, atol=atol), (k, (a[k] - b[k]).abs().max().item())
+
+
+def assert_same_updates(ours, base, base_grads, rtol, noise_level=1e-3):
+    """Equal parameters after the Adam step. Adam's first steps are about lr * sign(grad), so where
+    a gradient is zero in exact math (a conv bias before a one-channel GroupNorm group) float noise
+    picks the sign, and where a gradient is a sum that cancels to near zero its float error is large
+    relative to it: there (|grad| below 1e-6, or below `noise_level` of the tensor's largest) the two may
+    differ by up to 2 lr, and only there."""
+    noise = {k: (g.abs() < 1e-6) | (g.abs() < noise_level * g.abs().max()) for k, g in base_grads.items()}
+    for k, p in ours.named_parameters():
+        q = dict(base.named_parameters())[k]
+        bad = ~torch.isclose(p, q, rtol=rtol, atol=1e-6)
+        assert not (bad & ~noise[k]).any(), (k, (p - q).abs().max().item())
+        assert ((p - q).abs() <= 2.2 * 1e-4).all(), k
+
+
+# The baseline's own precision and format. (channels_last picks other convolution algorithms, so
+# FGSM's sign(grad) flips on a few near-zero pixels, moving them by 2 eps, and Adam's sign-like first
+# steps amplify that: NHWC is checked on losses, like bf16, in the next test.)
+@pytest.mark.parametrize("overrides,rtol,grad_rtol", [({}, 1e-4, 1e-3)])
+def test_baseline_and_ours_compute_the_same_losses_gradients_and_updates(overrides, rtol, grad_rtol):
+    models = build_models(TINY, torch.device("cpu"))
+    x, y = batch()
+    ours = OursStep(bench_config(TINY, **overrides), models, torch.device("cpu"))
+    base = BaselineRun(bench_config(TINY), models)
+    assert_close_dicts(params(ours.trainer.purifier), params(base.step.purifier), 0, 0)  # same start
+    for _ in range(2):  # the second step starts from the first one's updated weights and Adam state
+        got, want = ours(x, y), base(x, y)
+        assert torch.allclose(got, want, rtol=rtol, atol=1e-5), (got, want)
+        assert got[3] > 0  # the CE term is on: the classifier path is part of the compared work
+        g_ours = {k: p.grad for k, p in ours.trainer.purifier.named_parameters()}
+        g_base = {k: p.grad for k, p in base.step.purifier.named_parameters()}
+        for k, want in g_base.items():  # float error of a gradient scales with the tensor's largest entry
+            atol = 1e-6 + grad_rtol * want.abs().max().item()
+            assert torch.allclose(g_ours[k], want, rtol=grad_rtol, atol=atol), k
+        assert_same_updates(ours.trainer.purifier, base.step.purifier, g_base, rtol, grad_rtol)
+        # D's gradients of the D step: ours keeps them (its G step leaves D's .grad alone), the
+        # baseline's G step adds its own on top (wasted work the next D step throws away).
+        d_grads = {k: p.grad for k, p in ours.trainer.discriminator.named_parameters()}
+        assert_same_updates(ours.trainer.discriminator, base.step.discriminator, d_grads, rtol, grad_rtol)
+    assert all(p.grad is None for p in ours.trainer.classifier.parameters())  # frozen on both sides
+
+
+@pytest.mark.parametrize("overrides,tolerance", [({"channels_last": True}, FP32_TOLERANCE),
+                                                 ({"precision": "bf16", "channels_last": True}, BF16_TOLERANCE)])
+def test_speed_switches_stay_within_the_stated_tolerance_of_fp32(overrides, tolerance):
+    models = build_models(TINY, torch.device("cpu"))
+    x, y = batch()
+    fp32 = OursStep(bench_config(TINY), models, torch.device("cpu"))
+    fast = OursStep(bench_config(TINY, **overrides), models, torch.device("cpu"))
+    for _ in range(2):
+        diff = loss_difference(fast(x, y), fp32(x, y))
+        assert diff <= tolerance, diff
+
+
+def test_result_ratio_and_schema():
+    r = Result("FT step fp32", ours=30.0, baseline=10.0, unit="img/s", repeats=5, notes="n")
+    d = r.to_dict()
+    assert d["ratio"] == 3.0
+    assert {"row", "ours", "baseline", "ratio", "unit", "repeats", "notes"} <= d.keys()
+
+
+def test_python_m_bench_runs_at_a_tiny_size_and_writes_bench_json(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--quick", "--repeats", "2", "--out", str(tmp_path)],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert {"torch", "threads", "device", "device_name", "cpu_model"} <= report["machine"].keys()
+    rows = {r["row"]: r for r in report["rows"]}
+    for name in ("FT step fp32", "FT step channels_last", "FT step bf16+channels_last", "attack PGD-EOT batched"):
+        assert name in rows, sorted(rows)
+    assert any(name.startswith("share of peak") for name in rows)
+    for r in report["rows"]:
+        assert {"row", "ours", "baseline", "ratio", "unit", "repeats", "notes"} <= r.keys()
+        assert r["ours"] > 0 and r["baseline"] > 0 and r["repeats"] == 2
+    assert rows["FT step fp32"]["loss_diff"] <= rows["FT step fp32"]["tolerance"]
+    assert "row" in proc.stdout and "FT step fp32" in proc.stdout  # the table is printed
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--rows", "nope", "--out", str(tmp_path)],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown row" in proc.stderr
