@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,8 +36,19 @@ from analysis.load import load_study
 from analysis.report import render
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad command line is one `error: ...` line and exit 2, like every other error here.
+
+    (atop.cli has the same class; importing it here would pull torch into the analysis CLI.)
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    p = _OneLineParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     p.add_argument(
         "--mlflow-uri", required=True, help="tracking URI: http(s)://, sqlite:///, file:"
     )
@@ -97,7 +109,10 @@ def run(args: argparse.Namespace) -> Path:
     objectives = [Objective.parse(text) for text in args.objectives]
     minimise = [o.name for o in objectives if not o.maximise]
     study = load_study(args.mlflow_uri, args.experiment, minimise)
-    info = analyse(study.table, objectives, args.ref_point)
+    try:
+        info = analyse(study.table, objectives, args.ref_point)
+    except AnalysisError as exc:  # name the experiment: the message reaches a user of several studies
+        raise AnalysisError(f"experiment {args.experiment!r}: {exc}") from None
     if args.log_to_mlflow and study.parent_run_id is None:
         raise AnalysisError(
             f"--log-to-mlflow: experiment {args.experiment!r} has no parent run "

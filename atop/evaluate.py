@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from atop.attacks import ATTACKS, Attack
+from atop.cli import OneLineParser
 from atop.config import Config, EvalLevel, Norm
 from atop.data import Split
 
@@ -191,7 +192,7 @@ class UsageError(ValueError):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m atop.evaluate",
+    p = OneLineParser(prog="python -m atop.evaluate",
                                 description="Evaluate a fine-tuned defense checkpoint against adaptive attacks.")
     p.add_argument("--checkpoint", required=True, help="defense checkpoint (kind 'defense')")
     p.add_argument("--level", default="full", choices=[lv.value for lv in EvalLevel])

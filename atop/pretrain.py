@@ -11,7 +11,6 @@ same settings: a study pre-trains once, before any trial.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atop.checkpoint import save_checkpoint
+from atop.cli import OneLineParser
 from atop.config import Config, ConfigError, RTType
 from atop.data import DATASETS, DataError, Split, load_split, subset
 from atop.finetune import PurifierTrainer
@@ -157,7 +157,7 @@ def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atop.pretrain", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m atop.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["classifier", "purifier"])
     parser.add_argument("--out", required=True, help="checkpoint file to write")
     parser.add_argument("--data-dir", help="folder with <dataset>_<split>.npz (default $ATOP_DATA_DIR)")

@@ -10,7 +10,6 @@ files behind.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from atop.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from atop.cli import OneLineParser
 from atop.config import Config, ConfigError, read_config_file
 from atop.data import DataError, load_split, subset
 from atop.defense import Defense
@@ -88,7 +88,7 @@ def _summary(metrics: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atop.run", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m atop.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="smoke", help="named settings (atop.presets): smoke, tiny, paper-cifar10, ...")
     parser.add_argument("--config", help="YAML or JSON file of config fields, applied over the preset")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one config field, over --config")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from atop.cli import OneLineParser
 from bench import ROWS, TINY, Context, Sizes
 from bench.core import QUICK, machine_facts
 
@@ -38,7 +39,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI size: a few minutes on a 2-core CPU")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", required=True, help="folder for bench.json")

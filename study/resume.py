@@ -31,6 +31,13 @@ def settle_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     runs = tracking.trial_runs(mlflow_uri, experiment_id, parent_run_id)
     client = tracking.client(mlflow_uri)
+    space = client.get_run(parent_run_id).data.tags.get(tracking.SPACE_TAG, "")
+    for trial in study.get_trials(deepcopy=False):
+        # killed between `study.ask()` and the creation of its run: give it one, so that every Optuna
+        # trial has exactly one MLflow child run (ended KILLED below)
+        if trial.user_attrs.get("interrupted") and trial.number not in runs:
+            run_id = tracking.create_trial_run(mlflow_uri, experiment_id, parent_run_id, trial.number, space, {})
+            runs[trial.number] = client.get_run(run_id)
     for number, run in runs.items():
         if run.info.status not in ("RUNNING", "SCHEDULED"):
             continue

@@ -5,6 +5,7 @@ Both are session-scoped and started only by tests that ask for them (the slow in
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -158,3 +159,92 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
         yield MlflowServer(f"http://127.0.0.1:{port}", proc)
     finally:
         stop_by_pid(proc)
+
+
+# --- helpers of the reliability tests: real processes, found and stopped by session and PID ------------
+
+STUDY_PY = REPO / "study" / "run.py"
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+
+
+def session_procs(sid: int) -> list:
+    """Every live process of session `sid` (a Popen with start_new_session=True leads its own)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def kill_session(sid: int, sig: int = signal.SIGKILL) -> int:
+    """Send `sig` to every process of session `sid` (ours), by PID; returns how many were alive."""
+    procs = session_procs(sid)
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):  # it exited meanwhile
+            p.send_signal(sig)
+    return len(procs)
+
+
+def listening(pids: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket in LISTEN state held by `pids`."""
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found += [(c.laddr.ip, c.laddr.port, pid) for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def wait_for(condition, timeout_s: float, what: str, every_s: float = 1.0, proc: subprocess.Popen | None = None):
+    """Poll `condition()` until it returns something truthy; fail after `timeout_s` or if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {proc.returncode} first")
+        time.sleep(every_s)
+    raise TimeoutError(f"{what}: not within {timeout_s} s")
+
+
+def start_study(args: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """`python study/run.py ARGS` in its own session (so the test can kill exactly its processes)."""
+    out = open(log, "a")  # noqa: SIM115 - closed with the process by the caller's stop
+    return subprocess.Popen([sys.executable, str(STUDY_PY), *args], stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=log.parent, env=service_env(**env))
+
+
+def stop_study(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of a study driver's session (its Ray included), by PID."""
+    if proc.poll() is None:
+        proc.kill()
+    kill_session(proc.pid)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port with its store in `folder` (restartable on the same)."""
+    log = folder / "mlflow-server.log"
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
+           str(folder / "artifacts")]
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
+                                env=service_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    wait_http(f"http://127.0.0.1:{port}/health", proc, 120, log)
+    return proc

@@ -15,6 +15,7 @@ them; anything else raises and is retried from the last checkpoint.
 from __future__ import annotations
 
 import io
+import os
 import platform
 import tempfile
 import time
@@ -35,7 +36,7 @@ from atop.checkpoint import (
 from atop.config import Config, ConfigError
 from atop.data import Split
 from atop.finetune import finetune
-from trainables.tracking import ERROR_TAG, RunLogger, quiet_http
+from trainables.tracking import ERROR_TAG, LAST_ERROR_TAG, RunLogger, quiet_http
 
 TRIAL_NUMBER, RUN_ID = "optuna_trial_number", "mlflow_run_id"
 TRIAL_KEYS = (TRIAL_NUMBER, RUN_ID)
@@ -43,6 +44,8 @@ OBJECTIVES = ("clean_acc", "robust_acc_seen", "robust_acc_unseen")
 #: errors a retry cannot fix: reported as a failed result, not raised (no Tune retry)
 PERMANENT = (FloatingPointError, ConfigError, CheckpointError)
 DEFENSE_FILE, STATE_FILE = "defense.pt", "trainer_state.pt"
+#: test-only fault-injection hook, see `FaultPlan` and docs/RELIABILITY.md
+FAULT_ENV = "ATOP_FAULT_INJECT"
 
 
 @dataclass
@@ -109,6 +112,8 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             else:
                 log.set_tags({"atop.restored_from_epoch": start_epoch})
         _check_sizes(cfg, ctx)
+        faults = FaultPlan.from_env(number)
+        faults.at(start_epoch, purifier)
 
         started = time.perf_counter()
         for report in finetune(cfg, classifier, purifier, discriminator, ctx.train, ctx.test, device=device,
@@ -120,6 +125,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
                 _save(Path(d), cfg, report, classifier, purifier, discriminator, metrics["compute_s"])
                 tune.report({**metrics, "epoch": report.epoch, TRIAL_NUMBER: number},
                             checkpoint=tune.Checkpoint.from_directory(d))
+            faults.at(report.epoch, purifier)
         final = report if cfg.epochs > start_epoch else None
         if log:
             _final_artifacts(log, number, cfg, ctx, classifier, purifier, discriminator, final, trial_dir, device)
@@ -134,12 +140,70 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
         tune.report({"atop_failed": 1, "atop_error": message, TRIAL_NUMBER: number})
     except BaseException as exc:
         if log:  # Tune may retry it from the last checkpoint; the driver settles the final status
-            log.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"})
+            log.set_tags({LAST_ERROR_TAG: f"{type(exc).__name__}: {exc}"})
+            log.flush()
         raise
     finally:
         for p in work.iterdir():
             p.unlink()
         work.rmdir()
+
+
+class FaultPlan:
+    """Test-only fault injection (`ATOP_FAULT_INJECT`); unset in normal use, then it does nothing.
+
+    The reliability tests cause real faults through it without mocking Ray, MLflow or Optuna. The
+    value is `;`-separated specs `KIND@trial=N[,epoch=E][,once=FILE][,seconds=S]`, each acting on
+    Optuna trial N when it has finished E epochs (E=0: before the first epoch; default 1):
+
+    - `raise`: raise `RuntimeError` (Tune retries it from the last checkpoint, then FAIL);
+    - `transient`: the same, but only the first time (needs `once=FILE`, created when it fires;
+      `once` makes any kind fire only once, across the attempts of a trial);
+    - `nan`: fill the purifier's weights with NaN, so the next epoch's loss is really non-finite;
+    - `sleep`: sleep S seconds (keeps a trial running while a test kills something).
+    """
+
+    KINDS = ("raise", "transient", "nan", "sleep")
+
+    def __init__(self, specs: list[dict[str, str]]):
+        self.specs = specs
+
+    @classmethod
+    def from_env(cls, number: int) -> FaultPlan:
+        text = os.environ.get(FAULT_ENV, "").strip()
+        specs = []
+        for item in filter(None, (p.strip() for p in text.split(";"))):
+            kind, _, args = item.partition("@")
+            spec = dict(kv.split("=", 1) for kv in args.split(",") if "=" in kv)
+            if kind not in cls.KINDS or "trial" not in spec:
+                raise ValueError(f"{FAULT_ENV}={text!r}: bad spec {item!r}; accepted: "
+                                 f"{'|'.join(cls.KINDS)}@trial=N[,epoch=E][,once=FILE][,seconds=S]")
+            if spec["trial"] in ("*", str(number)):
+                if "once" in spec:
+                    spec["once"] = spec["once"].replace("{trial}", str(number))
+                specs.append({"kind": kind, **spec})
+        return cls(specs)
+
+    def at(self, epoch: int, purifier: torch.nn.Module) -> None:
+        for spec in self.specs:
+            if int(spec.get("epoch", 1)) != epoch:
+                continue
+            kind = spec["kind"]
+            if "once" in spec or kind == "transient":  # fire only the first time, across attempts
+                try:
+                    os.close(os.open(spec["once"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+            if kind == "sleep":
+                time.sleep(float(spec.get("seconds", 10)))
+            elif kind == "nan":
+                with torch.no_grad():
+                    for p in purifier.parameters():
+                        p.fill_(float("nan"))
+            elif kind == "raise":
+                raise RuntimeError(f"injected fault ({FAULT_ENV}) after epoch {epoch}")
+            elif kind == "transient":
+                raise RuntimeError(f"injected transient fault ({FAULT_ENV}) after epoch {epoch}")
 
 
 def _check_sizes(cfg: Config, ctx: StudyContext) -> None:

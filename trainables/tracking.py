@@ -11,11 +11,12 @@ stays in the spool file, which
 
     python -m trainables.tracking upload SPOOL.jsonl [--mlflow-uri URI]
 
-replays later.
+replays later (the study driver itself replays every spool of the study when it ends:
+`flush_spools`). While the server is down the driver waits to create a trial's run
+(`create_trial_run`). docs/RELIABILITY.md lists what is promised and which test proves it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,8 +25,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from atop.cli import OneLineParser
+
 ROLE_TAG, TRIAL_TAG, SPACE_TAG, STOPPED_TAG = "atop.role", "optuna.trial_number", "atop.space", "atop.stopped"
-ERROR_TAG, PARENT_TAG = "atop.error", "mlflow.parentRunId"
+ERROR_TAG, PARENT_TAG, LAST_ERROR_TAG = "atop.error", "mlflow.parentRunId", "atop.last_error"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -76,13 +79,53 @@ def trial_runs(uri: str, experiment_id: str, parent_run_id: str) -> dict[int, An
 
 
 def create_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_number: int, space: str,
-                     tags: Mapping[str, str]) -> str:
-    """One child run per Optuna trial, created by the driver when the trial is asked."""
-    run = client(uri).create_run(
-        experiment_id, run_name=f"trial-{trial_number:04d}",
-        tags={PARENT_TAG: parent_run_id, ROLE_TAG: "trial", TRIAL_TAG: str(trial_number), SPACE_TAG: space,
-              **tags})
-    return run.info.run_id
+                     tags: Mapping[str, str], wait_s: float | None = None) -> str:
+    """One child run per Optuna trial, created by the driver when the trial is asked.
+
+    A run id cannot be made offline, so while the server is down this waits (retrying every 10 s,
+    at most `wait_s`, default `$ATOP_MLFLOW_WAIT_S` or 1800 s); running trials keep training and
+    spool meanwhile. Before each retry it looks for a run an earlier, unanswered try made, so a
+    trial never gets two runs.
+    """
+    wait_s = float(os.environ.get("ATOP_MLFLOW_WAIT_S", "1800")) if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    attempt = 0
+    while True:
+        try:
+            if attempt:
+                found = trial_runs(uri, experiment_id, parent_run_id).get(trial_number)
+                if found is not None:
+                    return found.info.run_id
+            run = client(uri).create_run(
+                experiment_id, run_name=f"trial-{trial_number:04d}",
+                tags={PARENT_TAG: parent_run_id, ROLE_TAG: "trial", TRIAL_TAG: str(trial_number),
+                      SPACE_TAG: space, **tags})
+            return run.info.run_id
+        except Exception as exc:  # transport or server error: wait for the server
+            if time.monotonic() > deadline:
+                raise
+            attempt += 1
+            print(f"MLflow unreachable while creating the run of trial {trial_number} "
+                  f"({type(exc).__name__}); retry {attempt} in 10 s", flush=True)
+            time.sleep(10)
+
+
+def flush_spools(folder: str | os.PathLike, uri: str) -> int:
+    """Send every spool file in `folder` (calls left by an outage); returns the calls still unsent."""
+    return sum(upload(path, uri) for path in sorted(Path(folder).glob("*.jsonl")))
+
+
+def failure_message(uri: str, run_id: str, reported: str) -> str:
+    """The error to tag a FAILED run with: what the trial itself logged when it raised (tag
+    `atop.last_error`, set before each retry) beats the driver's generic "the trial raised"."""
+    if reported.startswith("the trial raised"):
+        try:
+            last = client(uri).get_run(run_id).data.tags.get(LAST_ERROR_TAG)
+        except Exception:  # noqa: BLE001 - MLflow down: the generic message will do
+            last = None
+        if last:
+            return f"{last} (the last of its attempts)"
+    return reported
 
 
 def _params(values: Mapping[str, Any]):
@@ -191,7 +234,7 @@ def upload(spool: str | os.PathLike, uri: str | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainables.tracking")
+    parser = OneLineParser(prog="python -m trainables.tracking")
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("upload", help="send MLflow calls spooled during an outage")
     up.add_argument("spool", nargs="+")

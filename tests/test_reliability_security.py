@@ -1,0 +1,111 @@
+"""Security promises that can be checked without running services (the running ones are checked where
+they run: the driver-kill test checks the in-process Ray's sockets, the node test the Ray head's, the
+MLflow-outage test the MLflow server's; see docs/RELIABILITY.md).
+
+- checkpoints load with `torch.load(..., weights_only=True)`, arrays with `np.load(allow_pickle=False)`;
+- settings and config files parse with `yaml.safe_load` (or JSON), never `yaml.load`/`unsafe_load`;
+- a malicious checkpoint (a pickle that would run code) is refused without running it;
+- nothing from a settings file or a run can point outside the study folder: paths are command-line
+  only, study and preset names are plain names, trial folders and spool files are named by numbers;
+- the embedded Ray and every service the tests start are told to bind 127.0.0.1.
+"""
+from __future__ import annotations
+
+import ast
+import pickle
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+PACKAGES = ("atop", "trainables", "study", "analysis", "search_spaces", "bench")
+
+
+def _calls(name: str):
+    """(file, call node) of every call to `<anything>.name(...)` in the project's packages."""
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name:
+                    base = node.func.value
+                    yield path.relative_to(REPO), base.id if isinstance(base, ast.Name) else "", node
+
+
+def _kw(node: ast.Call, key: str):
+    for kw in node.keywords:
+        if kw.arg == key:
+            return kw.value.value if isinstance(kw.value, ast.Constant) else "<expr>"
+    return None
+
+
+def test_torch_and_numpy_loads_run_no_code():
+    torch_loads = [(p, n) for p, base, n in _calls("load") if base == "torch"]
+    assert torch_loads, "expected the checkpoint loader"
+    assert [(str(p), n.lineno) for p, n in torch_loads if _kw(n, "weights_only") is not True] == []
+    np_loads = [(p, n) for p, base, n in _calls("load") if base == "np"]
+    assert [(str(p), n.lineno) for p, n in np_loads if _kw(n, "allow_pickle") is not False] == []
+
+
+def test_yaml_is_parsed_safely():
+    unsafe = [(str(p), n.lineno) for attr in ("load", "unsafe_load", "full_load", "load_all")
+              for p, base, n in _calls(attr) if base == "yaml"]
+    assert unsafe == []
+    assert any(base == "yaml" for _, base, _ in _calls("safe_load"))
+
+
+def test_a_pickled_payload_is_refused_without_running(tmp_path):
+    from atop.checkpoint import CheckpointError, load_checkpoint
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    import torch
+
+    torch.save({"format": "atop-checkpoint", "version": 1, "kind": "defense", "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt", kind="defense")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "evil.pkl", kind="defense")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/etc", ".hidden", "x" * 101, "a b"])
+def test_study_and_preset_names_cannot_leave_their_folder(name):
+    from study.settings import NAME_RE, StudyError, load_preset
+
+    assert not NAME_RE.match(name)
+    with pytest.raises(StudyError, match="accepted"):
+        load_preset(name)
+
+
+def test_settings_files_cannot_hold_paths():
+    from study.settings import StudyError, StudySettings, merge
+
+    for key in ("storage_path", "data_dir", "mlflow_uri", "study_name", "folder"):
+        with pytest.raises(StudyError, match=repr(key)):
+            merge(StudySettings(), {key: "/etc"}, "a test file")
+
+
+def test_trial_folders_and_spools_are_named_by_numbers():
+    from types import SimpleNamespace
+
+    from study.run import _trial_name
+
+    trial = SimpleNamespace(config={"optuna_trial_number": 7, "rt": "../../x"}, trial_id="abc_00001")
+    assert _trial_name(trial) == "trial-0007-abc_00001"
+    source = (REPO / "trainables" / "atop_trainable.py").read_text()
+    assert 'f"trial-{number:04d}.jsonl"' in source  # the spool file: the trial number, an int
+
+
+def test_services_are_told_to_bind_loopback():
+    run_py = (REPO / "study" / "run.py").read_text()
+    assert '_node_ip_address="127.0.0.1"' in run_py and "include_dashboard=False" in run_py
+    assert '"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"' in run_py and "    loopback_ray()\n    import optuna" in run_py
+    conftest = (REPO / "tests" / "conftest.py").read_text()
+    assert conftest.count('"--host", "127.0.0.1"') >= 2  # both MLflow servers the tests start
+    assert '"--dashboard-host", "127.0.0.1"' in conftest  # a multi-node head: see docs/RELIABILITY.md
