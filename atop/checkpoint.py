@@ -12,6 +12,7 @@ never leaves a truncated checkpoint under the final name.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import tempfile
@@ -78,13 +79,21 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, cfg: Config, classifi
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
-    """Read and check a checkpoint (weights_only); raise `CheckpointError` with a one-line reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+def load_checkpoint(source: str | os.PathLike | bytes, *, kind: str | None = None) -> dict[str, Any]:
+    """Read and check a checkpoint (weights_only); raise `CheckpointError` with a one-line reason.
+
+    Args:
+        source: a file path, or the file's bytes (as a study hands pre-trained weights to trials).
+        kind: the kind expected ("purifier" also accepts a "defense" file, which holds one).
+    """
+    if isinstance(source, bytes):
+        path, stream = Path("<checkpoint bytes>"), io.BytesIO(source)
+    else:
+        path = stream = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(stream, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file: {reason}") from None

@@ -54,6 +54,8 @@ from trainables.atop_trainable import TRIAL_NUMBER
 EXIT_BAD_INPUT = 2
 #: flags that shape the study itself; on --resume they must match what the study was started with
 SHAPING = ("space", "sampler", "population_size", "config", "pretrain")
+#: early-stopping flags; a resumed study may change them
+SCHEDULING = ("scheduler", "grace_period", "reduction_factor")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", type=float, help="CPUs per trial (fractions allowed)")
     p.add_argument("--gpus", type=float, help="GPUs per trial (fractions allowed)")
     p.add_argument("--max-failures", type=int, help="retries of a failing trial from its checkpoint")
+    p.add_argument("--scheduler", help="early stopping: none (default) or mo-asha (stop dominated trials at rungs)")
+    p.add_argument("--grace-period", type=int, help="mo-asha: first rung, in epochs (default 1)")
+    p.add_argument("--reduction-factor", type=int, help="mo-asha: about 1 in N trials passes each rung (default 3)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs per trial (config key `epochs`)")
     p.add_argument("--seed", type=int, help="seed of the sampler and of every trial (config key `seed`)")
     p.add_argument("--mlflow-uri", help="tracking URI (default sqlite:////<study folder>/mlflow.db)")
@@ -90,7 +95,7 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
     if args.config:
         settings = merge(settings, read_file(args.config), f"--config {args.config}")
     flags: dict[str, Any] = {k: getattr(args, k) for k in ("space", "sampler", "num_trials", "max_concurrent",
-                                                            "cpus", "gpus", "max_failures")
+                                                            "cpus", "gpus", "max_failures", *SCHEDULING)
                              if getattr(args, k) is not None}
     config = {k: getattr(args, k) for k in ("dataset", "epochs", "seed") if getattr(args, k) is not None}
     if config:
@@ -170,7 +175,29 @@ def make_sampler(name: str, seed: int, population_size: int, n_existing: int):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def make_scheduler(settings: StudySettings, epochs: int):
+    """The Tune scheduler of `--scheduler`: None (run every trial to its last epoch) or MO-ASHA."""
+    if settings.scheduler == "mo-asha":
+        from study.scheduler import MOASHAScheduler
+
+        return MOASHAScheduler(max_t=epochs, grace_period=settings.grace_period,
+                               reduction_factor=settings.reduction_factor)
+    return None
+
+
+def loopback_ray() -> None:
+    """Before the first `import ray`: an embedded Ray listens on 127.0.0.1 only.
+
+    Ray on Linux turns a node IP of 127.0.0.1 into the machine's external IP and binds its gRPC
+    servers (GCS, raylet, workers) there or on all interfaces; with "cluster mode" off it keeps
+    127.0.0.1 and binds loopback only. Read once, when ray is imported. See docs/RELIABILITY.md.
+    """
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def init_ray(cpus_per_trial: float, gpus_per_trial: float) -> None:
+    loopback_ray()
     import ray
 
     if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
@@ -207,8 +234,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         for key in SHAPING:
             if explicit is not None and getattr(explicit, key) != getattr(settings, key):
                 raise StudyError(f"--resume cannot change {key!r} of study {name!r}; drop --preset/--config")
-        override = {k: getattr(args, k) for k in ("num_trials", "max_concurrent", "cpus", "gpus", "max_failures")
-                    if getattr(args, k) is not None}
+        override = {k: getattr(args, k) for k in ("num_trials", "max_concurrent", "cpus", "gpus", "max_failures",
+                                                  *SCHEDULING) if getattr(args, k) is not None}
         for flag in ("space", "sampler", "dataset", "epochs", "seed"):
             if getattr(args, flag) is not None:
                 raise StudyError(f"--resume cannot change --{flag} of study {name!r}")
@@ -233,6 +260,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(p: dict[str, Any], resume: bool) -> int:
+    loopback_ray()
     import optuna
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -252,7 +280,8 @@ def run(p: dict[str, Any], resume: bool) -> int:
     tracking.quiet_http(max_retries=2, timeout_s=30)
     # a study checkpoints every trial every epoch by design; Tune's sync warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    init_ray(settings.cpus, settings.gpus)
+    if not resume:  # a resume with nothing left to run starts no Ray (see `remaining` below)
+        init_ray(settings.cpus, settings.gpus)
 
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -286,6 +315,8 @@ def run(p: dict[str, Any], resume: bool) -> int:
           f"({settings.space} space, {settings.sampler} sampler, {settings.max_concurrent} at once)", flush=True)
 
     if remaining > 0:
+        if resume:
+            init_ray(settings.cpus, settings.gpus)
         pretrain_cfg = cfg
         pretrain_settings = settings.pretrain_settings()
         pre_train = subset(p["train"], pretrain_settings.n_train, seed=cfg.seed)
@@ -309,7 +340,7 @@ def run(p: dict[str, Any], resume: bool) -> int:
             log = tracking.RunLogger(uri, run_id, folder / "spool" / f"driver-{number:04d}.jsonl")
             extra = {"optuna.state": state.name}
             if summary.get("failed"):
-                extra[tracking.ERROR_TAG] = summary["error"]
+                extra[tracking.ERROR_TAG] = tracking.failure_message(uri, run_id, summary["error"])
             if state.name == "PRUNED":
                 extra[tracking.STOPPED_TAG] = "true"
             log.set_tags(extra)
@@ -321,6 +352,7 @@ def run(p: dict[str, Any], resume: bool) -> int:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
+                                        scheduler=make_scheduler(settings, cfg.epochs),
                                         num_samples=remaining, reuse_actors=False,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
@@ -329,6 +361,10 @@ def run(p: dict[str, Any], resume: bool) -> int:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
 
+    unsent = tracking.flush_spools(folder / "spool", uri)  # calls spooled by trials during an MLflow outage
+    if unsent:
+        print(f"MLflow unreachable: {unsent} call(s) kept in {folder / 'spool'}; send them later with "
+              f"python -m trainables.tracking upload {folder / 'spool'}/*.jsonl --mlflow-uri {uri}", flush=True)
     wall_s = time.time() - started
     table = pareto_table(study)
     print(table, flush=True)
@@ -354,9 +390,11 @@ def _trial_name(trial: Any) -> str:
 
 
 def _ray_cpus() -> float:
+    """CPUs of the largest alive node: one task (pre-training) must fit on one node."""
     import ray
 
-    return ray.cluster_resources().get("CPU", 1.0)
+    per_node = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return max(per_node, default=0.0) or ray.cluster_resources().get("CPU", 1.0)
 
 
 def pareto_table(study) -> str:

@@ -74,12 +74,6 @@ def _device(ctx: StudyContext) -> torch.device:
     return torch.device("cuda" if ctx.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
 
 
-def _load_blob(data: bytes, kind: str, folder: Path) -> dict[str, Any]:
-    path = folder / f"{kind}.pt"
-    path.write_bytes(data)
-    return load_checkpoint(path, kind=kind)
-
-
 def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     """Fine-tune one purifier with AToP and report every epoch (see the module docstring)."""
     from ray import tune
@@ -94,10 +88,9 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
 
     checkpoint = tune.get_checkpoint()
     state, start_epoch, compute_s = None, 0, 0.0
-    work = Path(tempfile.mkdtemp(prefix="atop-trial-"))
     try:
-        classifier = build_classifier(_load_blob(ctx.classifier_ckpt, "classifier", work))
-        purifier, discriminator = build_purifier(_load_blob(ctx.purifier_ckpt, "purifier", work))
+        classifier = build_classifier(load_checkpoint(ctx.classifier_ckpt, kind="classifier"))
+        purifier, discriminator = build_purifier(load_checkpoint(ctx.purifier_ckpt, kind="purifier"))
         if discriminator is None:
             raise CheckpointError("the pre-trained purifier checkpoint holds no discriminator")
         if checkpoint is not None:
@@ -143,10 +136,6 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             log.set_tags({LAST_ERROR_TAG: f"{type(exc).__name__}: {exc}"})
             log.flush()
         raise
-    finally:
-        for p in work.iterdir():
-            p.unlink()
-        work.rmdir()
 
 
 class FaultPlan:

@@ -1,0 +1,294 @@
+"""Study-level bench rows: efficiency and overhead, memory per concurrent trial, time to hypervolume.
+
+Each row runs small real studies in this process (`study.run.prepare` + `study.run.run`: Ray
+started in-process, MLflow sqlite, real CIFAR-10 from `--data-dir` or $ATOP_DATA_DIR) and returns
+`bench.core.Result`s. Studies are shared between rows of one bench run (the `none` study at
+concurrency 2 serves all three rows), and pre-training runs once: its files are copied into every
+later study folder (`study.pretrained` reuses files named by the hash of their settings).
+
+    from bench.core import Context
+    from bench.study_rows import study_rows
+    for r in study_rows(Context(device=torch.device("cpu"), quick=True, data_dir="../shared/data")):
+        print(r.to_dict())
+
+`quick=True`: the `tiny` preset, 6 trials x 3 epochs (about 3 minutes on a 2-core CPU; its trials
+all score alike, so its time-to-HV row checks the plumbing, not the scheduler);
+otherwise the `smoke` preset, 8 trials x 3 epochs.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.core import Context, Result, row
+
+#: studies already run in this process, by their settings (rows share them)
+_RUNS: dict[tuple, StudyRun] = {}
+_WORK: dict[str, Path] = {}
+#: process names of Tune's function-trainable actors (the trial workers)
+WORKER_MARKS = ("train_atop", "ImplicitFunc")
+
+
+@dataclass
+class StudyRun:
+    """What one finished bench study leaves: Optuna trials, timings, sampled worker memory."""
+
+    name: str
+    folder: Path
+    scheduler: str
+    max_concurrent: int
+    trials: list  # optuna FrozenTrials
+    driver_s: float  # the whole `run()`: Ray start, pre-training (or its reuse), trials, Pareto table
+    data_bytes: int  # train + test images and labels as the driver loaded them
+    shared_bytes: int  # the subsets every trial receives (n_train + n_eval)
+    rss_peak: float = float("nan")  # largest sum of trial-worker RSS seen at once, bytes
+    uss_peak: float = float("nan")
+    workers_peak: int = 0  # most trial workers alive at once
+    log: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def t0(self):
+        return min(t.datetime_start for t in self.trials)
+
+    @property
+    def trial_phase_s(self) -> float:
+        """From the first trial asked to the last one told (Tune's part of the study)."""
+        return (max(t.datetime_complete for t in self.trials) - self.t0).total_seconds()
+
+    def states(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.trials:
+            out[t.state.name] = out.get(t.state.name, 0) + 1
+        return out
+
+
+def _sizes(quick: bool) -> dict[str, Any]:
+    # The tiny preset's defense predicts one class (every trial scores the same on every objective),
+    # so its time-to-HV figure is degenerate; the smoke preset's trials differ (pre-training: minutes).
+    return {"preset": "tiny", "num_trials": 6, "epochs": 3, "settings": None} if quick else \
+        {"preset": "smoke", "num_trials": 8, "epochs": 3, "settings": None}
+
+
+class _MemorySampler(threading.Thread):
+    """Sums RSS/USS of this process's Ray trial workers every `period_s`; keeps the peaks."""
+
+    def __init__(self, period_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.period_s, self.stop = period_s, threading.Event()
+        self.rss_peak, self.uss_peak, self.workers_peak = 0.0, 0.0, 0
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self.stop.wait(self.period_s):
+            rss = uss = 0.0
+            n = 0
+            for p in me.children(recursive=True):
+                try:
+                    text = " ".join(p.cmdline()) or p.name()
+                    if not any(m in text for m in WORKER_MARKS):
+                        continue
+                    info = p.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                rss, uss, n = rss + info.rss, uss + info.uss, n + 1
+            if rss > self.rss_peak:
+                self.rss_peak, self.uss_peak = rss, uss
+            self.workers_peak = max(self.workers_peak, n)
+
+
+def run_study(*, preset: str, num_trials: int, epochs: int, max_concurrent: int, scheduler: str = "none",
+              reduction_factor: int = 2, data_dir: str | None = None, seed: int = 0,
+              sample_memory: bool = False, settings: dict[str, Any] | None = None) -> StudyRun:
+    """Run one small study in this process (cached by its arguments); Ray is shut down after it.
+
+    Args:
+        preset, num_trials, epochs, max_concurrent, seed: as `study/run.py`'s flags.
+        scheduler, reduction_factor: `--scheduler` and `--reduction-factor` (grace period 1).
+        data_dir: folder with cifar10_*.npz (default $ATOP_DATA_DIR).
+        sample_memory: sample the trial workers' RSS while it runs.
+        settings: a settings mapping merged over the preset (as `--config FILE`).
+
+    Returns:
+        The finished study's trials and timings.
+    """
+    key = (preset, num_trials, epochs, max_concurrent, scheduler, reduction_factor, data_dir, seed, sample_memory,
+           json.dumps(settings, sort_keys=True))
+    if key in _RUNS:
+        return _RUNS[key]
+    import optuna
+    import ray
+
+    from study.run import build_parser, prepare, run
+
+    if "dir" not in _WORK:  # one folder per bench run (studies, settings files, pre-trained cache)
+        _WORK["dir"] = Path(tempfile.mkdtemp(prefix="atop-bench-study-"))
+    work = _WORK["dir"]
+    name = f"{preset}-{scheduler}-c{max_concurrent}-n{num_trials}-e{epochs}-s{seed}-{len(_RUNS)}"
+    argv = ["--preset", preset, "--num-trials", str(num_trials), "--epochs", str(epochs),
+            "--max-concurrent", str(max_concurrent), "--seed", str(seed), "--scheduler", scheduler,
+            "--reduction-factor", str(reduction_factor), "--storage-path", str(work / "studies"),
+            "--study-name", name]
+    if data_dir:
+        argv += ["--data-dir", data_dir]
+    if settings:
+        path = work / f"{name}.json"
+        path.write_text(json.dumps(settings))
+        argv += ["--config", str(path)]
+    p = prepare(build_parser().parse_args(argv))
+    cache = work / "pretrained"
+    if cache.is_dir():  # pre-training is not what these rows measure: reuse the first study's files
+        shutil.copytree(cache, p["folder"] / "pretrained")
+    sampler = _MemorySampler() if sample_memory else None
+    out = io.StringIO()
+    started = time.perf_counter()
+    try:
+        if sampler:
+            sampler.start()
+        with contextlib.redirect_stdout(out):
+            run(p, resume=False)
+    finally:
+        driver_s = time.perf_counter() - started
+        if sampler:
+            sampler.stop.set()
+            sampler.join()
+        ray.shutdown()
+    if not cache.is_dir():
+        shutil.copytree(p["folder"] / "pretrained", cache)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{p['folder'] / 'optuna.db'}")
+    train, test = p["train"], p["test"]
+    cfg = p["cfg"]
+    per_image = train.x[0].numel() * train.x.element_size() + train.y.element_size()
+    result = StudyRun(
+        name=name, folder=p["folder"], scheduler=scheduler, max_concurrent=max_concurrent, trials=study.trials,
+        driver_s=driver_s, data_bytes=_nbytes(train) + _nbytes(test),
+        shared_bytes=per_image * ((cfg.n_train or len(train)) + cfg.n_eval), log=out.getvalue())
+    if sampler:
+        result.rss_peak, result.uss_peak, result.workers_peak = sampler.rss_peak, sampler.uss_peak, sampler.workers_peak
+    _RUNS[key] = result
+    return result
+
+
+def _nbytes(split: Any) -> int:
+    return int(sum(t.numel() * t.element_size() for t in (split.x, split.y)))
+
+
+def _data_dir(ctx: Context) -> str | None:
+    return ctx.data_dir
+
+
+# --- rows -------------------------------------------------------------------------------------------------
+
+def efficiency_rows(ctx: Context) -> list[Result]:
+    """Σ trial compute_s / (trial-phase wall × max_concurrent), and overhead seconds per trial.
+
+    The baseline is the goal 0.9: a sequential loop over `atop.finetune` without Ray would measure
+    only the trials' own compute (efficiency 1 by construction, at the cost of another full run),
+    so the goal is the honest yardstick for what Ray, Optuna, MLflow and the trainable add.
+    """
+    s = _sizes(ctx.quick)
+    r = run_study(**s, max_concurrent=2, data_dir=_data_dir(ctx), sample_memory=True)
+    compute = [float(t.user_attrs.get("compute_s", 0.0)) for t in r.trials]
+    lifetimes = [(t.datetime_complete - t.datetime_start).total_seconds() for t in r.trials]
+    wall = r.trial_phase_s
+    eff = sum(compute) / (wall * r.max_concurrent)
+    overhead = (wall * r.max_concurrent - sum(compute)) / len(r.trials)
+    in_trial = (sum(lifetimes) - sum(compute)) / len(r.trials)
+    common = (f"{s['preset']} preset, {len(r.trials)} trials x {s['epochs']} epochs, {r.max_concurrent} at once, "
+              f"no scheduler; trial phase {wall:.0f} s (driver {r.driver_s:.0f} s incl. Ray start)")
+    return [
+        Result("study efficiency", eff, 0.9, "share", 1,
+               f"{common}; Σcompute_s {sum(compute):.0f} s; baseline = goal 0.9",
+               extra={"compute_s": compute, "trial_phase_s": wall, "driver_s": r.driver_s}),
+        Result("study overhead per trial", overhead, float("nan"), "s/trial", 1,
+               f"(wall x concurrency - Σcompute)/trials; of it {in_trial:.1f} s inside each trial's lifetime "
+               "(actor start, weights, final evaluation + artifacts, MLflow), the rest between trials",
+               ratio=overhead / (sum(compute) / len(r.trials)),
+               extra={"lifetime_s": lifetimes}),
+    ]
+
+
+def memory_rows(ctx: Context) -> list[Result]:
+    """Trial-worker RSS at concurrency 2 against 1: added RSS per extra trial / the data set's bytes."""
+    s = _sizes(ctx.quick)
+    two = run_study(**s, max_concurrent=2, data_dir=_data_dir(ctx), sample_memory=True)
+    one = run_study(preset=s["preset"], num_trials=2, epochs=1, max_concurrent=1, data_dir=_data_dir(ctx),
+                    sample_memory=True, settings=s["settings"])
+    added = (two.rss_peak - one.rss_peak) / max(1, two.workers_peak - one.workers_peak)
+    added_uss = (two.uss_peak - one.uss_peak) / max(1, two.workers_peak - one.workers_peak)
+    mb = 1 / 2**20
+    return [Result("study memory per extra trial", added * mb, two.data_bytes * mb, "MB", 1,
+                   f"RSS of trial workers: {one.rss_peak * mb:.0f} MB with {one.workers_peak} alive, "
+                   f"{two.rss_peak * mb:.0f} MB with {two.workers_peak}; USS added {added_uss * mb:.0f} MB; "
+                   f"baseline = train+test as loaded ({two.data_bytes * mb:.0f} MB); trials receive the "
+                   f"n_train+n_eval subset ({two.shared_bytes * mb:.2f} MB) once through the object store",
+                   extra={"rss_peak": [one.rss_peak, two.rss_peak], "uss_peak": [one.uss_peak, two.uss_peak],
+                          "workers": [one.workers_peak, two.workers_peak], "data_bytes": two.data_bytes,
+                          "shared_bytes": two.shared_bytes})]
+
+
+def hypervolume_curve(trials: list, t0) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds since `t0`, hypervolume of the COMPLETE trials told by then), ref point 0, maximised."""
+    import moocore
+
+    done = sorted((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.datetime_complete)
+    times = np.array([(t.datetime_complete - t0).total_seconds() for t in done])
+    points = np.array([t.values for t in done], dtype=float).reshape(len(done), -1)
+    hv = np.array([moocore.hypervolume(points[: k + 1], ref=np.zeros(points.shape[1]), maximise=True)
+                   for k in range(len(done))])
+    return times, hv
+
+
+def time_to_hypervolume_rows(ctx: Context) -> list[Result]:
+    """When mo-asha reaches the no-stopping study's final hypervolume, over that study's time.
+
+    Both studies: same preset, seed, trials and epochs, 2 at once. Goal: ratio <= 0.5. When mo-asha
+    never reaches it, `ours` is the fraction of the hypervolume it reached and the note says so.
+    """
+    s = _sizes(ctx.quick)
+    none = run_study(**s, max_concurrent=2, data_dir=_data_dir(ctx), sample_memory=True)
+    mo = run_study(**s, max_concurrent=2, scheduler="mo-asha", reduction_factor=2, data_dir=_data_dir(ctx))
+    t_none, hv_none = hypervolume_curve(none.trials, none.t0)
+    t_mo, hv_mo = hypervolume_curve(mo.trials, mo.t0)
+    target = float(hv_none[-1]) if len(hv_none) else 0.0
+    total_none, total_mo = none.trial_phase_s, mo.trial_phase_s
+    hit = np.flatnonzero(hv_mo >= target * (1 - 1e-9)) if target > 0 else np.array([], int)
+    distinct = len({tuple(t.values) for t in none.trials if t.values})
+    common = (f"{s['preset']} preset, {s['num_trials']} trials x {s['epochs']} epochs, 2 at once, eta 2; "
+              f"none: {none.states()} in {total_none:.0f} s, HV {target:.4g}; mo-asha: {mo.states()} in "
+              f"{total_mo:.0f} s, HV {hv_mo[-1] if len(hv_mo) else 0:.4g}; {distinct} distinct objective "
+              f"vectors in none" + (" (degenerate: the ratio says nothing about the scheduler)" if distinct < 2 else ""))
+    extra = {"none_curve": [t_none.tolist(), hv_none.tolist()], "mo_asha_curve": [t_mo.tolist(), hv_mo.tolist()]}
+    if len(hit):
+        t_hit = float(t_mo[hit[0]])
+        return [Result("study time to HV (mo-asha/none)", t_hit, total_none, "s", 1,
+                       f"{common}; goal ratio <= 0.5", ratio=t_hit / total_none, extra=extra)]
+    fraction = float(hv_mo[-1]) / target if len(hv_mo) and target > 0 else 0.0
+    return [Result("study HV reached by mo-asha", fraction, 1.0, "share of none HV", 1,
+                   f"{common}; mo-asha never reached none's HV; its time / none's = {total_mo / total_none:.2f}",
+                   ratio=fraction, extra={**extra, "time_ratio": total_mo / total_none})]
+
+
+def study_rows(ctx: Context) -> list[Result]:
+    """All study-level rows (the studies they share run once); skipped without real data."""
+    if not (ctx.data_dir or os.environ.get("ATOP_DATA_DIR")):
+        return [Result("study rows", float("nan"), float("nan"), "-", 0,
+                       "skipped: the study rows need real CIFAR-10 (--data-dir or $ATOP_DATA_DIR)")]
+    return [*efficiency_rows(ctx), *memory_rows(ctx), *time_to_hypervolume_rows(ctx)]
+
+
+# Registration with `python -m bench` (the package imports this module to register it).
+row("study")(study_rows)

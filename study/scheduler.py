@@ -1,0 +1,168 @@
+"""Multi-objective asynchronous successive halving (MO-ASHA) as a Ray Tune scheduler.
+
+Schmucker et al., "Multi-objective Asynchronous Successive Halving" (2021): ASHA's rungs, with the
+single-metric cutoff replaced by a non-dominated sort over all objectives. Rungs sit at epochs
+`grace_period * eta**k` below the trial's last epoch. When a trial reports the epoch of a rung, its
+objective vector (all `study.settings.OBJECTIVES`, maximised) is compared with the vectors every
+earlier trial had at that rung: it continues if it is among the best `max(1, floor(n / eta))` of
+the `n` vectors by (Pareto rank, then NSGA-II crowding distance), else it is stopped. A trial that
+ties the cutoff continues (as ASHA's `<` cutoff) unless its vector duplicates one recorded earlier
+(it would add no hypervolume); the first trial at a rung always continues.
+
+A stopped trial reaches the searcher's `on_trial_complete` with a result before its last epoch,
+so `study.searcher.AskTellSearcher` tells Optuna PRUNED (never COMPLETE with partial values, which
+is what plain ASHA + OptunaSearch does) and the driver tags its MLflow run `atop.stopped=true`.
+
+    python study/run.py --preset tiny --scheduler mo-asha --grace-period 1 --reduction-factor 3
+
+`decide` is the whole rule as a pure function; `MOASHAScheduler` is a thin Ray wrapper over it.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import moocore
+import numpy as np
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from study.settings import OBJECTIVES
+
+
+def rungs(grace_period: int, eta: float, max_t: int) -> list[int]:
+    """Rung epochs `grace_period * eta**k` strictly below `max_t` (a trial ends at `max_t` anyway).
+
+    Args:
+        grace_period: first rung, in epochs (>= 1).
+        eta: reduction factor (> 1).
+        max_t: the trials' last epoch.
+
+    Returns:
+        Increasing, distinct epochs; empty when `grace_period >= max_t`.
+    """
+    out: list[int] = []
+    k = 0
+    while (m := round(grace_period * eta ** k)) < max_t:
+        if not out or m > out[-1]:
+            out.append(m)
+        k += 1
+    return out
+
+
+def crowding_distance(points: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """NSGA-II crowding distance of each point within its own front (inf at each front's ends).
+
+    Args:
+        points: `(n, m)` objective values.
+        ranks: `(n,)` Pareto rank of each point (points of equal rank form one front).
+
+    Returns:
+        `(n,)` distances >= 0; a front of one or two points is all inf; ties in an objective are
+        ordered by index (stable sort), as in NSGA-II implementations.
+    """
+    dist = np.zeros(len(points))
+    for r in np.unique(ranks):
+        idx = np.flatnonzero(ranks == r)
+        if len(idx) <= 2:
+            dist[idx] = np.inf
+            continue
+        for j in range(points.shape[1]):
+            order = idx[np.argsort(points[idx, j], kind="stable")]
+            values = points[order, j]
+            span = values[-1] - values[0]
+            if span > 0:  # an objective constant over the front separates nothing
+                dist[order[0]] = dist[order[-1]] = np.inf
+                dist[order[1:-1]] += (values[2:] - values[:-2]) / span
+    return dist
+
+
+def decide(rung_records: Sequence[Sequence[float]], new_vector: Sequence[float], eta: float) -> bool:
+    """Whether a trial reaching a rung continues (True) or is stopped (False); all objectives maximised.
+
+    Args:
+        rung_records: objective vectors of the trials recorded earlier at this rung (`(n-1, m)`).
+        new_vector: the arriving trial's objective vector (`(m,)`).
+        eta: reduction factor (> 1): about 1 in `eta` trials passes each rung.
+
+    Returns:
+        True when fewer than `max(1, floor(n / eta))` recorded vectors beat the new one, where `a`
+        beats `b` if `a` has a lower Pareto rank, or the same rank and a larger crowding distance,
+        among all `n` vectors, or is equal to `b` (a duplicate adds no hypervolume). Other ties go
+        to the new trial.
+    """
+    new = np.asarray(new_vector, dtype=float).reshape(1, -1)
+    if len(rung_records) == 0:
+        return True
+    points = np.vstack([np.asarray(rung_records, dtype=float).reshape(-1, new.shape[1]), new])
+    n = len(points)
+    keep = max(1, math.floor(n / eta))
+    ranks = moocore.pareto_rank(points, maximise=True)
+    crowd = crowding_distance(points, ranks)
+    r, c = ranks[-1], crowd[-1]
+    others_r, others_c = ranks[:-1], crowd[:-1]
+    # an exact copy of a recorded vector adds no hypervolume to the rung: the earlier trial holds it
+    duplicate = np.all(points[:-1] == points[-1], axis=1)
+    beaten_by = int(np.sum((others_r < r) | ((others_r == r) & ((others_c > c) | duplicate))))
+    return beaten_by < keep
+
+
+class MOASHAScheduler(FIFOScheduler):
+    """Stops a trial at a rung when it is not in the best 1/eta there (see the module docstring).
+
+    Args:
+        max_t: the trials' last epoch (a trial's own `epochs` config value wins when present).
+        grace_period: first rung, in epochs.
+        reduction_factor: eta (> 1).
+        objectives: result keys, all maximised.
+        time_attr: the result key counting epochs.
+    """
+
+    def __init__(self, max_t: int, grace_period: int = 1, reduction_factor: float = 3,
+                 objectives: Sequence[str] = OBJECTIVES, time_attr: str = "epoch"):
+        super().__init__()
+        if grace_period < 1 or reduction_factor <= 1:
+            raise ValueError(f"MO-ASHA needs grace_period >= 1 and reduction_factor > 1, got "
+                             f"{grace_period} and {reduction_factor}")
+        self.max_t, self.grace_period, self.eta = max_t, grace_period, reduction_factor
+        self.objectives, self.time_attr = tuple(objectives), time_attr
+        self.records: dict[int, dict[str, list[float]]] = {}  # rung epoch -> trial id -> objective vector
+        self.stopped: dict[str, int] = {}  # trial id -> the rung it was stopped at
+        self._supports_buffered_results = False  # one decision per reported epoch
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True  # the objectives are fixed; Tune's metric/mode are unused
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if result.get("atop_failed") or self.time_attr not in result or any(o not in result for o in self.objectives):
+            return TrialScheduler.CONTINUE
+        epoch = int(result[self.time_attr])
+        last = int(getattr(trial, "config", {}).get("epochs") or self.max_t)
+        for milestone in reversed(rungs(self.grace_period, self.eta, last)):
+            if epoch < milestone:
+                continue
+            recorded = self.records.setdefault(milestone, {})
+            if trial.trial_id in recorded:  # already decided here (a restored trial reporting again)
+                break
+            vector = [float(result[o]) for o in self.objectives]
+            keep = decide(list(recorded.values()), vector, self.eta)
+            recorded[trial.trial_id] = vector
+            if not keep:
+                self.stopped[trial.trial_id] = milestone
+                return TrialScheduler.STOP
+            break
+        return TrialScheduler.CONTINUE
+
+    def debug_string(self) -> str:
+        seen = ", ".join(f"epoch {m}: {len(r)}" for m, r in sorted(self.records.items())) or "none yet"
+        return f"Using MO-ASHA (eta={self.eta:g}): {len(self.stopped)} stopped; trials per rung: {seen}"
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"records": self.records, "stopped": self.stopped}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self.records, self.stopped = state["records"], state["stopped"]
