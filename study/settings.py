@@ -1,5 +1,7 @@
 """Study settings: a preset (data files under study/presets/), a config file, then CLI flags.
 
+A preset file names its scale with `atop_preset:` (config + pre-training from `atop.presets`).
+
 A settings file (YAML through `yaml.safe_load`, or JSON) holds study-level keys (`STUDY_KEYS`),
 `pretrain:` (fields of `atop.pretrain.PretrainSettings`) and `config:` (fields of
 `atop.config.Config`, the settings every trial shares; a search space suggests the rest). Paths
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from atop.config import Config, ConfigError, read_config_file
+from atop.presets import get_preset
 from atop.pretrain import PretrainSettings
 from search_spaces import SPACES
 
@@ -134,4 +137,12 @@ def load_preset(name: str) -> StudySettings:
     path = PRESET_DIR / f"{name}.yaml"
     if not NAME_RE.match(name) or not path.is_file():
         raise StudyError(f"--preset {name!r} is unknown; accepted: {', '.join(presets())}")
-    return merge(StudySettings(), read_file(path), f"preset {name!r}")
+    data = read_file(path)
+    base = StudySettings()
+    if "atop_preset" in data:  # the run's scale (config + pre-training) lives in atop.presets
+        try:
+            scale = get_preset(str(data.pop("atop_preset")))
+        except ConfigError as exc:
+            raise StudyError(f"preset {name!r}: {exc}") from None
+        base = StudySettings(pretrain=dataclasses.asdict(scale.pretrain), config=dict(scale.config))
+    return merge(base, data, f"preset {name!r}")

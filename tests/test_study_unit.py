@@ -123,9 +123,12 @@ def test_presets_are_valid_and_smoke_is_small():
     for name in presets():
         load_preset(name).validate()
     smoke = load_preset("smoke")
-    assert smoke.num_trials >= 4 and smoke.config["epochs"] == 2 and smoke.config["dataset"] == "cifar10"
+    smoke_cfg = smoke.base_config()
+    assert smoke.num_trials >= 4 and smoke_cfg.epochs == 2 and smoke_cfg.dataset == "cifar10"
+    assert smoke_cfg.n_train == 512  # the study's own override of atop's smoke scale
     paper = load_preset("paper-cifar100")
-    assert (paper.config["classifier"], paper.config["purifier"], paper.gpus) == ("wrn28_10", "gated", 1)
+    paper_cfg = paper.base_config()
+    assert (paper_cfg.dataset, paper_cfg.classifier, paper_cfg.purifier, paper.gpus) == ("cifar100", "wrn28_10", "gated", 1)
 
 
 def test_merge_rejects_unknown_keys():
