@@ -243,8 +243,9 @@ def _final_artifacts(log: RunLogger, number: int, cfg: Config, ctx: StudyContext
     save_checkpoint(out / DEFENSE_FILE, kind="defense", cfg=cfg, classifier=classifier, purifier=purifier,
                     discriminator=discriminator, epoch=cfg.epochs, metrics=metrics)
     defense = Defense(RandomTransform.from_config(cfg), purifier, classifier, seed=cfg.seed).to(device).eval()
-    per_example = getattr(final, "per_example", None)
-    if per_example is None:  # atop.finetune does not hand its per-example results out (yet)
+    if final is not None:  # the last epoch's evaluation, at the config's level
+        per_example = final.per_example
+    else:  # resumed after its last epoch: nothing ran here, evaluate the restored purifier
         per_example = evaluate(defense, ctx.test, cfg, device=device).per_example
     write_parquet(per_example, out / "per_example.parquet", trial_number=number)
     image_grid(defense, ctx.test, cfg, out / "images.png", n=ctx.grid_images, device=device)
@@ -278,8 +279,7 @@ def image_grid(defense: Any, test: Split, cfg: Config, path: Path, *, n: int = 8
     defense.reseed(cfg.seed)
     name = seen_attack(cfg)
     spec = ATTACKS[name]
-    budget = {k: v for k, v in LEVELS[cfg.eval_level].items() if k in ("steps", "eot", "queries")}
-    budget = spec.budget(**budget) if hasattr(spec, "budget") else {k: budget[k] for k in ("steps", "eot")}
+    budget = spec.budget(**{k: v for k, v in LEVELS[cfg.eval_level].items() if k in ("steps", "eot", "queries")})
     attack = spec.build(defense, eps=attack_eps(cfg, name), seed=cfg.seed, **budget)
     x_adv = attack(x, y)
     with torch.no_grad():
