@@ -19,8 +19,8 @@ is what plain ASHA + OptunaSearch does) and the driver tags its MLflow run `atop
 """
 from __future__ import annotations
 
+import json
 import math
-import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -159,10 +159,13 @@ class MOASHAScheduler(FIFOScheduler):
         return f"Using MO-ASHA (eta={self.eta:g}): {len(self.stopped)} stopped; trials per rung: {seen}"
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"records": self.records, "stopped": self.stopped}, f)
+        """Rung records as JSON: nothing of a study is ever unpickled (docs/RELIABILITY.md)."""
+        records = {str(m): {t: [float(v) for v in vec] for t, vec in r.items()} for m, r in self.records.items()}
+        with open(checkpoint_path, "w") as f:
+            json.dump({"records": records, "stopped": self.stopped}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        self.records, self.stopped = state["records"], state["stopped"]
+        with open(checkpoint_path) as f:
+            state = json.load(f)
+        self.records = {int(m): r for m, r in state["records"].items()}
+        self.stopped = state["stopped"]

@@ -103,9 +103,9 @@ def test_scheduler_ignores_failed_and_incomplete_results(tmp_path):
     assert sched.on_trial_result(None, FakeTrial("b"), {"atop_failed": 1, "atop_error": "x", "epoch": 1}) == CONTINUE
     assert sched.on_trial_result(None, FakeTrial("c"), {"epoch": 1, "clean_acc": 0.1}) == CONTINUE
     assert sched.records == {1: {"a": [0.9, 0.9, 0.9]}}
-    sched.save(str(tmp_path / "s.pkl"))
+    sched.save(str(tmp_path / "s.json"))
     other = MOASHAScheduler(max_t=3, reduction_factor=2)
-    other.restore(str(tmp_path / "s.pkl"))
+    other.restore(str(tmp_path / "s.json"))
     assert other.on_trial_result(None, FakeTrial("d"), _result(1, 0.1, 0.1, 0.1)) == STOP
 
 
