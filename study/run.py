@@ -49,7 +49,7 @@ from study.settings import (
     presets,
     read_file,
 )
-from trainables.atop_trainable import TRIAL_NUMBER
+from trainables.atop_trainable import FAULT_ENV, TRIAL_NUMBER
 
 EXIT_BAD_INPUT = 2
 #: flags that shape the study itself; on --resume they must match what the study was started with
@@ -201,7 +201,10 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float) -> None:
     import ray
 
     if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
-        ray.init(log_to_driver=True)
+        # A cluster's workers get the raylet's environment, not this driver's: the test-only fault
+        # hook (trainables.atop_trainable.FAULT_ENV) must travel in the job's runtime env.
+        fault = os.environ.get(FAULT_ENV)
+        ray.init(log_to_driver=True, **({"runtime_env": {"env_vars": {FAULT_ENV: fault}}} if fault else {}))
     else:  # embedded: a local Ray bound to 127.0.0.1, workers importing this checkout
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
