@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atop.checkpoint import save_checkpoint
+from atop.checkpoint import build_classifier, load_checkpoint, save_checkpoint
 from atop.cli import OneLineParser
 from atop.config import Config, ConfigError, RTType
 from atop.data import DATASETS, DataError, Split, load_split, subset
@@ -140,8 +140,6 @@ def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Pat
     torch.manual_seed(cfg.seed)
     classifier = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
     if clf_path.is_file():
-        from atop.checkpoint import build_classifier, load_checkpoint
-
         classifier = build_classifier(load_checkpoint(clf_path, kind="classifier"))
     else:
         for m in train_classifier(classifier, train, settings, seed=cfg.seed, device=device):
