@@ -6,6 +6,7 @@ the network allows. The data dir is `--data-dir`, else `$ATOP_DATA_DIR`, else `~
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import zipfile
 from collections.abc import Callable, Iterator
@@ -57,17 +58,34 @@ DATASETS: dict[str, DatasetSpec] = {
     "imagenette": DatasetSpec(10, 64, _imagenette),
 }
 SPLITS = ("train", "test")
+#: validation images are carved out of the train split by a permutation with this fixed seed, so every
+#: trial, every seed of a confirm run and every later study on the same data see the same ones
+VALIDATION_SEED = 0
 
 
 @dataclass
 class Split:
-    """Images as uint8 NCHW (compact: 4x smaller than float) and int64 labels, on the CPU."""
+    """Images as uint8 NCHW (compact: 4x smaller than float) and int64 labels, on the CPU.
+
+    `source` names the file split the rows come from (`train`, `test`; `val` rows come from `train`)
+    and `indices` their row numbers there, so a run can record exactly which images it scored on.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
+    source: str = ""
+    indices: torch.Tensor | None = None  # None: rows 0..N-1 of `source`
+
+    def __post_init__(self) -> None:
+        if self.indices is None:
+            self.indices = torch.arange(len(self.y))
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def take(self, idx: torch.Tensor) -> Split:
+        """The rows `idx` of this split, keeping track of where they came from."""
+        return Split(self.x[idx], self.y[idx], self.source, self.indices[idx])
 
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
                 device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -120,12 +138,13 @@ def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = No
     root = resolve_data_dir(data_dir)
     npz = root / f"{dataset}_{split}.npz"
     if npz.is_file():
-        return load_npz(npz)
+        return dataclasses.replace(load_npz(npz), source=split)
     loader = DATASETS[dataset].torchvision_loader
     tried = [str(npz)]
     for download in (False, True):
         try:
-            return _as_split(*loader(root, split, download), f"{dataset} {split} from torchvision")
+            data = _as_split(*loader(root, split, download), f"{dataset} {split} from torchvision")
+            return dataclasses.replace(data, source=split)
         except (RuntimeError, OSError, FileNotFoundError) as exc:  # torchvision: missing files, no network
             tried.append(f"torchvision {'download into' if download else 'files in'} {root} ({type(exc).__name__})")
     raise DataError(
@@ -145,4 +164,36 @@ def subset(data: Split, n: int, *, seed: int | None = None) -> Split:
         idx = torch.arange(n)
     else:
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-    return Split(data.x[idx], data.y[idx])
+    return data.take(idx)
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """The train split cut in two: a pool that models may train on, and validation images none does."""
+
+    pool: Split
+    val: Split
+
+
+def carve_validation(train: Split, n_val: int, *, seed: int = VALIDATION_SEED) -> Holdout:
+    """Set `n_val` images of the train split aside for validation (a seeded, fixed choice).
+
+    The choice depends only on `seed` and the split's size, never on the run's own seed: searches,
+    confirm runs with new seeds and later studies all score on the same validation images, and
+    every training subset must be drawn from `pool`.
+
+    Args:
+        train: the whole train split (`source` "train").
+        n_val: validation images, 1 <= n_val < len(train).
+        seed: seed of the permutation (default `VALIDATION_SEED`).
+
+    Raises:
+        DataError: `n_val` leaves no training image or is below 1.
+    """
+    if not 1 <= n_val < len(train):
+        raise DataError(f"n_val={n_val} validation images out of a train split of {len(train)}; "
+                        f"accepted: 1..{len(train) - 1}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    val_rows, pool_rows = order[:n_val].sort().values, order[n_val:].sort().values
+    val = train.take(val_rows)
+    return Holdout(pool=train.take(pool_rows), val=dataclasses.replace(val, source="val"))

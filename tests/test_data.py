@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from atop.data import DataError, load_npz, load_split, resolve_data_dir, subset
+from atop.data import DataError, carve_validation, load_npz, load_split, resolve_data_dir, subset
 
 DATA_DIR = Path(os.environ.get("ATOP_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -54,3 +54,25 @@ def test_any_npz_and_malformed_npz(tmp_path):
         load_npz(tmp_path / "junk.npz")
     with pytest.raises(DataError, match="dataset='mnist' is unknown"):
         load_split("mnist", "test", tmp_path)
+
+
+def test_validation_is_carved_from_train_and_disjoint_from_what_trains():
+    train = load_split("cifar10", "train", DATA_DIR)
+    assert train.source == "train" and torch.equal(train.indices, torch.arange(len(train)))
+    held = carve_validation(train, 500)
+    assert held.val.source == "val" and len(held.val) == 500 and len(held.pool) == len(train) - 500
+    val_rows, pool_rows = set(held.val.indices.tolist()), set(held.pool.indices.tolist())
+    assert not val_rows & pool_rows and len(val_rows | pool_rows) == len(train)
+    assert torch.equal(held.val.x, train.x[held.val.indices])  # rows are what the indices say
+    # fixed per data set: the same images on every call, whatever seed the run itself uses
+    assert torch.equal(carve_validation(train, 500).val.indices, held.val.indices)
+    assert len(set(held.val.y.tolist())) == 10  # a class-mixed sample
+    picked = subset(held.pool, 300, seed=7)  # training subsets keep their provenance
+    assert picked.source == "train" and not set(picked.indices.tolist()) & val_rows
+
+
+def test_validation_size_out_of_range_is_one_line_error():
+    train = subset(load_split("cifar10", "test", DATA_DIR), 10)
+    for n in (0, 10, -1):
+        with pytest.raises(DataError, match=f"n_val={n} .*accepted: 1..9"):
+            carve_validation(train, n)
