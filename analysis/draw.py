@@ -23,6 +23,8 @@ from analysis.compute import CompareInfo, FrontInfo, Objective
 
 PALETTE = plt.get_cmap("tab10").colors
 MARGIN = 0.02
+#: narrowest axis range drawn (accuracy units): a front of near-equal points is not blown up
+MIN_SPAN = 0.05
 
 
 def axis_label(objective: Objective) -> str:
@@ -30,13 +32,29 @@ def axis_label(objective: Objective) -> str:
 
 
 def axis_limits(values: np.ndarray) -> tuple[float, float]:
-    """0..1 for fractions (all accuracies), so studies and figures compare at a glance;
-    otherwise the data range with a 5% margin."""
+    """The data range with a margin (at least ``MIN_SPAN`` wide), so that points are not crowded
+    into a corner; accuracies (fractions) never extend past their possible range [0, 1]."""
     lo, hi = float(np.min(values)), float(np.max(values))
-    if lo >= 0.0 and hi <= 1.0:
-        return -MARGIN, 1.0 + MARGIN
-    pad = 0.05 * (hi - lo or 1.0)
-    return lo - pad, hi + pad
+    span = max(hi - lo, MIN_SPAN)
+    mid = (lo + hi) / 2
+    lo, hi = mid - 0.6 * span, mid + 0.6 * span
+    if float(np.min(values)) >= 0.0 and float(np.max(values)) <= 1.0:
+        lo, hi = max(lo, -MARGIN), min(hi, 1.0 + MARGIN)
+    return lo, hi
+
+
+def mark_unit_range(ax, axis: str, values: np.ndarray) -> None:
+    """Where an accuracy axis is zoomed in, say so on the axis label (the full range is 0..1)."""
+    lo, hi = axis_limits(values)
+    if float(np.min(values)) >= 0.0 and float(np.max(values)) <= 1.0 and (lo > 0 or hi < 1):
+        label = getattr(ax, f"get_{axis}label")()
+        getattr(ax, f"set_{axis}label")(f"{label}\nzoomed to the data; full range 0..1")
+
+
+def duplicate_counts(points: np.ndarray) -> np.ndarray:
+    """For each row, how many rows have exactly the same objective vector (itself included)."""
+    _, inverse, counts = np.unique(points, axis=0, return_inverse=True, return_counts=True)
+    return counts[inverse.ravel()]
 
 
 def staircase(points: np.ndarray, maximise: np.ndarray) -> np.ndarray:
@@ -77,9 +95,20 @@ def _scatter_mpl(ax, info: FrontInfo, cols: list[int]) -> None:
             (mine & front, {"s": 55, "edgecolors": "black", "linewidths": 1.2}),
         ):
             ax.scatter(*info.points[sel][:, cols].T, color=colour, **kw)
+    # the knee as a ring around its point, so the point's own colour (its RT type) stays visible
     ax.scatter(
-        *info.points[knee, cols], marker="*", s=260, color="gold", edgecolors="black", zorder=5
+        *info.points[knee, cols], marker="o", s=260, facecolors="none", edgecolors="goldenrod",
+        linewidths=2.2, zorder=5,
     )
+    if len(cols) == 2:
+        # identical objective vectors draw as one marker: say how many runs stand there
+        counts = duplicate_counts(info.points[:, cols])
+        seen = set()
+        for i in np.flatnonzero(counts > 1):
+            key = tuple(info.points[i, cols])
+            if key not in seen:
+                seen.add(key)
+                ax.annotate(f"×{counts[i]}", key, xytext=(6, 6), textcoords="offset points", fontsize=8)
 
 
 def _legend_handles(info: FrontInfo) -> list:
@@ -102,13 +131,15 @@ def _legend_handles(info: FrontInfo) -> list:
             label="first Pareto front",
         )
     )
-    handles.append(Line2D([], [], ls="", marker="*", mfc="gold", mec="black", ms=15, label="knee"))
+    handles.append(
+        Line2D([], [], ls="", marker="o", mfc="none", mec="goldenrod", mew=2.2, ms=15, label="knee")
+    )
     return handles
 
 
 def front_pairs_png(info: FrontInfo, path: Path, title: str) -> None:
     """One panel per pair of objectives: every kept run coloured by RT type, the first front
-    (in all objectives) outlined in black, the knee as a star."""
+    (in all objectives) outlined in black, the knee ringed, runs at one point counted."""
     pairs = list(combinations(range(len(info.objectives)), 2))
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 5), squeeze=False)
     for ax, (i, j) in zip(axes[0], pairs):
@@ -117,9 +148,15 @@ def front_pairs_png(info: FrontInfo, path: Path, title: str) -> None:
         ax.set_ylabel(axis_label(info.objectives[j]))
         ax.set_xlim(axis_limits(info.points[:, i]))
         ax.set_ylim(axis_limits(info.points[:, j]))
+        mark_unit_range(ax, "x", info.points[:, i])
+        mark_unit_range(ax, "y", info.points[:, j])
         ax.grid(alpha=0.3)
     axes[0][-1].legend(handles=_legend_handles(info), loc="best", fontsize=8)
-    fig.suptitle(f"{title}: {info.on_front.sum()} of {len(info.points)} runs on the first front")
+    distinct = len(np.unique(info.points[info.on_front], axis=0))
+    fig.suptitle(
+        f"{title}: {info.on_front.sum()} of {len(info.points)} runs on the first front"
+        + (f" ({distinct} distinct points; ×k marks k runs at one point)" if distinct < info.on_front.sum() else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -208,7 +245,7 @@ def params_png(info: FrontInfo, path: Path, title: str) -> None:
         title="thick: first front",
         title_fontsize=8,
     )
-    ax.set_title(f"{title}: hyperparameters and objectives (each axis scaled to its range)")
+    ax.set_title(f"{title}: hyperparameters and objectives\n(each axis scaled to its own range)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -29,6 +29,7 @@ def render(
         Markdown text.
     """
     names = [o.name for o in info.objectives]
+    params = [p for p in info.params if p != "rt"]  # rt has its own column
     front = np.flatnonzero(info.on_front)
     knee = info.knee
     excluded = ", ".join(f"{n} {why}" for why, n in sorted(info.excluded.items())) or "none"
@@ -52,15 +53,20 @@ def render(
         "",
         "## First front",
         "",
-        "| trial | run id | rt | " + " | ".join(names) + " | HV contribution |",
-        "|---:|---|---|" + "---:|" * len(names) + "---:|",
+        "Hyperparameters are those that vary across the kept runs. Rows marked `= trial N` have",
+        "exactly the same objective values as trial N: the study cannot tell them apart.",
+        "",
+        "| trial | run id | rt | " + " | ".join([*names, *params]) + " | HV contribution | same as |",
+        "|---:|---|---|" + "---:|" * len(names) + "---|" * len(params) + "---:|---|",
     ]
     for i in front[np.argsort(-info.contributions[front], kind="stable")]:
         star = " (knee)" if i == knee else ""
-        values = " | ".join(f"{v:.4f}" for v in info.points[i])
+        values = " | ".join([*(f"{v:.4f}" for v in info.points[i]), *(info.params[p][i] for p in params)])
+        twins = [t for t in front if t != i and np.array_equal(info.points[t], info.points[i])]
+        same = ", ".join(f"= trial {info.trial_numbers[t]}" for t in twins)
         lines.append(
             f"| {info.trial_numbers[i]} | `{info.run_ids[i]}`{star} | {info.groups[i]} "
-            f"| {values} | {info.contributions[i]:.4g} |"
+            f"| {values} | {info.contributions[i]:.4g} | {same} |"
         )
     if cmp is not None:
         lines += _compare_section(cmp)
