@@ -120,3 +120,22 @@ def test_bad_arguments_are_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "--rows", "nope", "--out", str(tmp_path)],
                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown row" in proc.stderr
+
+
+def test_synthetic_trial_has_the_shape_the_sampler_rows_assume():
+    """More transform: less clean, more robust; a good lr beats a bad one; noise is 512-image binomial."""
+    import numpy as np
+
+    from bench.samplers import N_EVAL, hypervolume_trace, synthetic_objectives
+
+    base = {"rt": "rt2", "mask_ratio": 0.25, "noise_std": 0.1, "block_size": 4, "train_attack": "fgsm",
+            "train_norm": "linf", "train_eps": 8 / 255, "train_grad_path": "classifier", "lambda_ce": 0.1,
+            "lr": 1e-4}
+    mild, strong = synthetic_objectives(base), synthetic_objectives({**base, "noise_std": 0.4})
+    assert strong[0] < mild[0] and strong[1] > mild[1] and strong[2] > mild[2]
+    assert synthetic_objectives({**base, "lr": 1e-3})[0] < mild[0]
+    noisy = np.array([synthetic_objectives(base, np.random.default_rng(s)) for s in range(200)])
+    assert np.allclose(noisy.mean(0), mild, atol=0.01)
+    assert np.allclose(noisy * N_EVAL, np.round(noisy * N_EVAL))  # whole images
+    trace = hypervolume_trace("tpe", concurrency=4, n_trials=12, seed=0)
+    assert len(trace) == 12 and np.all(np.diff(trace) >= 0) and trace[-1] > 0
