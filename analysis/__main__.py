@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.compute import (
-    DEFAULT_OBJECTIVES,
     FrontInfo,
     Objective,
     analyse,
@@ -34,6 +33,7 @@ from analysis.draw import write_figures
 from analysis.errors import AnalysisError
 from analysis.load import load_study
 from analysis.report import render
+from tracking.contract import OBJECTIVES
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--objectives",
         nargs="+",
-        default=list(DEFAULT_OBJECTIVES),
+        default=list(OBJECTIVES),
         help="metric names, each optionally :min or :max (default: max)",
     )
     p.add_argument(

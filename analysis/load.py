@@ -26,12 +26,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from analysis.errors import AnalysisError
-
-ROLE_TAG = "atop.role"
-TRIAL_TAG = "optuna.trial_number"
-SPACE_TAG = "atop.space"
-STOPPED_TAG = "atop.stopped"
-STUDY_ROLE = "study"
+from tracking.contract import ROLE_TAG, SPACE_TAG, STOPPED_TAG, TRIAL_TAG, Role
 
 
 @dataclass(frozen=True)
@@ -114,7 +109,7 @@ def load_study(
     runs = _search_all(client, exp.experiment_id)
     rows = [_row(client, run, set(minimise)) for run in runs]
     rows.sort(key=lambda r: (r["trial_number"] is None, r["trial_number"] or 0, r["start_time"]))
-    parents = [r for r in rows if r["role"] == STUDY_ROLE]
+    parents = [r for r in rows if r["role"] == Role.STUDY.value]
     parent = max(parents, key=lambda r: r["start_time"])["run_id"] if parents else None
     metrics = sorted({k.removeprefix("final.") for r in rows for k in r if k.startswith("final.")})
     return Study(experiment, exp.experiment_id, parent, _to_table(rows), tuple(metrics))

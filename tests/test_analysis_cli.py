@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from analysis.__main__ import main
 from analysis.load import load_study
+from tracking.contract import OBJECTIVES
 
 REPO = Path(__file__).resolve().parents[1]
-OBJECTIVES = ("clean_acc", "robust_acc_seen", "robust_acc_unseen")
 
 
 def log_study(
