@@ -27,8 +27,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: import this checkout's packages (atop, study, ...)
     sys.path.insert(0, str(ROOT))
 
-from atop.cli import EXIT_BAD_INPUT, OneLineParser
+from atop.cli import OneLineParser, one_line_errors
 from atop.config import Config
 from atop.data import DataError, Split, load_split, resolve_data_dir, subset
 from atop.evaluate import LEVELS
@@ -76,6 +74,7 @@ from tracking.contract import (
     eval_level_note,
 )
 from tracking.mlflow_log import quiet_http
+from tracking.uri import TrackingURIError, check_tracking_uri
 from trainables.atop_trainable import StudyContext
 from trainables.faults import FAULT_ENV
 
@@ -129,27 +128,11 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
 
 
 def check_mlflow_uri(uri: str) -> None:
-    """A one-line `StudyError` unless the tracking URI is usable (http: /health answers in 5 s)."""
-    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    if scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
-                if response.status != 200:
-                    raise StudyError(f"--mlflow-uri {uri} answered HTTP {response.status} on /health")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise StudyError(f"--mlflow-uri {uri} is unreachable ({reason}); start the server or pass another URI")
-    elif scheme == "sqlite":
-        path = uri.split(":///", 1)[-1]
-        if not path.startswith("/"):
-            raise StudyError(f"--mlflow-uri {uri} is relative; accepted: an absolute sqlite:////abs/path.db "
-                             "(a trial's working directory is its own folder)")
-        if not Path(path).parent.is_dir():
-            raise StudyError(f"--mlflow-uri {uri}: folder {str(Path(path).parent)!r} does not exist")
-    elif scheme in ("file", "databricks"):
-        pass
-    else:
-        raise StudyError(f"--mlflow-uri {uri!r} has an unsupported scheme; accepted: http(s)://, sqlite:////, file:///")
+    """A one-line `StudyError` unless the study can write to the tracking URI (`tracking.uri`)."""
+    try:
+        check_tracking_uri(uri, existing_store=False)
+    except TrackingURIError as exc:
+        raise StudyError(str(exc)) from None
 
 
 def load_data(cfg: Config, data_dir: str | None):
@@ -520,17 +503,9 @@ def _fmt(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        plan = prepare(args)
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        return run(plan)
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    """The command: check every input, then run the study; bad input is one `error: ...` line, exit 2."""
+    args = build_parser().parse_args(argv)
+    return one_line_errors(lambda: run(prepare(args)), (StudyError,))
 
 
 if __name__ == "__main__":
