@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="settings file (YAML or JSON) merged over the preset")
     p.add_argument("--dataset", help="data set (config key `dataset`)")
     p.add_argument("--data-dir", help="folder with <dataset>_<split>.npz (default $ATOP_DATA_DIR)")
-    p.add_argument("--space", help="search space: paper, wide, tiny")
+    p.add_argument("--space", help=f"search space: {', '.join(SPACES)}")
     p.add_argument("--sampler", help=f"Optuna sampler: {', '.join(SAMPLERS)} (default nsga2)")
     p.add_argument("--num-trials", type=int, help="finished trials the study should have")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
@@ -487,7 +487,7 @@ def pareto_table(study, note: str | None = None) -> str:
     if not best:
         return "\n".join(["Pareto-optimal trials: none (no trial completed)", *tail])
     params = sorted({k for t in best for k in t.params})
-    head = ["trial", *OBJECTIVES, *params, "mlflow_run_id"]
+    head = ["trial", *OBJECTIVES, *params, ATTR_RUN_ID]
     rows = [[str(t.number), *(f"{v:.3f}" for v in t.values), *(_fmt(t.params.get(k, "-")) for k in params),
              t.user_attrs.get(ATTR_RUN_ID, "-")] for t in best]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]

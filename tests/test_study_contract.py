@@ -66,3 +66,23 @@ def test_analysis_imports_neither_torch_nor_ray():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_atop_evaluation_reports_every_objective_of_the_contract():
+    # atop/ writes the metric names itself (it imports nothing outside atop): check they agree.
+    import torch
+
+    from atop.config import Config
+    from atop.data import Split
+    from atop.defense import Defense
+    from atop.evaluate import evaluate
+    from atop.models import CLASSIFIERS, PURIFIERS
+    from atop.transforms import RandomTransform
+
+    cfg = Config.from_dict({"n_eval": 2, "batch_size": 2, "purifier_width": 4, "unseen_attacks": "fgsm_linf"})
+    torch.manual_seed(0)
+    defense = Defense(RandomTransform.from_config(cfg), PURIFIERS["unet"](4), CLASSIFIERS["small_cnn"](10), seed=0)
+    data = Split(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.tensor([1, 2]))
+    result = evaluate(defense.eval(), data, cfg, level="screen", steps=1, eot=1)
+    assert set(OBJECTIVES) <= set(result.metrics)
+    assert TrialSummary.of({**result.metrics, "epoch": 1}).values == tuple(result.metrics[m] for m in OBJECTIVES)

@@ -9,7 +9,7 @@ all trials (data, pre-trained weights, MLflow coordinates) arrives once through 
 Per epoch: `tune.report(metrics, checkpoint=...)` and the same metrics to MLflow (step = epoch).
 A restarted trial (Ray `FailureConfig`) resumes from its last Tune checkpoint and logs to the same
 MLflow run. Failures that a retry cannot fix (NaN loss, bad config, bad checkpoint) end the trial
-with a result carrying `atop_failed=1` and `atop_error` (`tracking.contract`) instead of raising, so Tune does not retry
+with a result carrying `atop_failed=1` and `atop_error` instead of raising, so Tune does not retry
 them; anything else raises and is retried from the last checkpoint.
 
 The names exchanged with the driver and MLflow are in `tracking.contract`; the artifacts are made
