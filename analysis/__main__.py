@@ -17,13 +17,11 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.compute import (
-    DEFAULT_OBJECTIVES,
     FrontInfo,
     Objective,
     analyse,
@@ -34,21 +32,12 @@ from analysis.draw import write_figures
 from analysis.errors import AnalysisError
 from analysis.load import load_study
 from analysis.report import render
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """A bad command line is one `error: ...` line and exit 2, like every other error here.
-
-    (atop.cli has the same class; importing it here would pull torch into the analysis CLI.)
-    """
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+from atop.cli import OneLineParser, one_line_errors
+from tracking.contract import OBJECTIVES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _OneLineParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     p.add_argument(
         "--mlflow-uri", required=True, help="tracking URI: http(s)://, sqlite:///, file:"
     )
@@ -57,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--objectives",
         nargs="+",
-        default=list(DEFAULT_OBJECTIVES),
+        default=list(OBJECTIVES),
         help="metric names, each optionally :min or :max (default: max)",
     )
     p.add_argument(
@@ -156,13 +145,12 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input)."""
     args = parse_args(argv)
-    try:
-        out = run(args)
-    except AnalysisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+
+    def body() -> int:
+        print(f"wrote {run(args)}")
+        return 0
+
+    return one_line_errors(body, (AnalysisError,))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import pyarrow as pa
 
 from analysis.errors import AnalysisError
 
-DEFAULT_OBJECTIVES = ("clean_acc", "robust_acc_seen", "robust_acc_unseen")
 GROUP_PARAM = "rt"
 # A param with more distinct text values than this (run names, paths) is not drawn as an axis.
 MAX_CATEGORIES = 12

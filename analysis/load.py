@@ -14,9 +14,6 @@ Columns of the table (also those of ``runs.parquet``):
 
 from __future__ import annotations
 
-import os
-import urllib.error
-import urllib.request
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,12 +23,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from analysis.errors import AnalysisError
-
-ROLE_TAG = "atop.role"
-TRIAL_TAG = "optuna.trial_number"
-SPACE_TAG = "atop.space"
-STOPPED_TAG = "atop.stopped"
-STUDY_ROLE = "study"
+from tracking.contract import ROLE_TAG, SPACE_TAG, STOPPED_TAG, TRIAL_TAG, Role
+from tracking.uri import TrackingURIError, check_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -54,45 +47,13 @@ class Study:
     metric_names: tuple[str, ...]
 
 
-def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast when a tracking URI cannot work, instead of waiting on MLflow's retries.
-
-    Args:
-        uri: An ``http(s)://`` server, a ``sqlite:///`` database, or a ``file:`` / plain path.
-        timeout_s: How long to wait for an HTTP server's ``/health`` answer, in seconds.
-
-    Raises:
-        AnalysisError: The server does not answer, or the database file or directory is missing
-            (MLflow would silently create an empty store there).
-    """
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
-                return
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise AnalysisError(
-                f"tracking URI {uri!r} is unreachable ({reason}); start the MLflow server or "
-                "pass an existing sqlite:///PATH or file: store"
-            ) from None
-    if uri.startswith("sqlite:///"):
-        path = uri.removeprefix("sqlite:///")
-        if not os.path.isfile(path):
-            raise AnalysisError(f"tracking URI {uri!r}: no MLflow database at {path!r}")
-        return
-    if "://" not in uri or uri.startswith("file:"):
-        path = uri.removeprefix("file://").removeprefix("file:")
-        if not os.path.isdir(path):
-            raise AnalysisError(f"tracking URI {uri!r}: no MLflow store directory at {path!r}")
-
-
 def load_study(
     uri: str, experiment: str, minimise: Collection[str] = (), timeout_s: float = 5.0
 ) -> Study:
     """Read every active run of one experiment.
 
     Args:
-        uri: MLflow tracking URI (checked first with :func:`check_tracking_uri`).
+        uri: MLflow tracking URI (checked first with :func:`tracking.uri.check_tracking_uri`).
         experiment: Experiment name (one experiment per study).
         minimise: Metric names whose ``best.`` value is their minimum (besides ``loss...``).
         timeout_s: Timeout of the reachability check, in seconds.
@@ -103,7 +64,10 @@ def load_study(
     Raises:
         AnalysisError: The URI is unreachable or the experiment does not exist.
     """
-    check_tracking_uri(uri, timeout_s)
+    try:
+        check_tracking_uri(uri, existing_store=True, timeout_s=timeout_s)
+    except TrackingURIError as exc:
+        raise AnalysisError(str(exc)) from None
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -114,7 +78,7 @@ def load_study(
     runs = _search_all(client, exp.experiment_id)
     rows = [_row(client, run, set(minimise)) for run in runs]
     rows.sort(key=lambda r: (r["trial_number"] is None, r["trial_number"] or 0, r["start_time"]))
-    parents = [r for r in rows if r["role"] == STUDY_ROLE]
+    parents = [r for r in rows if r["role"] == Role.STUDY.value]
     parent = max(parents, key=lambda r: r["start_time"])["run_id"] if parents else None
     metrics = sorted({k.removeprefix("final.") for r in rows for k in r if k.startswith("final.")})
     return Study(experiment, exp.experiment_id, parent, _to_table(rows), tuple(metrics))

@@ -15,7 +15,6 @@ import hashlib
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch import nn
 from atop.config import Config, ConfigError
 from atop.data import DATASETS
 from atop.defense import Defense
+from atop.io import atomic_write
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
 from atop.transforms import RandomTransform
 
@@ -65,18 +65,7 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, cfg: Config, classifi
         blob["discriminator"] = {"state_dict": _cpu_state(discriminator)}
     if optimizers:
         blob["optimizers"] = optimizers
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(blob, f))
 
 
 def load_checkpoint(source: str | os.PathLike | bytes, *, kind: str | None = None) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""What every command-line entry point of the project shares."""
+"""What every command-line entry point of the project shares (imports no torch: `analysis` uses it)."""
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
@@ -14,3 +15,18 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def one_line_errors(body: Callable[[], int], errors: tuple[type[Exception], ...]) -> int:
+    """Run a CLI's body; one of the expected `errors` becomes one `error: ...` line on stderr and
+    exit status `EXIT_BAD_INPUT` (anything else is a bug and keeps its traceback).
+
+    Args:
+        body: the command's work; returns its exit status.
+        errors: the exception types that mean bad input (their message is the one line).
+    """
+    try:
+        return body()
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT

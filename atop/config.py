@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 class RTType(str, enum.Enum):
-    """Random transform families of the AToP paper (see `atop.transforms`)."""
+    """Random transform families of the AToP paper; each has an entry in `atop.transforms.TRANSFORMS`."""
 
     RT1 = "rt1"  # random mask
     RT2 = "rt2"  # Gaussian noise, then random mask

@@ -1,5 +1,9 @@
 """Random transforms (RT1, RT2, RT3) that destroy adversarial perturbations before purification.
 
+`TRANSFORMS` maps each RT name (`atop.config.RTType`) to its `RTSpec`: whether it adds noise,
+how it draws its hole masks, and which config fields it reads. Adding an RT is one enum member
+and one entry here; search spaces that name their RT list explicitly (`paper`) stay unchanged.
+
 A transform turns a batch of N images into K*N transformed views plus their hole masks (1 = pixel
 removed), so the purifier fills all views in one batched forward; `combine` turns the K*N purified
 views back into N images. RT1 and RT2 have K = 1; RT3 has K = `num_masks` disjoint masks that
@@ -7,6 +11,9 @@ together cover the image, and keeps from each view only the pixels that view had
 (x_hat = sum_k m_k * g(t_k(x))). All randomness comes from the `torch.Generator` passed in.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,14 +49,59 @@ def random_block_mask(n: int, height: int, width: int, block_size: int, ratio: f
     return holes.repeat_interleave(block_size, dim=-2).repeat_interleave(block_size, dim=-1)[..., :height, :width]
 
 
+#: (transform, n, height, width, generator, device) -> hole masks (views*n, 1, height, width)
+HoleFn = Callable[["RandomTransform", int, int, int, torch.Generator, torch.device], torch.Tensor]
+
+
+def _one_mask(t: RandomTransform, n: int, h: int, w: int, generator: torch.Generator,
+              device: torch.device) -> torch.Tensor:
+    return random_block_mask(n, h, w, t.block_size, t.mask_ratio, generator, device)
+
+
+def _partition(t: RandomTransform, n: int, h: int, w: int, generator: torch.Generator,
+               device: torch.device) -> torch.Tensor:
+    return block_masks(n, h, w, t.block_size, t.views, generator, device).flatten(0, 1)
+
+
+@dataclass(frozen=True)
+class RTSpec:
+    """One RT family.
+
+    Attributes:
+        noise: adds Gaussian noise (`noise_std`) before masking.
+        multi_view: makes `num_masks` views whose masks partition the image (each view inpainted,
+            `RandomTransform.combine` keeps the pixels each view filled); else one view.
+        holes: draws the hole masks of all views.
+        params: the config fields it reads (what a search space may suggest for it).
+        doc: one line.
+    """
+
+    noise: bool
+    multi_view: bool
+    holes: HoleFn
+    params: tuple[str, ...]
+    doc: str
+
+
+#: RT name -> spec; the keys are the values of `atop.config.RTType`
+TRANSFORMS: dict[str, RTSpec] = {
+    RTType.RT1.value: RTSpec(False, False, _one_mask, ("mask_ratio", "block_size"), "random mask"),
+    RTType.RT2.value: RTSpec(True, False, _one_mask, ("mask_ratio", "noise_std", "block_size"),
+                             "Gaussian noise, then a random mask"),
+    RTType.RT3.value: RTSpec(True, True, _partition, ("noise_std", "num_masks", "block_size"),
+                             "noise, then disjoint masks covering the image, each inpainted"),
+}
+
+
 class RandomTransform(nn.Module):
     """One RT family with its parameters; no learnable weights."""
 
     def __init__(self, rt: RTType, *, mask_ratio: float, block_size: int, noise_std: float, num_masks: int):
         super().__init__()
         self.rt, self.mask_ratio, self.block_size = RTType(rt), mask_ratio, block_size
-        self.noise_std = noise_std if self.rt in (RTType.RT2, RTType.RT3) else 0.0
-        self.views = num_masks if self.rt is RTType.RT3 else 1
+        self.spec = TRANSFORMS[self.rt.value]
+        self.noise_std = noise_std if self.spec.noise else 0.0
+        self.views = num_masks if self.spec.multi_view else 1
 
     @classmethod
     def from_config(cls, cfg: Config) -> RandomTransform:
@@ -67,16 +119,14 @@ class RandomTransform(nn.Module):
         if self.noise_std > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = (x + self.noise_std * noise).clamp(0.0, 1.0)
-        if self.rt is RTType.RT3:
-            holes = block_masks(n, h, w, self.block_size, self.views, generator, x.device).flatten(0, 1)
+        holes = self.spec.holes(self, n, h, w, generator, x.device).to(x.dtype)
+        if self.views > 1:
             x = x.repeat(self.views, 1, 1, 1)
-        else:
-            holes = random_block_mask(n, h, w, self.block_size, self.mask_ratio, generator, x.device)
-        holes = holes.to(x.dtype)
         return x * (1 - holes), holes
 
     def combine(self, purified: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:
-        """Purified views (K*N, ...) back to N images; RT3 takes each pixel from the view that filled it."""
+        """Purified views (K*N, ...) back to N images; a multi-view RT (RT3) takes each pixel from the
+        view that filled it."""
         if self.views == 1:
             return purified
         k = self.views

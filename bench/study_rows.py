@@ -1,6 +1,6 @@
 """Study-level bench rows: efficiency and overhead, memory per concurrent trial, time to hypervolume.
 
-Each row runs small real studies in this process (`study.run.prepare` + `study.run.run`: Ray
+Each row runs small real studies in this process (`study.run.prepare` -> `StudyPlan` -> `study.run.run`: Ray
 started in-process, MLflow sqlite, real CIFAR-10 from `--data-dir` or $ATOP_DATA_DIR) and returns
 `bench.core.Result`s. Studies are shared between rows of one bench run (the `none` study at
 concurrency 2 serves all three rows), and pre-training runs once: its files are copied into every
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench.core import Context, Result, row
+from tracking.contract import COMPUTE_S
 
 #: studies already run in this process, by their settings (rows share them)
 _RUNS: dict[tuple, StudyRun] = {}
@@ -148,10 +149,10 @@ def run_study(*, preset: str, num_trials: int, epochs: int, max_concurrent: int,
         path = work / f"{name}.json"
         path.write_text(json.dumps(settings))
         argv += ["--config", str(path)]
-    p = prepare(build_parser().parse_args(argv))
+    plan = prepare(build_parser().parse_args(argv))
     cache = work / "pretrained"
     if cache.is_dir():  # pre-training is not what these rows measure: reuse the first study's files
-        shutil.copytree(cache, p["folder"] / "pretrained")
+        shutil.copytree(cache, plan.folder / "pretrained")
     sampler = _MemorySampler() if sample_memory else None
     out = io.StringIO()
     started = time.perf_counter()
@@ -159,7 +160,7 @@ def run_study(*, preset: str, num_trials: int, epochs: int, max_concurrent: int,
         if sampler:
             sampler.start()
         with contextlib.redirect_stdout(out):
-            run(p, resume=False)
+            run(plan)
     finally:
         driver_s = time.perf_counter() - started
         if sampler:
@@ -167,13 +168,12 @@ def run_study(*, preset: str, num_trials: int, epochs: int, max_concurrent: int,
             sampler.join()
         ray.shutdown()
     if not cache.is_dir():
-        shutil.copytree(p["folder"] / "pretrained", cache)
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{p['folder'] / 'optuna.db'}")
-    train, test = p["train"], p["test"]
-    cfg = p["cfg"]
+        shutil.copytree(plan.folder / "pretrained", cache)
+    study = optuna.load_study(study_name=name, storage=plan.optuna_url)
+    train, test, cfg = plan.train, plan.test, plan.cfg
     per_image = train.x[0].numel() * train.x.element_size() + train.y.element_size()
     result = StudyRun(
-        name=name, folder=p["folder"], scheduler=scheduler, max_concurrent=max_concurrent, trials=study.trials,
+        name=name, folder=plan.folder, scheduler=scheduler, max_concurrent=max_concurrent, trials=study.trials,
         driver_s=driver_s, data_bytes=_nbytes(train) + _nbytes(test),
         shared_bytes=per_image * ((cfg.n_train or len(train)) + cfg.n_eval), log=out.getvalue())
     if sampler:
@@ -201,7 +201,7 @@ def efficiency_rows(ctx: Context) -> list[Result]:
     """
     s = _sizes(ctx.quick)
     r = run_study(**s, max_concurrent=2, data_dir=_data_dir(ctx), sample_memory=True)
-    compute = [float(t.user_attrs.get("compute_s", 0.0)) for t in r.trials]
+    compute = [float(t.user_attrs.get(COMPUTE_S, 0.0)) for t in r.trials]
     lifetimes = [(t.datetime_complete - t.datetime_start).total_seconds() for t in r.trials]
     wall = r.trial_phase_s
     eff = sum(compute) / (wall * r.max_concurrent)

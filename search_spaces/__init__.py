@@ -34,4 +34,34 @@ def _space(name: str, module: ModuleType) -> Space:
 #: name -> space; `study/run.py --space NAME` picks one
 SPACES: dict[str, Space] = {name: _space(name, m) for name, m in (("paper", paper), ("wide", wide), ("tiny", tiny))}
 
-__all__ = ["SPACES", "Space"]
+
+def searched_names(space: Space) -> set[str]:
+    """Every parameter name `space` can suggest, found by running it (never by reading its source).
+
+    One probe per branch: a first trial samples every parameter it meets; then, for each choice of
+    each categorical parameter met so far, a trial with that choice fixed (`enqueue_trial`) runs
+    the space again, so parameters suggested only under that choice are met too. Parameters that
+    appear only under a combination of two categorical choices would need a probe per combination.
+    In-memory storage, random sampling: milliseconds, nothing written.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    probes = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    names: set[str] = set()
+    done: set[tuple[str, Any]] = set()
+    todo: list[dict[str, Any]] = [{}]
+    while todo:
+        probes.enqueue_trial(todo.pop(), skip_if_exists=False)
+        trial = probes.ask()
+        space.suggest(trial)
+        names |= trial.distributions.keys()
+        for name, dist in trial.distributions.items():
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                for choice in dist.choices:
+                    if (name, choice) not in done:
+                        done.add((name, choice))
+                        todo.append({name: choice})
+        probes.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return names
+
+
+__all__ = ["SPACES", "Space", "searched_names"]

@@ -8,12 +8,12 @@ from typing import Any
 
 import optuna
 
-from atop.config import RTType
 from search_spaces.paper import FIXED as PAPER_FIXED
+from search_spaces.paper import RTS
 
 FIXED: dict[str, Any] = dict(PAPER_FIXED)
 
 
 def suggest(trial: optuna.trial.BaseTrial) -> dict[str, Any]:
-    return {"rt": trial.suggest_categorical("rt", [rt.value for rt in RTType]),
+    return {"rt": trial.suggest_categorical("rt", list(RTS)),
             "lambda_ce": trial.suggest_float("lambda_ce", 0.01, 1.0, log=True)}

@@ -1,7 +1,8 @@
 """Everything the method exposes: RT and its parameters, training attack, loss weights, warm-up, lr.
 
-Conditional parameters only where they apply: `mask_ratio` for RT1/RT2 (RT3's masks partition the
-image), `noise_std` for RT2/RT3, `num_masks` for RT3, `train_steps` and random start for PGD,
+The RT choices are every entry of `atop.transforms.TRANSFORMS` (a new RT joins this space; a wide
+study started before it cannot be resumed after it). Conditional parameters only where they apply
+(`RTSpec.params`): `mask_ratio` for RT1/RT2 (RT3's masks partition the image), `noise_std` for RT2/RT3, `num_masks` for RT3, `train_steps` and random start for PGD,
 `train_eot` when the attack's gradient passes the random defense. The eps range follows the norm
 (l-inf on the [0,1] pixel scale, l2 as a norm); both are log-uniform so that Optuna sees one
 compatible distribution for `train_eps` whatever the norm.
@@ -12,7 +13,8 @@ from typing import Any
 
 import optuna
 
-from atop.config import GradPath, L1Target, Norm, RTType, TrainAttack
+from atop.config import GradPath, L1Target, Norm, TrainAttack
+from atop.transforms import TRANSFORMS
 
 FIXED: dict[str, Any] = {"beta1": 0.5, "beta2": 0.999}
 
@@ -22,12 +24,13 @@ EPS_RANGE = {Norm.LINF.value: (2 / 255, 16 / 255), Norm.L2.value: (0.125, 1.0)}
 
 def suggest(trial: optuna.trial.BaseTrial) -> dict[str, Any]:
     p: dict[str, Any] = {}
-    p["rt"] = trial.suggest_categorical("rt", [rt.value for rt in RTType])
-    if p["rt"] in (RTType.RT1.value, RTType.RT2.value):
+    p["rt"] = trial.suggest_categorical("rt", list(TRANSFORMS))
+    rt_params = TRANSFORMS[p["rt"]].params
+    if "mask_ratio" in rt_params:
         p["mask_ratio"] = trial.suggest_float("mask_ratio", 0.1, 0.6)
-    if p["rt"] in (RTType.RT2.value, RTType.RT3.value):
+    if "noise_std" in rt_params:
         p["noise_std"] = trial.suggest_float("noise_std", 0.05, 0.5)
-    if p["rt"] == RTType.RT3.value:
+    if "num_masks" in rt_params:
         p["num_masks"] = trial.suggest_int("num_masks", 2, 8)
     p["block_size"] = trial.suggest_categorical("block_size", [2, 4, 8])
 

@@ -5,13 +5,13 @@ resumed study with the same settings reuses them. Trials receive the bytes throu
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from atop.config import Config
 from atop.data import Split
+from atop.io import atomic_write_bytes
 from atop.pretrain import PretrainSettings, ensure_pretrained, pretrain_key
 
 
@@ -47,9 +47,6 @@ def pretrain_once(cfg: Config, settings: PretrainSettings, train: Split, folder:
     log(f"pre-training the classifier and purifier once for the study ({threads} CPU threads"
         f"{', 1 GPU' if gpus > 0 else ''})")
     clf_bytes, pur_bytes = ray.get(task.remote(cfg.to_dict(), settings, train, gpus > 0, threads))
-    folder.mkdir(parents=True, exist_ok=True)
     for path, data in ((clf_path, clf_bytes), (pur_path, pur_bytes)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     return clf_path, pur_path

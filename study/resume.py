@@ -12,7 +12,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from trainables import tracking
+from tracking import mlflow_log
+from tracking.contract import ATTR_INTERRUPTED, ATTR_RERUN_OF, INTERRUPTED_TAG, SPACE_TAG
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
@@ -23,30 +24,30 @@ def settle_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage
     """Settle trials and runs a killed driver left RUNNING; returns how many trials were interrupted."""
     interrupted = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        storage.set_trial_user_attr(trial._trial_id, ATTR_INTERRUPTED, True)
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         if trial.params:
-            study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number}, skip_if_exists=False)
+            study.enqueue_trial(trial.params, user_attrs={ATTR_RERUN_OF: trial.number}, skip_if_exists=False)
         interrupted += 1
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    runs = tracking.trial_runs(mlflow_uri, experiment_id, parent_run_id)
-    client = tracking.client(mlflow_uri)
-    space = client.get_run(parent_run_id).data.tags.get(tracking.SPACE_TAG, "")
+    runs = mlflow_log.trial_runs(mlflow_uri, experiment_id, parent_run_id)
+    client = mlflow_log.client(mlflow_uri)
+    space = client.get_run(parent_run_id).data.tags.get(SPACE_TAG, "")
     for trial in study.get_trials(deepcopy=False):
         # killed between `study.ask()` and the creation of its run: give it one, so that every Optuna
         # trial has exactly one MLflow child run (ended KILLED below)
-        if trial.user_attrs.get("interrupted") and trial.number not in runs:
-            run_id = tracking.create_trial_run(mlflow_uri, experiment_id, parent_run_id, trial.number, space, {})
+        if trial.user_attrs.get(ATTR_INTERRUPTED) and trial.number not in runs:
+            run_id = mlflow_log.create_trial_run(mlflow_uri, experiment_id, parent_run_id, trial.number, space, {})
             runs[trial.number] = client.get_run(run_id)
     for number, run in runs.items():
         if run.info.status not in ("RUNNING", "SCHEDULED"):
             continue
         state = states.get(number)
         trial_attrs = study.trials[number].user_attrs if number < len(study.trials) else {}
-        if state in MLFLOW_STATUS and not trial_attrs.get("interrupted"):
+        if state in MLFLOW_STATUS and not trial_attrs.get(ATTR_INTERRUPTED):
             client.set_terminated(run.info.run_id, MLFLOW_STATUS[state])
         else:
-            client.set_tag(run.info.run_id, "atop.interrupted", "true")
+            client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")
             client.set_terminated(run.info.run_id, "KILLED")
     if interrupted:
         log(f"resume: {interrupted} trial(s) interrupted by the last driver marked FAIL/KILLED and re-enqueued")
@@ -55,7 +56,7 @@ def settle_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage
 
 def finished_count(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED_STATES)
-               if not t.user_attrs.get("interrupted"))
+               if not t.user_attrs.get(ATTR_INTERRUPTED))
 
 
 def counts(study: optuna.Study) -> dict[str, Any]:

@@ -27,8 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,31 +35,54 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: import this checkout's packages (atop, study, ...)
     sys.path.insert(0, str(ROOT))
 
+from atop.cli import OneLineParser, one_line_errors
 from atop.config import Config
-from atop.data import DataError, load_split, resolve_data_dir, subset
+from atop.data import DataError, Split, load_split, resolve_data_dir, subset
+from atop.evaluate import LEVELS
+from atop.io import atomic_write_text
+from search_spaces import SPACES
+from study.pretrained import pretrain_once
+from study.resume import counts, finished_count, settle_interrupted
 from study.settings import (
     NAME_RE,
-    OBJECTIVES,
     SAMPLERS,
     StudyError,
     StudySettings,
     load_preset,
+    make_sampler,
     merge,
     presets,
     read_file,
 )
-from trainables.atop_trainable import FAULT_ENV, TRIAL_NUMBER
+from tracking import mlflow_log
+from tracking.contract import (
+    ATTR_RUN_ID,
+    DIRECTIONS,
+    DRIVER_WALL_S,
+    ERROR_TAG,
+    EVAL_LEVEL_TAG,
+    OBJECTIVES,
+    OPTUNA_STATE_TAG,
+    PARETO_ARTIFACT,
+    PRETRAINED_TAG,
+    SPACE_TAG,
+    STOPPED_TAG,
+    STUDY_TAG,
+    TRIAL_COUNT_METRIC,
+    TRIAL_NUMBER,
+    TrialSummary,
+    eval_level_note,
+)
+from tracking.mlflow_log import quiet_http
+from tracking.uri import TrackingURIError, check_tracking_uri
+from trainables.atop_trainable import StudyContext
+from trainables.faults import FAULT_ENV
 
-EXIT_BAD_INPUT = 2
 #: flags that shape the study itself; on --resume they must match what the study was started with
 SHAPING = ("space", "sampler", "population_size", "config", "pretrain")
 #: early-stopping flags; a resumed study may change them
 SCHEDULING = ("scheduler", "grace_period", "reduction_factor")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints usage + message; we print one line
-        raise StudyError(message)
+STUDY_FILE = "study.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="settings file (YAML or JSON) merged over the preset")
     p.add_argument("--dataset", help="data set (config key `dataset`)")
     p.add_argument("--data-dir", help="folder with <dataset>_<split>.npz (default $ATOP_DATA_DIR)")
-    p.add_argument("--space", help="search space: paper, wide, tiny")
+    p.add_argument("--space", help=f"search space: {', '.join(SPACES)}")
     p.add_argument("--sampler", help=f"Optuna sampler: {', '.join(SAMPLERS)} (default nsga2)")
     p.add_argument("--num-trials", type=int, help="finished trials the study should have")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
@@ -106,27 +128,11 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
 
 
 def check_mlflow_uri(uri: str) -> None:
-    """A one-line `StudyError` unless the tracking URI is usable (http: /health answers in 5 s)."""
-    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    if scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
-                if response.status != 200:
-                    raise StudyError(f"--mlflow-uri {uri} answered HTTP {response.status} on /health")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise StudyError(f"--mlflow-uri {uri} is unreachable ({reason}); start the server or pass another URI")
-    elif scheme == "sqlite":
-        path = uri.split(":///", 1)[-1]
-        if not path.startswith("/"):
-            raise StudyError(f"--mlflow-uri {uri} is relative; accepted: an absolute sqlite:////abs/path.db "
-                             "(a trial's working directory is its own folder)")
-        if not Path(path).parent.is_dir():
-            raise StudyError(f"--mlflow-uri {uri}: folder {str(Path(path).parent)!r} does not exist")
-    elif scheme in ("file", "databricks"):
-        pass
-    else:
-        raise StudyError(f"--mlflow-uri {uri!r} has an unsupported scheme; accepted: http(s)://, sqlite:////, file:///")
+    """A one-line `StudyError` unless the study can write to the tracking URI (`tracking.uri`)."""
+    try:
+        check_tracking_uri(uri, existing_store=False)
+    except TrackingURIError as exc:
+        raise StudyError(str(exc)) from None
 
 
 def load_data(cfg: Config, data_dir: str | None):
@@ -162,19 +168,6 @@ def run_tags() -> dict[str, str]:
             "numpy": numpy.__version__, "host": platform.node()}
 
 
-def make_sampler(name: str, seed: int, population_size: int, n_existing: int):
-    import optuna
-
-    seed = seed + n_existing  # a resumed random stream must not repeat the draws already made
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
 def make_scheduler(settings: StudySettings, epochs: int):
     """The Tune scheduler of `--scheduler`: None (run every trial to its last epoch) or MO-ASHA."""
     if settings.scheduler == "mo-asha":
@@ -202,7 +195,7 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float) -> None:
 
     if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
         # A cluster's workers get the raylet's environment, not this driver's: the test-only fault
-        # hook (trainables.atop_trainable.FAULT_ENV) must travel in the job's runtime env.
+        # hook (trainables.faults.FAULT_ENV) must travel in the job's runtime env.
         fault = os.environ.get(FAULT_ENV)
         ray.init(log_to_driver=True, **({"runtime_env": {"env_vars": {FAULT_ENV: fault}}} if fault else {}))
     else:  # embedded: a local Ray bound to 127.0.0.1, workers importing this checkout
@@ -216,10 +209,54 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float) -> None:
                          f"has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU")
 
 
-# --- the study --------------------------------------------------------------------------------------------
+# --- the study: resolve settings -> open the study -> data and weights -> search -> settle -> report --------
 
-def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """Validate all input; returns what `run` needs. Creates nothing."""
+@dataclass(frozen=True)
+class StudyPlan:
+    """Everything a study run needs, checked by `prepare` before anything is created.
+
+    Attributes:
+        settings: the resolved study settings (preset, file, flags; or the saved ones on resume).
+        name: the study name (Optuna study, MLflow experiment and folder name).
+        folder: `<storage-path>/<name>`: optuna.db, study.json, pretrained/, spool/, Tune results.
+        mlflow_uri: the tracking URI (checked when given or on resume).
+        data_dir: the data folder as resolved (None: `$ATOP_DATA_DIR` or atop's default).
+        cfg: the config every trial starts from (`StudySettings.base_config()`).
+        train, test: the whole train and test splits as loaded.
+        resume: continue the study in `folder` instead of creating it.
+    """
+
+    settings: StudySettings
+    name: str
+    folder: Path
+    mlflow_uri: str
+    data_dir: str | None
+    cfg: Config
+    train: Split
+    test: Split
+    resume: bool = False
+
+    @property
+    def optuna_url(self) -> str:
+        return f"sqlite:///{self.folder / 'optuna.db'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.folder / "spool"
+
+
+@dataclass(frozen=True)
+class OpenStudy:
+    """The study's records once opened: the Optuna study and its MLflow experiment and parent run."""
+
+    study: Any  # optuna.Study (optuna is imported after Ray's loopback setting)
+    experiment_id: str
+    parent_id: str
+    tags: dict[str, str]  # reproducibility tags every run of this driver gets
+
+
+def prepare(args: argparse.Namespace) -> StudyPlan:
+    """Resolve and check all input (settings, name, folder, MLflow URI, data); creates nothing."""
     if args.resume and not args.study_name:
         raise StudyError("--resume needs --study-name NAME (the study to continue)")
     storage_path = Path(args.storage_path).expanduser().resolve()
@@ -227,25 +264,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     if not NAME_RE.match(name):
         raise StudyError(f"--study-name {name!r} is invalid; accepted: letters, digits, '.', '_', '-' (max 100)")
     folder = storage_path / name
-    saved_file = folder / "study.json"
     if args.resume:
-        if not saved_file.is_file():
-            raise StudyError(f"--resume: no study {name!r} in {storage_path} ({saved_file} is missing)")
-        saved = json.loads(saved_file.read_text())
-        settings = StudySettings(**saved["settings"])
-        explicit = resolve_settings(args) if (args.preset or args.config) else None
-        for key in SHAPING:
-            if explicit is not None and getattr(explicit, key) != getattr(settings, key):
-                raise StudyError(f"--resume cannot change {key!r} of study {name!r}; drop --preset/--config")
-        override = {k: getattr(args, k) for k in ("num_trials", "max_concurrent", "cpus", "gpus", "max_failures",
-                                                  *SCHEDULING) if getattr(args, k) is not None}
-        for flag in ("space", "sampler", "dataset", "epochs", "seed"):
-            if getattr(args, flag) is not None:
-                raise StudyError(f"--resume cannot change --{flag} of study {name!r}")
-        settings = merge(settings, override, "the command line")
-        settings.validate()
-        mlflow_uri = args.mlflow_uri or saved["mlflow_uri"]
-        data_dir = args.data_dir or saved.get("data_dir")
+        settings, mlflow_uri, data_dir = _resumed_settings(args, name, storage_path, folder / STUDY_FILE)
     else:
         if folder.exists():
             raise StudyError(f"study folder {str(folder)!r} exists; pass --resume to continue it or another --study-name")
@@ -258,133 +278,187 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         check_mlflow_uri(mlflow_uri)
     cfg = settings.base_config()
     train, test = load_data(cfg, data_dir or args.data_dir)
-    return {"settings": settings, "name": name, "folder": folder, "mlflow_uri": mlflow_uri, "data_dir": data_dir,
-            "cfg": cfg, "train": train, "test": test}
+    return StudyPlan(settings=settings, name=name, folder=folder, mlflow_uri=mlflow_uri, data_dir=data_dir,
+                     cfg=cfg, train=train, test=test, resume=bool(args.resume))
 
 
-def run(p: dict[str, Any], resume: bool) -> int:
-    loopback_ray()
-    import optuna
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
+def _resumed_settings(args: argparse.Namespace, name: str, storage_path: Path,
+                      saved_file: Path) -> tuple[StudySettings, str, str | None]:
+    """(settings, MLflow URI, data dir) of a study to resume: saved ones, some flags over them."""
+    if not saved_file.is_file():
+        raise StudyError(f"--resume: no study {name!r} in {storage_path} ({saved_file} is missing)")
+    saved = json.loads(saved_file.read_text())
+    settings = StudySettings(**saved["settings"])
+    explicit = resolve_settings(args) if (args.preset or args.config) else None
+    for key in SHAPING:
+        if explicit is not None and getattr(explicit, key) != getattr(settings, key):
+            raise StudyError(f"--resume cannot change {key!r} of study {name!r}; drop --preset/--config")
+    override = {k: getattr(args, k) for k in ("num_trials", "max_concurrent", "cpus", "gpus", "max_failures",
+                                              *SCHEDULING) if getattr(args, k) is not None}
+    for flag in ("space", "sampler", "dataset", "epochs", "seed"):
+        if getattr(args, flag) is not None:
+            raise StudyError(f"--resume cannot change --{flag} of study {name!r}")
+    settings = merge(settings, override, "the command line")
+    settings.validate()
+    return settings, args.mlflow_uri or saved["mlflow_uri"], args.data_dir or saved.get("data_dir")
 
-    from search_spaces import SPACES
-    from study.pretrained import pretrain_once
-    from study.resume import counts, finished_count, settle_interrupted
-    from study.searcher import AskTellSearcher
-    from trainables import tracking
-    from trainables.atop_trainable import StudyContext, train_atop
 
+def run(plan: StudyPlan) -> int:
+    """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code."""
     started = time.time()
-    settings: StudySettings = p["settings"]
-    cfg: Config = p["cfg"]
-    folder: Path = p["folder"]
-    name, uri = p["name"], p["mlflow_uri"]
-    tracking.quiet_http(max_retries=2, timeout_s=30)
+    quiet_http(max_retries=2, timeout_s=30)
     # a study checkpoints every trial every epoch by design; Tune's sync warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if not resume:  # a resume with nothing left to run starts no Ray (see `remaining` below)
-        init_ray(settings.cpus, settings.gpus)
+    if not plan.resume:  # a cluster too small for one trial fails before the study folder exists
+        init_ray(plan.settings.cpus, plan.settings.gpus)
+    opened = open_study(plan)
+    finished = finished_count(opened.study)
+    remaining = plan.settings.num_trials - finished
+    s = plan.settings
+    print(f"study {plan.name}: {finished} finished, {max(remaining, 0)} to run "
+          f"({s.space} space, {s.sampler} sampler, {s.max_concurrent} at once)", flush=True)
+    if remaining > 0:  # a resume with nothing left to run starts no Ray
+        if plan.resume:
+            init_ray(s.cpus, s.gpus)
+        ctx = shared_context(plan, opened)
+        search(plan, opened, ctx, remaining)
+    # (a `confirm` phase belongs here: re-evaluate the front's configurations on fresh seeds)
+    settle(plan)
+    report(plan, opened, time.time() - started)
+    return 0
 
+
+def open_study(plan: StudyPlan) -> OpenStudy:
+    """Create or load the study folder, the Optuna study, the MLflow experiment and parent run.
+
+    A new study whose records cannot be created leaves no folder behind. On resume, the trials and
+    runs a killed driver left RUNNING are settled first (`study.resume.settle_interrupted`).
+    """
+    loopback_ray()
+    import optuna
+
+    settings, folder, uri, name = plan.settings, plan.folder, plan.mlflow_uri, plan.name
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        (folder / "study.json").write_text(json.dumps(
-            {"settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": p["data_dir"]}, indent=2))
-        storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+        atomic_write_text(folder / STUDY_FILE, json.dumps(
+            {"settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir}, indent=2))
+        storage = optuna.storages.RDBStorage(plan.optuna_url)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        n_existing = 0
-        if resume:
-            n_existing = len(optuna.load_study(study_name=name, storage=storage).trials)
-        study = optuna.create_study(study_name=name, storage=storage, directions=["maximize"] * len(OBJECTIVES),
+        n_existing = len(optuna.load_study(study_name=name, storage=storage).trials) if plan.resume else 0
+        study = optuna.create_study(study_name=name, storage=storage, directions=list(DIRECTIONS),
                                     load_if_exists=True, sampler=make_sampler(
-                                        settings.sampler, cfg.seed, settings.population_size, n_existing))
+                                        settings.sampler, plan.cfg.seed, settings.population_size, n_existing))
         study.set_metric_names(list(OBJECTIVES))
         local_store = not uri.startswith(("http:", "https:", "databricks"))
-        experiment_id = tracking.ensure_experiment(
+        experiment_id = mlflow_log.ensure_experiment(
             uri, name, artifact_location=(folder / "mlartifacts").as_uri() if local_store else None)
         tags = run_tags()
-        parent_id = tracking.ensure_parent_run(uri, experiment_id, name, {
+        parent_id = mlflow_log.ensure_parent_run(uri, experiment_id, name, {
             "preset": settings.to_dict(), "space": settings.space, "sampler": settings.sampler,
-            "num_trials": settings.num_trials, "study_folder": str(folder)}, {**tags, "atop.space": settings.space})
+            "num_trials": settings.num_trials, "study_folder": str(folder)},
+            {**tags, SPACE_TAG: settings.space, EVAL_LEVEL_TAG: plan.cfg.eval_level.value})
     except Exception:
-        if created and not resume:
+        if created and not plan.resume:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    if resume:
+    if plan.resume:
         settle_interrupted(study, storage, uri, experiment_id, parent_id)
-    remaining = settings.num_trials - finished_count(study)
-    print(f"study {name}: {finished_count(study)} finished, {max(remaining, 0)} to run "
-          f"({settings.space} space, {settings.sampler} sampler, {settings.max_concurrent} at once)", flush=True)
+    return OpenStudy(study, experiment_id, parent_id, tags)
 
-    if remaining > 0:
-        if resume:
-            init_ray(settings.cpus, settings.gpus)
-        pretrain_cfg = cfg
-        pretrain_settings = settings.pretrain_settings()
-        pre_train = subset(p["train"], pretrain_settings.n_train, seed=cfg.seed)
-        clf_path, pur_path = pretrain_once(
-            pretrain_cfg, pretrain_settings, pre_train, folder / "pretrained",
-            cpus=min(settings.cpus * settings.max_concurrent, _ray_cpus()), gpus=settings.gpus)
-        ctx = StudyContext(
-            train=subset(p["train"], cfg.n_train, seed=cfg.seed), test=subset(p["test"], cfg.n_eval),
-            classifier_ckpt=clf_path.read_bytes(), purifier_ckpt=pur_path.read_bytes(), mlflow_uri=uri,
-            spool_dir=str(folder / "spool"), cpus_per_trial=settings.cpus, gpus_per_trial=settings.gpus,
-            tags={**tags, "atop.study": name, "atop.pretrained": f"{clf_path.name},{pur_path.name}"})
-        space = SPACES[settings.space]
 
-        def new_run(number: int) -> str | None:
-            return tracking.create_trial_run(uri, experiment_id, parent_id, number, space.name, tags)
+def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
+    """Data and weights every trial shares: the data subsets and the pre-trained models (made once)."""
+    settings, cfg = plan.settings, plan.cfg
+    pretrain_settings = settings.pretrain_settings()
+    clf_path, pur_path = pretrain_once(
+        cfg, pretrain_settings, subset(plan.train, pretrain_settings.n_train, seed=cfg.seed),
+        plan.folder / "pretrained", cpus=min(settings.cpus * settings.max_concurrent, _ray_cpus()),
+        gpus=settings.gpus)
+    return StudyContext(
+        train=subset(plan.train, cfg.n_train, seed=cfg.seed), test=subset(plan.test, cfg.n_eval),
+        classifier_ckpt=clf_path.read_bytes(), purifier_ckpt=pur_path.read_bytes(), mlflow_uri=plan.mlflow_uri,
+        spool_dir=str(plan.spool_dir), cpus_per_trial=settings.cpus, gpus_per_trial=settings.gpus,
+        tags={**opened.tags, STUDY_TAG: plan.name, PRETRAINED_TAG: f"{clf_path.name},{pur_path.name}"})
 
-        def settle(number: int, state: Any, summary: dict[str, Any]) -> None:
-            run_id = study.trials[number].user_attrs.get("mlflow_run_id")
-            if not run_id:
-                return
-            log = tracking.RunLogger(uri, run_id, folder / "spool" / f"driver-{number:04d}.jsonl")
-            extra = {"optuna.state": state.name}
-            if summary.get("failed"):
-                extra[tracking.ERROR_TAG] = tracking.failure_message(uri, run_id, summary["error"])
-            if state.name == "PRUNED":
-                extra[tracking.STOPPED_TAG] = "true"
-            log.set_tags(extra)
-            log.set_status("FAILED" if state.name == "FAIL" else "FINISHED")
 
-        searcher = AskTellSearcher(study, space, cfg, remaining, new_run, settle)
-        trainable = tune.with_resources(tune.with_parameters(train_atop, ctx=ctx),
-                                        {"cpu": settings.cpus, "gpu": settings.gpus})
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
-                                        scheduler=make_scheduler(settings, cfg.epochs),
-                                        num_samples=remaining, reuse_actors=False,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(
-                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(folder), verbose=1,
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        tuner.fit()
+def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int) -> None:
+    """Run `n_trials` more trials with Ray Tune, asked from and told to the Optuna study."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
 
-    unsent = tracking.flush_spools(folder / "spool", uri)  # calls spooled by trials during an MLflow outage
+    from study.searcher import AskTellSearcher
+    from trainables.atop_trainable import train_atop
+
+    settings, uri, study = plan.settings, plan.mlflow_uri, opened.study
+    space = SPACES[settings.space]
+
+    def new_run(number: int) -> str | None:
+        return mlflow_log.create_trial_run(uri, opened.experiment_id, opened.parent_id, number, space.name,
+                                           opened.tags)
+
+    def settle_run(number: int, state: Any, summary: TrialSummary) -> None:
+        run_id = study.trials[number].user_attrs.get(ATTR_RUN_ID)
+        if not run_id:
+            return
+        log = mlflow_log.RunLogger(uri, run_id, plan.spool_dir / f"driver-{number:04d}.jsonl")
+        extra = {OPTUNA_STATE_TAG: state.name}
+        if summary.failed:
+            extra[ERROR_TAG] = mlflow_log.failure_message(uri, run_id, summary.error)
+        if state.name == "PRUNED":
+            extra[STOPPED_TAG] = "true"
+        log.set_tags(extra)
+        log.set_status("FAILED" if state.name == "FAIL" else "FINISHED")
+
+    searcher = AskTellSearcher(study, space, plan.cfg, n_trials, new_run, settle_run)
+    trainable = tune.with_resources(tune.with_parameters(train_atop, ctx=ctx),
+                                    {"cpu": settings.cpus, "gpu": settings.gpus})
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
+                                    scheduler=make_scheduler(settings, plan.cfg.epochs),
+                                    num_samples=n_trials, reuse_actors=False,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(
+            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(plan.folder), verbose=1,
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    tuner.fit()
+
+
+def settle(plan: StudyPlan) -> None:
+    """Send the MLflow calls trials spooled during an outage; say where any still unsent are kept."""
+    _say_unsent(plan, mlflow_log.flush_spools(plan.spool_dir, plan.mlflow_uri))
+
+
+def _say_unsent(plan: StudyPlan, unsent: int) -> None:
     if unsent:
-        print(f"MLflow unreachable: {unsent} call(s) kept in {folder / 'spool'}; send them later with "
-              f"python -m trainables.tracking upload {folder / 'spool'}/*.jsonl --mlflow-uri {uri}", flush=True)
-    wall_s = time.time() - started
-    table = pareto_table(study)
+        print(f"MLflow unreachable: {unsent} call(s) kept in {plan.spool_dir}; send them later with "
+              f"python -m tracking upload {plan.spool_dir}/*.jsonl --mlflow-uri {plan.mlflow_uri}", flush=True)
+
+
+def report(plan: StudyPlan, opened: OpenStudy, wall_s: float) -> None:
+    """Print the Pareto table and the study's whereabouts; log the table and counts to the parent run.
+
+    The parent run's calls go through a spool like a trial's, so an MLflow server down at the very
+    end leaves them in `spool/driver-study.jsonl` (replayed by `python -m tracking upload`).
+    """
+    study, uri, name, folder = opened.study, plan.mlflow_uri, plan.name, plan.folder
+    table = pareto_table(study, note=eval_level_note(plan.cfg.eval_level.value, LEVELS[plan.cfg.eval_level]))
     print(table, flush=True)
     c = counts(study)
-    client = tracking.client(uri)
-    client.log_text(parent_id, table + "\n", "pareto.txt")
-    for key in ("complete", "pruned", "fail"):
-        client.log_metric(parent_id, f"trials_{key}", c[key])
-    client.log_metric(parent_id, "driver_wall_s", wall_s)
-    client.set_terminated(parent_id, "FINISHED")
+    log = mlflow_log.RunLogger(uri, opened.parent_id, plan.spool_dir / "driver-study.jsonl")
+    log.log_artifact(atomic_write_text(folder / PARETO_ARTIFACT, table + "\n"))
+    log.log_metrics({**{TRIAL_COUNT_METRIC.format(state=k): c[k] for k in ("complete", "pruned", "fail")},
+                     DRIVER_WALL_S: wall_s}, step=0)
+    log.set_status("FINISHED")
+    _say_unsent(plan, log.pending)
     print(f"\ntrials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed; driver wall time {wall_s:.0f} s")
-    print(f"MLflow: {uri}  experiment {name!r}  parent run {parent_id}")
-    print(f"study folder: {folder}  (Optuna: sqlite:///{folder / 'optuna.db'})")
+    print(f"MLflow: {uri}  experiment {name!r}  parent run {opened.parent_id}")
+    print(f"study folder: {folder}  (Optuna: {plan.optuna_url})")
     if uri.startswith("sqlite:"):
         print(f"browse: mlflow ui --backend-store-uri {uri}")
     print(f"analyse: python -m analysis --mlflow-uri {uri} --experiment {name} --out {folder / 'analysis'}")
-    return 0
 
 
 def _trial_name(trial: Any) -> str:
@@ -400,21 +474,28 @@ def _ray_cpus() -> float:
     return max(per_node, default=0.0) or ray.cluster_resources().get("CPU", 1.0)
 
 
-def pareto_table(study) -> str:
-    """The Pareto-optimal COMPLETE trials as a text table (objectives, then searched params)."""
+def pareto_table(study, note: str | None = None) -> str:
+    """The Pareto-optimal COMPLETE trials as a text table (objectives, then searched params).
+
+    Args:
+        study: the Optuna study.
+        note: a last line saying how strong the evaluation behind the figures was
+            (`tracking.contract.eval_level_note`).
+    """
     best = sorted(study.best_trials, key=lambda t: t.number)
+    tail = [f"figures at {note}"] if note else []
     if not best:
-        return "Pareto-optimal trials: none (no trial completed)"
+        return "\n".join(["Pareto-optimal trials: none (no trial completed)", *tail])
     params = sorted({k for t in best for k in t.params})
-    head = ["trial", *OBJECTIVES, *params, "mlflow_run_id"]
+    head = ["trial", *OBJECTIVES, *params, ATTR_RUN_ID]
     rows = [[str(t.number), *(f"{v:.3f}" for v in t.values), *(_fmt(t.params.get(k, "-")) for k in params),
-             t.user_attrs.get("mlflow_run_id", "-")] for t in best]
+             t.user_attrs.get(ATTR_RUN_ID, "-")] for t in best]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["Pareto-optimal trials (all objectives maximised):",
              "  ".join(h.ljust(w) for h, w in zip(head, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    return "\n".join([*lines, *tail])
 
 
 def _fmt(value: Any) -> str:
@@ -422,17 +503,9 @@ def _fmt(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        prepared = prepare(args)
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        return run(prepared, args.resume)
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    """The command: check every input, then run the study; bad input is one `error: ...` line, exit 2."""
+    args = build_parser().parse_args(argv)
+    return one_line_errors(lambda: run(prepare(args)), (StudyError,))
 
 
 if __name__ == "__main__":

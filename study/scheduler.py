@@ -3,7 +3,7 @@
 Schmucker et al., "Multi-objective Asynchronous Successive Halving" (2021): ASHA's rungs, with the
 single-metric cutoff replaced by a non-dominated sort over all objectives. Rungs sit at epochs
 `grace_period * eta**k` below the trial's last epoch. When a trial reports the epoch of a rung, its
-objective vector (all `study.settings.OBJECTIVES`, maximised) is compared with the vectors every
+objective vector (all `tracking.contract.OBJECTIVES`, maximised) is compared with the vectors every
 earlier trial had at that rung: it continues if it is among the best `max(1, floor(n / eta))` of
 the `n` vectors by (Pareto rank, then NSGA-II crowding distance), else it is stopped. A trial that
 ties the cutoff continues (as ASHA's `<` cutoff) unless its vector duplicates one recorded earlier
@@ -28,7 +28,7 @@ import moocore
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from study.settings import OBJECTIVES
+from tracking.contract import EPOCH, FAILED_KEY, OBJECTIVES
 
 
 def rungs(grace_period: int, eta: float, max_t: int) -> list[int]:
@@ -120,7 +120,7 @@ class MOASHAScheduler(FIFOScheduler):
     """
 
     def __init__(self, max_t: int, grace_period: int = 1, reduction_factor: float = 3,
-                 objectives: Sequence[str] = OBJECTIVES, time_attr: str = "epoch"):
+                 objectives: Sequence[str] = OBJECTIVES, time_attr: str = EPOCH):
         super().__init__()
         if grace_period < 1 or reduction_factor <= 1:
             raise ValueError(f"MO-ASHA needs grace_period >= 1 and reduction_factor > 1, got "
@@ -135,7 +135,7 @@ class MOASHAScheduler(FIFOScheduler):
         return True  # the objectives are fixed; Tune's metric/mode are unused
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        if result.get("atop_failed") or self.time_attr not in result or any(o not in result for o in self.objectives):
+        if result.get(FAILED_KEY) or self.time_attr not in result or any(o not in result for o in self.objectives):
             return TrialScheduler.CONTINUE
         epoch = int(result[self.time_attr])
         last = int(getattr(trial, "config", {}).get("epochs") or self.max_t)

@@ -9,6 +9,7 @@ config with the Optuna trial number.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -17,10 +18,19 @@ from ray.tune.search import Searcher
 
 from atop.config import Config, ConfigError
 from search_spaces import Space
-from trainables.atop_trainable import RUN_ID, TRIAL_NUMBER, trial_summary
+from tracking.contract import (
+    ATTR_ERROR,
+    ATTR_RUN_ID,
+    ATTR_STOPPED_AT,
+    COMPUTE_S,
+    IMAGES_PER_S,
+    RUN_ID,
+    TRIAL_NUMBER,
+    TrialSummary,
+)
 
 #: (trial number, state, summary) -> None: settles the trial's MLflow run
-Settle = Callable[[int, TrialState, dict[str, Any]], None]
+Settle = Callable[[int, TrialState, TrialSummary], None]
 
 
 class AskTellSearcher(Searcher):
@@ -55,12 +65,12 @@ class AskTellSearcher(Searcher):
             try:
                 cfg = Config.from_dict({**self.base, **params})
             except ConfigError as exc:  # a suggested combination the config refuses: FAIL, ask again
-                trial.set_user_attr("error", str(exc))
+                trial.set_user_attr(ATTR_ERROR, str(exc))
                 self.study.tell(trial, state=TrialState.FAIL)
                 continue
             run_id = self.new_run(trial.number)
             if run_id:
-                trial.set_user_attr("mlflow_run_id", run_id)
+                trial.set_user_attr(ATTR_RUN_ID, run_id)
             self.live[trial_id] = (trial, cfg.epochs)
             return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id}
         return Searcher.FINISHED
@@ -74,24 +84,24 @@ class AskTellSearcher(Searcher):
         trial, epochs = self.live.pop(trial_id)
         last = result or self.last.pop(trial_id, None)
         self.last.pop(trial_id, None)
-        summary = trial_summary(last)
+        summary = TrialSummary.of(last)
         if error:
-            summary = {**summary, "failed": True,
-                       "error": "the trial raised after its retries (see its error file in the Tune folder)"}
-        for key in ("compute_s", "images_per_s"):
-            if key in summary:
-                trial.set_user_attr(key, summary[key])
-        if summary["failed"]:
-            trial.set_user_attr("error", summary["error"][:1000])
+            summary = replace(summary, failed=True,
+                              error="the trial raised after its retries (see its error file in the Tune folder)")
+        for key, value in ((COMPUTE_S, summary.compute_s), (IMAGES_PER_S, summary.images_per_s)):
+            if value is not None:
+                trial.set_user_attr(key, value)
+        if summary.failed:
+            trial.set_user_attr(ATTR_ERROR, summary.error[:1000])
             state = TrialState.FAIL
             self.study.tell(trial, state=state)
-        elif summary["epoch"] < epochs:  # stopped early: its values are not final, keep them off the front
-            trial.set_user_attr("stopped_at_epoch", summary["epoch"])
+        elif summary.epoch < epochs:  # stopped early: its values are not final, keep them off the front
+            trial.set_user_attr(ATTR_STOPPED_AT, summary.epoch)
             state = TrialState.PRUNED
             self.study.tell(trial, state=state)
         else:
             state = TrialState.COMPLETE
-            self.study.tell(trial, summary["values"])
+            self.study.tell(trial, list(summary.values))
         number = trial.number
         self.settle(number, state, summary)
 

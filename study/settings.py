@@ -12,19 +12,29 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from atop.config import Config, ConfigError, read_config_file
 from atop.presets import get_preset
 from atop.pretrain import PretrainSettings
-from search_spaces import SPACES
+from search_spaces import SPACES, searched_names
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-SAMPLERS = ("nsga2", "tpe", "gp", "random")
+#: sampler name -> factory(seed, population_size); `--sampler NAME` picks one
+SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
+    "nsga2": lambda seed, population_size: optuna.samplers.NSGAIISampler(population_size=population_size,
+                                                                         seed=seed),
+    "tpe": lambda seed, _: optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True,
+                                                      seed=seed),
+    "gp": lambda seed, _: optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False),
+    "random": lambda seed, _: optuna.samplers.RandomSampler(seed=seed),
+}
 SCHEDULERS = ("none", "mo-asha")  # early stopping of trials (study/scheduler.py)
-OBJECTIVES = ("clean_acc", "robust_acc_seen", "robust_acc_unseen")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -49,12 +59,9 @@ class StudySettings:
     config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.space not in SPACES:
-            raise StudyError(f"--space {self.space!r} is unknown; accepted: {', '.join(SPACES)}")
-        if self.sampler not in SAMPLERS:
-            raise StudyError(f"--sampler {self.sampler!r} is unknown; accepted: {', '.join(SAMPLERS)}")
-        if self.scheduler not in SCHEDULERS:
-            raise StudyError(f"--scheduler {self.scheduler!r} is unknown; accepted: {', '.join(SCHEDULERS)}")
+        _one_of("--space", self.space, SPACES)
+        _one_of("--sampler", self.sampler, SAMPLERS)
+        _one_of("--scheduler", self.scheduler, SCHEDULERS)
         for name, low in (("num_trials", 1), ("max_concurrent", 1), ("population_size", 2), ("max_failures", 0),
                           ("grace_period", 1), ("reduction_factor", 2)):
             value = getattr(self, name)
@@ -83,7 +90,7 @@ class StudySettings:
     def base_config(self) -> Config:
         """The config every trial starts from: Config defaults, the space's fixed values, `config`."""
         space = SPACES[self.space]
-        clash = sorted(set(self.config) & _searched_names(self.space))
+        clash = sorted(set(self.config) & searched_names(space))
         if clash:
             raise StudyError(f"config key(s) {', '.join(clash)} are searched by space {self.space!r}; "
                              "remove them or choose another space")
@@ -96,12 +103,22 @@ class StudySettings:
         return dataclasses.asdict(self)
 
 
-def _searched_names(space: str) -> set[str]:
-    """Every parameter name a space can suggest (read from its source: suggest calls only)."""
-    import inspect
+def make_sampler(name: str, seed: int, population_size: int, n_existing: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler `name` (a key of `SAMPLERS`), seeded past the draws already made.
 
-    source = inspect.getsource(SPACES[space].suggest)
-    return set(re.findall(r"suggest_\w+\(\s*\"(\w+)\"", source))
+    Args:
+        name: sampler name; an unknown one raises `StudyError` listing the accepted names.
+        seed: the study's seed.
+        population_size: NSGA-II generation size (ignored by the others).
+        n_existing: trials the study already has (a resumed random stream must not repeat them).
+    """
+    _one_of("--sampler", name, SAMPLERS)
+    return SAMPLERS[name](seed + n_existing, population_size)
+
+
+def _one_of(flag: str, value: str, accepted: Mapping[str, Any] | tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise StudyError(f"{flag} {value!r} is unknown; accepted: {', '.join(sorted(accepted))}")
 
 
 def presets() -> list[str]:

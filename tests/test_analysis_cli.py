@@ -19,9 +19,17 @@ from mlflow.tracking import MlflowClient
 
 from analysis.__main__ import main
 from analysis.load import load_study
+from tracking.contract import (
+    OBJECTIVES,
+    PARENT_TAG,
+    ROLE_TAG,
+    SPACE_TAG,
+    STOPPED_TAG,
+    TRIAL_TAG,
+    Role,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-OBJECTIVES = ("clean_acc", "robust_acc_seen", "robust_acc_unseen")
 
 
 def log_study(
@@ -38,19 +46,19 @@ def log_study(
     the others finish. Returns run ids by kind ("finished", "failed", "stopped", "running")."""
     rng = np.random.default_rng(seed)
     exp = client.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
-    parent = client.create_run(exp, run_name=name, tags={"atop.role": "study"}).info.run_id
+    parent = client.create_run(exp, run_name=name, tags={ROLE_TAG: Role.STUDY.value}).info.run_id
     kinds: dict[str, list[str]] = {"finished": [], "failed": [], "stopped": [], "running": []}
     for trial in range(n_trials):
         rt = ("rt1", "rt2", "rt3")[trial % 3]
         tags = {
-            "mlflow.parentRunId": parent,
-            "atop.role": "trial",
-            "optuna.trial_number": str(trial),
-            "atop.space": space,
+            PARENT_TAG: parent,
+            ROLE_TAG: Role.TRIAL.value,
+            TRIAL_TAG: str(trial),
+            SPACE_TAG: space,
         }
         kind = {0: "failed", 1: "stopped", 2: "running"}.get(trial, "finished")
         if kind == "stopped":
-            tags["atop.stopped"] = "true"
+            tags[STOPPED_TAG] = "true"
         run = client.create_run(exp, run_name=f"trial-{trial}", tags=tags).info.run_id
         params = {
             "rt": rt,
@@ -98,7 +106,7 @@ def store(tmp_path_factory) -> dict:
     }
     empty = client.create_experiment("empty", artifact_location=(root / "artifacts/e").as_uri())
     client.set_terminated(
-        client.create_run(empty, tags={"atop.role": "study"}).info.run_id, "FINISHED"
+        client.create_run(empty, tags={ROLE_TAG: Role.STUDY.value}).info.run_id, "FINISHED"
     )
     return {"uri": uri, "root": root, "runs": runs}
 

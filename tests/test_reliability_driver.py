@@ -132,19 +132,19 @@ def test_a_trial_killed_before_its_run_existed_gets_one_killed_run(tmp_path):
     import optuna
 
     from study.resume import settle_interrupted
-    from trainables import tracking
+    from tracking import mlflow_log
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study = optuna.create_study(study_name="s", storage=storage, directions=["maximize"] * 3)
-    exp = tracking.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
-    parent = tracking.ensure_parent_run(uri, exp, "s", {}, {"atop.space": "tiny"})
+    exp = mlflow_log.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
+    parent = mlflow_log.ensure_parent_run(uri, exp, "s", {}, {"atop.space": "tiny"})
     asked = study.ask({"lambda_ce": optuna.distributions.FloatDistribution(0.05, 0.1)})
     assert settle_interrupted(study, storage, uri, exp, parent, log=lambda m: None) == 1
-    runs = tracking.trial_runs(uri, exp, parent)
+    runs = mlflow_log.trial_runs(uri, exp, parent)
     assert sorted(runs) == [asked.number]
     run = runs[asked.number]
     assert run.info.status == "KILLED" and run.data.tags["atop.interrupted"] == "true"
     assert run.data.tags["atop.space"] == "tiny"
     settle_interrupted(study, storage, uri, exp, parent, log=lambda m: None)  # a second resume adds none
-    assert len(tracking.client(uri).search_runs([exp], "tags.`atop.role` = 'trial'")) == 1
+    assert len(mlflow_log.client(uri).search_runs([exp], "tags.`atop.role` = 'trial'")) == 1

@@ -3,7 +3,7 @@
 A real `mlflow server` (127.0.0.1, sqlite store in the test folder) is stopped by PID (SIGTERM of
 its process group) once the first epoch metrics of the study's trials reached it, kept down for
 about 30 s, and restarted on the same port and store. Meanwhile the trials keep training: their
-MLflow calls go to `spool/trial-NNNN.jsonl` (`trainables.tracking.RunLogger`) and the driver waits to
+MLflow calls go to `spool/trial-NNNN.jsonl` (`tracking.mlflow_log.RunLogger`) and the driver waits to
 create the next trial's run. Afterwards every per-epoch metric of every trial is on the server
 exactly once, every run FINISHED with its artifacts, and no spool file is left.
 """
@@ -115,7 +115,7 @@ def test_spooled_calls_reach_the_store_with_the_upload_command(tmp_path, monkeyp
 
     from mlflow import MlflowClient
 
-    from trainables.tracking import RunLogger
+    from tracking.mlflow_log import RunLogger
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -130,7 +130,7 @@ def test_spooled_calls_reach_the_store_with_the_upload_command(tmp_path, monkeyp
     log.set_status("FINISHED")
     assert not log.flush() and len(spool.read_text().splitlines()) == 4
     for _ in range(2):  # the second upload finds nothing left: nothing is sent twice
-        done = subprocess.run([sys.executable, "-m", "trainables.tracking", "upload", str(spool), "--mlflow-uri", uri],
+        done = subprocess.run([sys.executable, "-m", "tracking", "upload", str(spool), "--mlflow-uri", uri],
                               capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0 and "all spooled calls sent" in done.stdout, done.stderr
         if not spool.exists():

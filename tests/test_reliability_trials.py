@@ -1,7 +1,7 @@
 """Trial failures, caused for real: a trial that raises, one whose loss goes NaN, a transient fault.
 
 One tiny study (real CIFAR-10, in-process Ray, MLflow in the study folder) with the test-only
-fault-injection hook `ATOP_FAULT_INJECT` (trainables/atop_trainable.py, `FaultPlan`):
+fault-injection hook `ATOP_FAULT_INJECT` (trainables/faults.py, `FaultPlan`):
 
 - trial 0 raises after epoch 1, again on its retry: FAIL in Optuna, FAILED in MLflow, error tagged;
 - trial 1 gets NaN weights after epoch 1, so its next loss is really non-finite (atop.finetune raises
@@ -19,8 +19,7 @@ import time
 import pytest
 
 from tests.conftest import STUDY_PY, service_env
-
-OBJECTIVES = ("clean_acc", "robust_acc_seen", "robust_acc_unseen")
+from tracking.contract import OBJECTIVES
 
 
 @pytest.mark.slow
@@ -72,7 +71,7 @@ def test_raise_nan_and_transient_faults(cifar_dir, tmp_path):
 def test_fault_plan_parses_only_what_it_documents(tmp_path, monkeypatch):
     import torch
 
-    from trainables.atop_trainable import FAULT_ENV, FaultPlan
+    from trainables.faults import FAULT_ENV, FaultPlan
 
     monkeypatch.delenv(FAULT_ENV, raising=False)
     assert FaultPlan.from_env(0).specs == []  # unset: the hook does nothing

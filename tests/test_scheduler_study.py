@@ -19,8 +19,9 @@ def test_mo_asha_study_prunes_tags_and_keeps_stopped_trials_off_the_front(cifar_
     import optuna
     from mlflow import MlflowClient
 
-    from analysis.compute import DEFAULT_OBJECTIVES, Objective, analyse
+    from analysis.compute import Objective, analyse
     from analysis.load import load_study
+    from tracking.contract import OBJECTIVES, ROLE_TAG, STOPPED_TAG, TRIAL_TAG, Role
 
     name, storage = "sched", tmp_path / "studies"
     cmd = [sys.executable, "study/run.py", "--preset", "tiny", "--num-trials", "6", "--epochs", "3",
@@ -43,8 +44,8 @@ def test_mo_asha_study_prunes_tags_and_keeps_stopped_trials_off_the_front(cifar_
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
-    runs = {r.data.tags["optuna.trial_number"]: r for r in client.search_runs([exp.experiment_id])
-            if r.data.tags.get("atop.role") == "trial"}
+    runs = {r.data.tags[TRIAL_TAG]: r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get(ROLE_TAG) == Role.TRIAL.value}
     assert len(runs) == 6
     for t in study.trials:
         run = runs[str(t.number)]
@@ -52,12 +53,12 @@ def test_mo_asha_study_prunes_tags_and_keeps_stopped_trials_off_the_front(cifar_
         assert run.data.tags.get("optuna.state") == t.state.name
         assert "atop.error" not in run.data.tags, run.data.tags["atop.error"]
         if t.state.name == "PRUNED":
-            assert run.data.tags.get("atop.stopped") == "true"
+            assert run.data.tags.get(STOPPED_TAG) == "true"
             epochs = [m.step for m in client.get_metric_history(run.info.run_id, "clean_acc")]
             assert max(epochs) == t.user_attrs["stopped_at_epoch"]
         else:
-            assert "atop.stopped" not in run.data.tags
+            assert STOPPED_TAG not in run.data.tags
 
-    info = analyse(load_study(uri, name).table, [Objective(o) for o in DEFAULT_OBJECTIVES])
+    info = analyse(load_study(uri, name).table, [Objective(o) for o in OBJECTIVES])
     assert set(info.trial_numbers.tolist()) == {t.number for t in complete}
     assert info.excluded.get("stopped early") == len(pruned)

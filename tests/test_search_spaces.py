@@ -6,9 +6,9 @@ import dataclasses
 import optuna
 import pytest
 
-from atop.config import Config
-from search_spaces import SPACES
-from study.settings import _searched_names
+from atop.config import Config, RTType
+from atop.transforms import TRANSFORMS
+from search_spaces import SPACES, Space, searched_names
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 
@@ -27,7 +27,7 @@ def _sampled(space: str, n: int = 200) -> list[dict]:
 def test_every_suggested_name_and_fixed_key_is_a_config_field(space):
     names = {k for params in _sampled(space) for k in params} | set(SPACES[space].fixed)
     assert names <= CONFIG_FIELDS, names - CONFIG_FIELDS
-    assert _searched_names(space) == {k for params in _sampled(space) for k in params}
+    assert searched_names(SPACES[space]) == {k for params in _sampled(space) for k in params}
 
 
 @pytest.mark.parametrize("space", list(SPACES))
@@ -86,3 +86,35 @@ def test_wide_space_covers_the_registries():
         assert ("train_steps" in p) == (p["train_attack"] == "pgd")
         if p["train_norm"] == "linf":
             assert p["train_eps"] <= 16 / 255 + 1e-12
+
+
+def test_searched_names_runs_every_categorical_branch():
+    def suggest(trial):  # "deep" only behind a rare choice; "never" behind none of the choices
+        kind = trial.suggest_categorical("kind", ["a", "b", "c"])
+        if kind == "c":
+            return {"kind": kind, "deep": trial.suggest_int("deep", 1, 2)}
+        if kind == "z":
+            return {"never": trial.suggest_int("never", 1, 2)}
+        return {"kind": kind}
+
+    assert searched_names(Space("toy", suggest, {}, "toy")) == {"kind", "deep"}
+
+
+def test_the_rt_registry_matches_the_config_enum_and_config_fields():
+    assert list(TRANSFORMS) == [rt.value for rt in RTType]
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for name, spec in TRANSFORMS.items():
+        assert set(spec.params) <= fields, name
+
+
+def test_a_new_rt_changes_the_wide_space_but_not_paper_or_tiny(monkeypatch):
+    monkeypatch.setitem(TRANSFORMS, "rt9", TRANSFORMS["rt1"])
+
+    def rt_choices(space):
+        study = optuna.create_study()
+        trial = study.ask()
+        SPACES[space].suggest(trial)
+        return tuple(trial.distributions["rt"].choices)
+
+    assert rt_choices("paper") == rt_choices("tiny") == ("rt1", "rt2", "rt3")
+    assert rt_choices("wide") == ("rt1", "rt2", "rt3", "rt9")

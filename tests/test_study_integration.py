@@ -12,9 +12,9 @@ import time
 import pytest
 
 from tests.conftest import REPO, VENV_BIN, service_env
+from tracking.contract import EVAL_LEVEL_TAG, OBJECTIVES, ROLE_TAG, SPACE_TAG, TRIAL_TAG, Role
 
 pytestmark = pytest.mark.slow
-OBJECTIVES = ("clean_acc", "robust_acc_seen", "robust_acc_unseen")
 JOB_TIMEOUT_S = 1800
 
 
@@ -42,22 +42,24 @@ def test_ray_job_submit_smoke_study(ray_head, mlflow_server, cifar_dir, tmp_path
         jobs.stop_job(job_id)
     assert status == JobStatus.SUCCEEDED, f"job {status}; last log lines:\n{logs[-5000:]}"
     assert "Pareto-optimal trials" in logs and mlflow_server.uri in logs
+    assert "figures at screen level: PGD-10, EOT 2, 1 draw; not final" in logs
 
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name(name)
     assert exp is not None
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("atop.role") == "study"]
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == Role.STUDY.value]
     assert len(parents) == 1 and parents[0].info.run_name == name
     assert parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert len(finished) >= 4, [(r.info.run_name, r.info.status) for r in children]
-    numbers = [r.data.tags["optuna.trial_number"] for r in children]
+    numbers = [r.data.tags[TRIAL_TAG] for r in children]
     assert len(numbers) == len(set(numbers)), "one MLflow child run per Optuna trial"
     for run in finished:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        assert tags["atop.role"] == "trial" and tags["atop.space"] == "paper"
+        assert tags[ROLE_TAG] == Role.TRIAL.value and tags[SPACE_TAG] == "paper"
+        assert tags[EVAL_LEVEL_TAG] == "screen"
         assert tags["git_sha"] and tags["seed"] == "0" and tags["device"] and tags["torch"]
         assert params["rt"] in ("rt1", "rt2", "rt3") and "lambda_ce" in params and "train_attack" in params
         for m in OBJECTIVES:

@@ -1,23 +1,41 @@
 """The driver's pieces without a cluster: ask/tell searcher, resume settling, settings, Pareto table."""
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from search_spaces import SPACES
 from study.resume import finished_count, settle_interrupted
-from study.run import make_sampler, pareto_table
+from study.run import pareto_table
 from study.searcher import AskTellSearcher
-from study.settings import StudyError, StudySettings, load_preset, merge, presets
-from trainables import tracking
-from trainables.atop_trainable import RUN_ID, TRIAL_NUMBER
+from study.settings import (
+    SAMPLERS,
+    StudyError,
+    StudySettings,
+    load_preset,
+    make_sampler,
+    merge,
+    presets,
+)
+from tracking import mlflow_log
+from tracking.contract import (
+    DIRECTIONS,
+    INTERRUPTED_TAG,
+    OBJECTIVES,
+    ROLE_TAG,
+    RUN_ID,
+    TRIAL_NUMBER,
+    Role,
+)
 
-OBJ = {"clean_acc": 0.8, "robust_acc_seen": 0.3, "robust_acc_unseen": 0.2}
+OBJ = dict(zip(OBJECTIVES, (0.8, 0.3, 0.2)))
 
 
 def _searcher(n_trials=3, space="paper", epochs=2):
-    study = optuna.create_study(directions=["maximize"] * 3, sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(directions=list(DIRECTIONS), sampler=optuna.samplers.RandomSampler(seed=0))
     settled, made = [], []
     base = StudySettings(space=space, config={"epochs": epochs}).base_config()
 
@@ -54,9 +72,9 @@ def test_searcher_uses_the_last_reported_result_when_complete_has_none():
     assert study.trials[0].state is TrialState.COMPLETE
 
 
-@pytest.mark.parametrize("name", ["nsga2", "tpe", "gp", "random"])
+@pytest.mark.parametrize("name", list(SAMPLERS))
 def test_every_sampler_drives_a_three_objective_study(name):
-    study = optuna.create_study(directions=["maximize"] * 3, sampler=make_sampler(name, 0, 2, 0))
+    study = optuna.create_study(directions=list(DIRECTIONS), sampler=make_sampler(name, 0, 2, 0))
     for i in range(4):
         trial = study.ask()
         params = SPACES["tiny"].suggest(trial)
@@ -65,37 +83,50 @@ def test_every_sampler_drives_a_three_objective_study(name):
     assert "Pareto-optimal trials" in pareto_table(study)
 
 
+def test_an_unknown_sampler_is_one_line_listing_the_accepted_sorted():
+    with pytest.raises(StudyError, match=r"^--sampler 'cmaes' is unknown; accepted: gp, nsga2, random, tpe$"):
+        make_sampler("cmaes", 0, 2, 0)
+
+
+def test_the_pareto_table_says_when_its_figures_are_screening_figures():
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 0.2, 0.1]))
+    note = "screen level: PGD-10, EOT 2, 1 draw; not final"
+    assert pareto_table(study, note=note).splitlines()[-1] == f"figures at {note}"
+    assert "figures at" not in pareto_table(study)
+
+
 def test_resume_settles_interrupted_trials_and_runs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
-    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize"] * 3)
-    exp = tracking.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
-    parent = tracking.ensure_parent_run(uri, exp, "s", {"space": "paper"}, {})
+    study = optuna.create_study(study_name="s", storage=storage, directions=list(DIRECTIONS))
+    exp = mlflow_log.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
+    parent = mlflow_log.ensure_parent_run(uri, exp, "s", {"space": "paper"}, {})
     done = study.ask({"lambda_ce": optuna.distributions.FloatDistribution(0.05, 0.1)})
     study.tell(done, [0.5, 0.2, 0.1])
-    run_done = tracking.create_trial_run(uri, exp, parent, done.number, "paper", {})  # driver died before settling
+    run_done = mlflow_log.create_trial_run(uri, exp, parent, done.number, "paper", {})  # driver died before settling
     killed = study.ask({"lambda_ce": optuna.distributions.FloatDistribution(0.05, 0.1)})
-    run_killed = tracking.create_trial_run(uri, exp, parent, killed.number, "paper", {})
+    run_killed = mlflow_log.create_trial_run(uri, exp, parent, killed.number, "paper", {})
     assert finished_count(study) == 1
     assert settle_interrupted(study, storage, uri, exp, parent, log=lambda m: None) == 1
     assert study.trials[killed.number].state is TrialState.FAIL
     waiting = study.trials[-1]
     assert waiting.state is TrialState.WAITING and waiting.system_attrs["fixed_params"] == killed.params
     assert finished_count(study) == 1
-    c = tracking.client(uri)
+    c = mlflow_log.client(uri)
     assert c.get_run(run_done).info.status == "FINISHED"
     assert c.get_run(run_killed).info.status == "KILLED"
-    assert c.get_run(run_killed).data.tags["atop.interrupted"] == "true"
-    assert tracking.ensure_parent_run(uri, exp, "s", {}, {}) == parent  # resume reuses the parent run
-    runs = tracking.trial_runs(uri, exp, parent)
-    assert sorted(runs) == [0, 1] and runs[0].data.tags["atop.role"] == "trial"
+    assert c.get_run(run_killed).data.tags[INTERRUPTED_TAG] == "true"
+    assert mlflow_log.ensure_parent_run(uri, exp, "s", {}, {}) == parent  # resume reuses the parent run
+    runs = mlflow_log.trial_runs(uri, exp, parent)
+    assert sorted(runs) == [0, 1] and runs[0].data.tags[ROLE_TAG] == Role.TRIAL.value
 
 
 def test_run_logger_spools_during_an_outage_and_uploads_later(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = tracking.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
-    run_id = tracking.client(uri).create_run(exp).info.run_id
-    log = tracking.RunLogger(uri, run_id, tmp_path / "spool" / "t.jsonl")
+    exp = mlflow_log.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
+    run_id = mlflow_log.client(uri).create_run(exp).info.run_id
+    log = mlflow_log.RunLogger(uri, run_id, tmp_path / "spool" / "t.jsonl")
     real_send = log._send
 
     def down(op):
@@ -108,14 +139,14 @@ def test_run_logger_spools_during_an_outage_and_uploads_later(tmp_path, monkeypa
     monkeypatch.setattr(log, "_send", real_send)
     log.log_metrics({"clean_acc": 0.6}, step=2)  # back up: the backlog goes first
     assert not (tmp_path / "spool" / "t.jsonl").exists()
-    hist = tracking.client(uri).get_metric_history(run_id, "clean_acc")
+    hist = mlflow_log.client(uri).get_metric_history(run_id, "clean_acc")
     assert [(m.step, m.value) for m in hist] == [(1, 0.5), (2, 0.6)]
     # a spool left behind is replayed by the documented command
-    log2 = tracking.RunLogger(uri, run_id, tmp_path / "spool" / "u.jsonl")
+    log2 = mlflow_log.RunLogger(uri, run_id, tmp_path / "spool" / "u.jsonl")
     monkeypatch.setattr(log2, "_send", down)
     log2.log_metrics({"robust_acc_seen": 0.1}, step=1)
-    assert tracking.main(["upload", str(tmp_path / "spool" / "u.jsonl"), "--mlflow-uri", uri]) == 0
-    assert tracking.client(uri).get_run(run_id).data.metrics["robust_acc_seen"] == 0.1
+    assert mlflow_log.main(["upload", str(tmp_path / "spool" / "u.jsonl"), "--mlflow-uri", uri]) == 0
+    assert mlflow_log.client(uri).get_run(run_id).data.metrics["robust_acc_seen"] == 0.1
 
 
 def test_presets_are_valid_and_smoke_is_small():
@@ -136,3 +167,54 @@ def test_merge_rejects_unknown_keys():
         merge(StudySettings(), {"nope": 1}, "x")
     with pytest.raises(StudyError, match="unknown pretrain"):
         StudySettings(pretrain={"epochs": 3}).validate()
+
+
+def _plan(tmp_path, uri):
+    import torch
+
+    from atop.data import Split
+    from study.run import StudyPlan
+
+    settings = StudySettings(space="tiny", config={"epochs": 1})
+    split = Split(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64))
+    return StudyPlan(settings=settings, name="s", folder=tmp_path / "s", mlflow_uri=uri, data_dir=None,
+                     cfg=settings.base_config(), train=split, test=split)
+
+
+def _finished_study():
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 0.2, 0.1]))
+    return study
+
+
+def test_report_logs_the_table_and_counts_to_the_parent_run(tmp_path, capsys):
+    from study.run import OpenStudy, report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = mlflow_log.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
+    parent = mlflow_log.ensure_parent_run(uri, exp, "s", {}, {})
+    plan = _plan(tmp_path, uri)
+    report(plan, OpenStudy(_finished_study(), exp, parent, {}), wall_s=12.0)
+    run = mlflow_log.client(uri).get_run(parent)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {"trials_complete": 1, "trials_pruned": 0, "trials_fail": 0, "driver_wall_s": 12.0}
+    assert [a.path for a in mlflow_log.client(uri).list_artifacts(parent)] == ["pareto.txt"]
+    out = capsys.readouterr().out
+    assert "figures at screen level: PGD-10, EOT 2, 1 draw; not final" in out and "unreachable" not in out
+    assert not list((plan.spool_dir).glob("*.jsonl"))
+
+
+def test_report_with_mlflow_down_at_the_end_spools_instead_of_raising(tmp_path, capsys, monkeypatch):
+    from study.run import OpenStudy, report
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    plan = _plan(tmp_path, uri)
+    report(plan, OpenStudy(_finished_study(), "1", "parent0", {}), wall_s=1.0)
+    out = capsys.readouterr().out
+    assert "MLflow unreachable: 3 call(s) kept in" in out and "python -m tracking upload" in out
+    ops = (plan.spool_dir / "driver-study.jsonl").read_text().splitlines()
+    assert [json.loads(op)["op"] for op in ops] == ["artifact", "metrics", "status"]
+    assert all(json.loads(op)["run_id"] == "parent0" for op in ops)

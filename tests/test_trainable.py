@@ -1,26 +1,15 @@
 """The trainable's adapter pieces on tiny synthetic data (no Ray needed)."""
 from __future__ import annotations
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from atop.config import Config, ConfigError
 from atop.data import Split
-from atop.defense import Defense
 from atop.finetune import finetune
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
-from atop.transforms import RandomTransform
-from trainables.atop_trainable import (
-    RUN_ID,
-    TRIAL_NUMBER,
-    _restore,
-    _save,
-    image_grid,
-    split_config,
-    trial_summary,
-    write_parquet,
-)
+from tracking.contract import RUN_ID, TRIAL_NUMBER
+from trainables.atop_trainable import _restore, _save, split_config
 
 CFG = Config.from_dict({"n_train": 16, "n_eval": 8, "epochs": 2, "batch_size": 8, "purifier_width": 4,
                         "rt": "rt3", "num_masks": 2, "unseen_attacks": "fgsm_linf"})
@@ -57,22 +46,3 @@ def test_checkpoint_roundtrip_resumes_to_the_same_result(tmp_path):
     resumed = list(finetune(CFG, clf3, pur3, disc3, train, test, state=state, start_epoch=start))
     assert len(resumed) == 1 and resumed[0].epoch == 2
     assert resumed[0].metrics["loss/total"] == pytest.approx(reports[1].metrics["loss/total"], rel=1e-4)
-
-
-def test_image_grid_and_parquet(tmp_path):
-    clf, pur, _ = _models()
-    defense = Defense(RandomTransform.from_config(CFG), pur, clf, seed=0).eval()
-    path = image_grid(defense, _data(8, 1), CFG, tmp_path / "g.png", n=4)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    import numpy as np
-
-    write_parquet({"index": np.arange(3), "clean_correct": np.array([True, False, True])}, tmp_path / "p.parquet", 7)
-    table = pq.read_table(tmp_path / "p.parquet")
-    assert table.column_names == ["trial_number", "index", "clean_correct"] and table["trial_number"][0].as_py() == 7
-
-
-def test_trial_summary():
-    ok = trial_summary({"clean_acc": 0.5, "robust_acc_seen": 0.25, "robust_acc_unseen": 0.125, "epoch": 2})
-    assert ok["values"] == [0.5, 0.25, 0.125] and not ok["failed"]
-    assert trial_summary({"atop_failed": 1, "atop_error": "boom"}) == {"failed": True, "error": "boom"}
-    assert trial_summary(None)["failed"] and trial_summary({"clean_acc": 1.0})["failed"]

@@ -1,5 +1,5 @@
 """Ray Tune trainables: thin adapters from a Tune config to an `atop` fine-tuning run.
 
 `atop_trainable.train_atop` is the one module here that imports `ray.tune`; MLflow traffic goes
-through `trainables.tracking`.
+through `tracking.mlflow_log`, the names it shares with the driver are in `tracking.contract`.
 """

@@ -1,18 +1,19 @@
-"""All MLflow traffic of a study goes through here: naming conventions, runs, buffered logging.
+"""All MLflow traffic of a study goes through here: runs, buffered logging, spool replay.
 
-Conventions (read by `analysis/`): one experiment per study (name = study name); one parent run
-(tag `atop.role=study`, run name = study name); one child run per Optuna trial (tags
-`mlflow.parentRunId`, `atop.role=trial`, `optuna.trial_number`, `atop.space`); params =
-`Config.to_dict()`; metrics per epoch with step = epoch; early-stopped runs tagged `atop.stopped`.
+Conventions (names in `tracking.contract`, read by `analysis/`): one experiment per study (name =
+study name); one parent run (tag `atop.role=study`, run name = study name); one child run per
+Optuna trial (tags `mlflow.parentRunId`, `atop.role=trial`, `optuna.trial_number`, `atop.space`);
+params = `Config.to_dict()`; metrics per epoch with step = epoch; early-stopped runs tagged
+`atop.stopped`.
 
 `RunLogger` never lets an MLflow outage stop training: a call that fails is kept in a spool
 (JSON lines next to the trial) and retried before the next call; what is still unsent at the end
 stays in the spool file, which
 
-    python -m trainables.tracking upload SPOOL.jsonl [--mlflow-uri URI]
+    python -m tracking upload SPOOL.jsonl [...] --mlflow-uri URI
 
 replays later (the study driver itself replays every spool of the study when it ends:
-`flush_spools`). While the server is down the driver waits to create a trial's run
+`flush_spools`, and logs its own end-of-study calls through a `RunLogger` too). While the server is down the driver waits to create a trial's run
 (`create_trial_run`). docs/RELIABILITY.md lists what is promised and which test proves it.
 """
 from __future__ import annotations
@@ -26,10 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from atop.cli import OneLineParser
-
-ROLE_TAG, TRIAL_TAG, SPACE_TAG, STOPPED_TAG = "atop.role", "optuna.trial_number", "atop.space", "atop.stopped"
-ERROR_TAG, PARENT_TAG, LAST_ERROR_TAG = "atop.error", "mlflow.parentRunId", "atop.last_error"
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
+from atop.io import atomic_write_text
+from tracking.contract import (
+    LAST_ERROR_TAG,
+    PARENT_TAG,
+    ROLE_TAG,
+    SPACE_TAG,
+    TERMINAL_STATUSES,
+    TRIAL_TAG,
+    Role,
+)
 
 
 def quiet_http(max_retries: int = 1, timeout_s: int = 30) -> None:
@@ -59,13 +66,13 @@ def ensure_parent_run(uri: str, experiment_id: str, study_name: str, params: Map
                       tags: Mapping[str, str]) -> str:
     """The study's parent run: reused on resume (and set RUNNING again), else created."""
     c = client(uri)
-    found = c.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+    found = c.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{Role.STUDY.value}'",
                           order_by=["attributes.start_time DESC"], max_results=1)
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
         return run_id
-    run = c.create_run(experiment_id, run_name=study_name, tags={ROLE_TAG: "study", **tags})
+    run = c.create_run(experiment_id, run_name=study_name, tags={ROLE_TAG: Role.STUDY.value, **tags})
     c.log_batch(run.info.run_id, params=_params(params))
     return run.info.run_id
 
@@ -98,7 +105,7 @@ def create_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_num
                     return found.info.run_id
             run = client(uri).create_run(
                 experiment_id, run_name=f"trial-{trial_number:04d}",
-                tags={PARENT_TAG: parent_run_id, ROLE_TAG: "trial", TRIAL_TAG: str(trial_number),
+                tags={PARENT_TAG: parent_run_id, ROLE_TAG: Role.TRIAL.value, TRIAL_TAG: str(trial_number),
                       SPACE_TAG: space, **tags})
             return run.info.run_id
         except Exception as exc:  # transport or server error: wait for the server
@@ -183,6 +190,11 @@ class RunLogger:
         self._write_spool()
         return True
 
+    @property
+    def pending(self) -> int:
+        """Calls not sent yet (kept in the spool file)."""
+        return len(self._pending)
+
     # --- internals --------------------------------------------------------------------------
     def _call(self, op: dict[str, Any]) -> None:
         self._pending.append(op)
@@ -190,10 +202,8 @@ class RunLogger:
 
     def _write_spool(self) -> None:
         if self._pending:
-            self.spool.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.spool.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps({**op, "run_id": self.run_id}) + "\n" for op in self._pending))
-            os.replace(tmp, self.spool)
+            atomic_write_text(self.spool, "".join(json.dumps({**op, "run_id": self.run_id}) + "\n"
+                                                  for op in self._pending))
         elif self.spool.exists():
             self.spool.unlink()
 
@@ -214,7 +224,7 @@ class RunLogger:
         elif kind == "artifact":
             c.log_artifact(run_id, op["path"], op["artifact_path"])
         elif kind == "status":
-            if op["status"] in TERMINAL:
+            if op["status"] in TERMINAL_STATUSES:
                 c.set_terminated(run_id, op["status"])
             else:
                 c.update_run(run_id, status=op["status"])
@@ -230,11 +240,11 @@ def upload(spool: str | os.PathLike, uri: str | None = None) -> int:
         return 0
     logger = RunLogger(uri or ops[0].get("uri") or "", ops[0]["run_id"], path)
     logger.flush()
-    return len(logger._pending)
+    return logger.pending
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m trainables.tracking")
+    parser = OneLineParser(prog="python -m tracking")
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("upload", help="send MLflow calls spooled during an outage")
     up.add_argument("spool", nargs="+")

@@ -1,0 +1,36 @@
+"""`atop.artifacts`: a trial's image grid and per-example Parquet, on tiny synthetic data."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from atop.artifacts import image_grid, write_parquet
+from atop.config import Config
+from atop.data import Split
+from atop.defense import Defense
+from atop.models import CLASSIFIERS, PURIFIERS
+from atop.transforms import RandomTransform
+
+CFG = Config.from_dict({"n_train": 16, "n_eval": 8, "epochs": 2, "batch_size": 8, "purifier_width": 4,
+                        "rt": "rt3", "num_masks": 2, "unseen_attacks": "fgsm_linf"})
+
+
+def test_image_grid_is_a_png_and_leaves_no_temporary_file(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    data = Split(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g),
+                 torch.randint(0, 10, (8,), generator=g))
+    defense = Defense(RandomTransform.from_config(CFG), PURIFIERS["unet"](4), CLASSIFIERS["small_cnn"](10),
+                      seed=0).eval()
+    path = image_grid(defense, data, CFG, tmp_path / "g.png", n=4)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["g.png"]
+
+
+def test_parquet_has_a_leading_trial_number_column(tmp_path):
+    write_parquet({"index": np.arange(3), "clean_correct": np.array([True, False, True])}, tmp_path / "p.parquet", 7)
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert table.column_names == ["trial_number", "index", "clean_correct"]
+    assert table["trial_number"].to_pylist() == [7, 7, 7]
+    assert table["clean_correct"].to_pylist() == [True, False, True]

@@ -1,0 +1,140 @@
+"""The trial contract: every name the driver, the trainable, MLflow and analysis must agree on.
+
+One definition, imported everywhere (source and tests): the objectives and their directions, the
+MLflow tag and metric names of a study, the reserved keys of a trial's Tune config and result, the
+Optuna user attributes the driver writes, and the one-line description of an evaluation level.
+Changing a value here changes what is stored: Optuna storages and MLflow stores written by earlier
+versions must still resume and load, so these strings are frozen (`tests/test_study_contract.py`).
+
+Pure Python: no Ray, torch, Optuna or MLflow, so `analysis/` can import it cheaply.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+
+class Direction(str, enum.Enum):
+    """Optimisation direction, spelled as Optuna spells it."""
+
+    MAXIMIZE = "maximize"
+    MINIMIZE = "minimize"
+
+
+@dataclass(frozen=True)
+class ObjectiveDef:
+    """One objective every trial reports: a fraction in [0, 1] under `name`."""
+
+    name: str
+    direction: Direction
+    doc: str
+
+
+#: the study's objectives, in the order of Optuna's value vector
+OBJECTIVE_DEFS: Final[tuple[ObjectiveDef, ...]] = (
+    ObjectiveDef("clean_acc", Direction.MAXIMIZE, "accuracy on clean test images through the defense"),
+    ObjectiveDef("robust_acc_seen", Direction.MAXIMIZE, "accuracy under the training attack's family"),
+    ObjectiveDef("robust_acc_unseen", Direction.MAXIMIZE, "worst case per image over the unseen suite"),
+)
+OBJECTIVES: Final[tuple[str, ...]] = tuple(o.name for o in OBJECTIVE_DEFS)
+DIRECTIONS: Final[tuple[str, ...]] = tuple(o.direction.value for o in OBJECTIVE_DEFS)
+
+
+class Role(str, enum.Enum):
+    """Value of `ROLE_TAG`: the study's parent run or one trial's child run."""
+
+    STUDY = "study"
+    TRIAL = "trial"
+
+
+# --- MLflow tags ------------------------------------------------------------------------------
+ROLE_TAG: Final = "atop.role"
+TRIAL_TAG: Final = "optuna.trial_number"
+PARENT_TAG: Final = "mlflow.parentRunId"
+SPACE_TAG: Final = "atop.space"
+STUDY_TAG: Final = "atop.study"
+PRETRAINED_TAG: Final = "atop.pretrained"
+RESOURCES_TAG: Final = "atop.resources"
+RESTORED_TAG: Final = "atop.restored_from_epoch"
+STOPPED_TAG: Final = "atop.stopped"
+INTERRUPTED_TAG: Final = "atop.interrupted"
+ERROR_TAG: Final = "atop.error"
+LAST_ERROR_TAG: Final = "atop.last_error"
+OPTUNA_STATE_TAG: Final = "optuna.state"
+#: `screen` or `full` (`atop.config.EvalLevel`): how strong the attacks behind a run's figures were
+EVAL_LEVEL_TAG: Final = "atop.eval_level"
+#: MLflow run statuses that end a run
+TERMINAL_STATUSES: Final = ("FINISHED", "FAILED", "KILLED")
+
+# --- metric names besides the objectives -----------------------------------------------------
+EPOCH: Final = "epoch"
+COMPUTE_S: Final = "compute_s"
+IMAGES_PER_S: Final = "images_per_s"
+DRIVER_WALL_S: Final = "driver_wall_s"
+#: the parent run's trial counts: `trials_complete`, `trials_pruned`, `trials_fail`
+TRIAL_COUNT_METRIC: Final = "trials_{state}"
+PARETO_ARTIFACT: Final = "pareto.txt"
+
+# --- keys the driver and the trainable exchange through Tune ---------------------------------
+#: reserved keys of a trial's Tune config besides the `atop.config.Config` fields
+TRIAL_NUMBER: Final = "optuna_trial_number"
+RUN_ID: Final = "mlflow_run_id"
+TRIAL_KEYS: Final = (TRIAL_NUMBER, RUN_ID)
+#: a result with FAILED_KEY=1 ends a trial that a retry cannot fix; ERROR_KEY says why
+FAILED_KEY: Final = "atop_failed"
+ERROR_KEY: Final = "atop_error"
+
+# --- Optuna user attributes the driver writes ------------------------------------------------
+ATTR_RUN_ID: Final = RUN_ID
+ATTR_ERROR: Final = "error"
+ATTR_STOPPED_AT: Final = "stopped_at_epoch"
+ATTR_INTERRUPTED: Final = "interrupted"
+ATTR_RERUN_OF: Final = "rerun_of"
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """What the driver learns from a trial's last result.
+
+    Attributes:
+        failed: no usable objectives (the trial raised, reported `FAILED_KEY`, or lacks one).
+        error: why it failed ("" when it did not).
+        values: the objectives in `OBJECTIVES` order (empty when failed).
+        epoch: the last epoch it reported.
+        compute_s, images_per_s: its own compute time and training throughput.
+    """
+
+    failed: bool
+    error: str = ""
+    values: tuple[float, ...] = ()
+    epoch: int = 0
+    compute_s: float | None = None
+    images_per_s: float | None = None
+
+    @classmethod
+    def of(cls, result: dict | None) -> TrialSummary:
+        """Summarise a trial's last Tune result (None: it reported nothing)."""
+        if not result:
+            return cls(failed=True, error="no result reported")
+        if result.get(FAILED_KEY):
+            return cls(failed=True, error=str(result.get(ERROR_KEY, "failed")))
+        missing = [m for m in OBJECTIVES if m not in result]
+        if missing:
+            return cls(failed=True, error=f"result lacks {', '.join(missing)}")
+        return cls(failed=False, values=tuple(float(result[m]) for m in OBJECTIVES),
+                   epoch=int(result.get(EPOCH, 0)), compute_s=float(result.get(COMPUTE_S, 0.0)),
+                   images_per_s=float(result.get(IMAGES_PER_S, 0.0)))
+
+
+def eval_level_note(level: str, budget: dict[str, int]) -> str:
+    """One line saying how strong a level's attacks were, e.g. for a table of screening figures.
+
+    Args:
+        level: `screen` or `full`.
+        budget: the level's budget (`atop.evaluate.LEVELS[level]`: steps, eot, repeats, ...).
+    """
+    draws = budget.get("repeats", 1)
+    text = (f"{level} level: PGD-{budget.get('steps', '?')}, EOT {budget.get('eot', '?')}, "
+            f"{draws} draw{'s' if draws != 1 else ''}")
+    return text if level == "full" else f"{text}; not final"

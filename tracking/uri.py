@@ -1,0 +1,58 @@
+"""The one check of an MLflow tracking URI, before anything is created or read (pure: urllib only).
+
+The study driver writes to a store that may not exist yet; `analysis` reads one that must exist.
+Both fail fast here with one line instead of waiting on MLflow's retries or silently creating an
+empty store.
+"""
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+
+
+class TrackingURIError(ValueError):
+    """An unusable tracking URI; the message is one line naming it and what is accepted."""
+
+
+def check_tracking_uri(uri: str, *, existing_store: bool, timeout_s: float = 5.0) -> None:
+    """Raise `TrackingURIError` unless `uri` can work.
+
+    Args:
+        uri: `http(s)://` (its `/health` must answer 200 within `timeout_s`), `sqlite:///PATH`,
+            `file:PATH`, `databricks`, or (readers only) a plain folder path.
+        existing_store: True for a reader: the sqlite file or store folder must exist. False for a
+            writer: the sqlite path must be absolute (a Tune trial's working directory is its own
+            folder) and its folder must exist; the database itself may be new.
+        timeout_s: how long an HTTP server may take to answer, in seconds.
+    """
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri or uri.startswith("file:") else ""
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+                status = response.status
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingURIError(f"--mlflow-uri {uri!r} is unreachable ({reason}); start the MLflow server "
+                                   "or pass another URI") from None
+        if status != 200:
+            raise TrackingURIError(f"--mlflow-uri {uri!r} answered HTTP {status} on /health")
+    elif scheme == "sqlite":
+        path = uri.split(":///", 1)[-1]
+        if existing_store:
+            if not os.path.isfile(path):
+                raise TrackingURIError(f"--mlflow-uri {uri!r}: no MLflow database at {path!r}")
+        elif not path.startswith("/"):
+            raise TrackingURIError(f"--mlflow-uri {uri!r} is relative; accepted: an absolute sqlite:////abs/path.db "
+                                   "(a trial's working directory is its own folder)")
+        elif not os.path.isdir(os.path.dirname(path)):
+            raise TrackingURIError(f"--mlflow-uri {uri!r}: folder {os.path.dirname(path)!r} does not exist")
+    elif scheme == "databricks" or (scheme == "file" and not existing_store):
+        pass
+    elif scheme == "file" or (scheme == "" and existing_store):
+        path = uri.removeprefix("file://").removeprefix("file:")
+        if not os.path.isdir(path):
+            raise TrackingURIError(f"--mlflow-uri {uri!r}: no MLflow store directory at {path!r}")
+    else:
+        raise TrackingURIError(f"--mlflow-uri {uri!r} has an unsupported scheme; accepted: http(s)://, "
+                               "sqlite:////, file:///")
