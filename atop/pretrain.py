@@ -3,11 +3,13 @@
     python -m atop.pretrain classifier --out runs/clf.pt --data-dir ../shared/data [--epochs 4]
     python -m atop.pretrain purifier --out runs/pur.pt --data-dir ../shared/data [--epochs 2]
 
-The classifier learns by plain supervised training (SGD, crop + flip). The purifier learns L_gen
-only (hinge GAN + L1 towards the clean image) on randomly transformed clean images, each batch
-drawing its RT type from RT1, RT2 and RT3, so that one pre-trained purifier serves every trial of a
-study whatever transform the trial searches. `ensure_pretrained` reuses files already made with the
-same settings: a study pre-trains once, before any trial.
+The classifier learns by supervised training (SGD-Nesterov, linear one-cycle, label smoothing,
+random translate + flip; bf16 and channels-last where the settings ask). The purifier learns L_gen
+(hinge GAN + L1 towards the clean image), plus, where `purifier_ce_weight` > 0, the frozen
+classifier's CE on the purified image, on randomly transformed clean images, each batch drawing its
+RT type from `purifier_rts`, so that one pre-trained purifier serves every trial of a study whatever
+transform the trial searches. `ensure_pretrained` keeps both in a cache keyed by settings, data and
+code (`atop.pretrained_cache`): a study or run with the same ones starts without pre-training.
 """
 from __future__ import annotations
 
