@@ -149,7 +149,11 @@ def import_classifier(source: str | os.PathLike, cfg: Config, out: Path) -> Path
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise CheckpointError(f"classifier_checkpoint {str(path)!r} does not load ({reason}); expected {expected}") from None
     if isinstance(blob, dict) and "format" in blob:
-        model = build_classifier(load_checkpoint(path, kind="classifier"))
+        checked = load_checkpoint(path, kind="classifier")
+        name = checked.get("classifier", {}).get("name")
+        if name != cfg.classifier:
+            raise CheckpointError(f"classifier_checkpoint {str(path)!r} holds a {name!r} classifier; expected {expected}")
+        model = build_classifier(checked)
     else:
         state = blob
         for wrapper in ("state_dict", "model_state_dict"):

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from atop.checkpoint import CheckpointError, load_checkpoint
+from atop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from atop.config import Config
 from atop.data import Split, load_split, subset
 from atop.models import CLASSIFIERS
@@ -119,11 +119,15 @@ def test_given_classifier_file_is_checked_and_cached(tmp_path):
     (b"not a torch file", "does not load"),
     ("resnet18", "does not fit small_cnn"),
     ({"epoch": 3}, "holds no state dict"),
+    ("atop-resnet18", "holds a 'resnet18' classifier"),
 ])
 def test_foreign_classifier_file_is_a_one_line_error(tmp_path, content, expected):
     path = tmp_path / "foreign.pt"
     if isinstance(content, bytes):
         path.write_bytes(content)
+    elif content == "atop-resnet18":
+        save_checkpoint(path, kind="classifier", cfg=CFG.replace(classifier="resnet18"),
+                        classifier=CLASSIFIERS["resnet18"](10))
     elif content == "resnet18":
         torch.save(CLASSIFIERS["resnet18"](10).state_dict(), path)
     else:
