@@ -3,14 +3,17 @@
     python -m atop.pretrain classifier --out runs/clf.pt --data-dir ../shared/data [--epochs 4]
     python -m atop.pretrain purifier --out runs/pur.pt --data-dir ../shared/data [--epochs 2]
 
-The classifier learns by plain supervised training (SGD, crop + flip). The purifier learns L_gen
-only (hinge GAN + L1 towards the clean image) on randomly transformed clean images, each batch
-drawing its RT type from RT1, RT2 and RT3, so that one pre-trained purifier serves every trial of a
-study whatever transform the trial searches. `ensure_pretrained` reuses files already made with the
-same settings: a study pre-trains once, before any trial.
+The classifier learns by supervised training (SGD-Nesterov, linear one-cycle, label smoothing,
+random translate + flip; bf16 and channels-last where the settings ask). The purifier learns L_gen
+(hinge GAN + L1 towards the clean image), plus, where `purifier_ce_weight` > 0, the frozen
+classifier's CE on the purified image, on randomly transformed clean images, each batch drawing its
+RT type from `purifier_rts`, so that one pre-trained purifier serves every trial of a study whatever
+transform the trial searches. `ensure_pretrained` keeps both in a cache keyed by settings, data and
+code (`atop.pretrained_cache`): a study or run with the same ones starts without pre-training.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -29,6 +32,7 @@ from atop.config import Config, ConfigError, RTType
 from atop.data import DATASETS, DataError, Split, load_split, subset
 from atop.finetune import PurifierTrainer
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
+from atop.pretrained_cache import cache_paths, check_entry, import_classifier
 from atop.transforms import RandomTransform
 
 
@@ -47,109 +51,210 @@ class PretrainSettings:
     # epoch of 3,000 images reached L1 0.12 and 0.23, the classifier alone scoring 0.48).
     purifier_lr: float = 1e-3
     purifier_gan_weight: float = 0.1
-    batch_size: int = 128
+    batch_size: int = 128  # the purifier's, and the classifier's unless classifier_batch_size is set
+    classifier_batch_size: int = 0  # 0 = batch_size
+    classifier_weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    crop_pad: int = 4  # random translation of up to this many pixels (reflect padding)
+    # CE of the frozen classifier on the purified image: teaches the purifier to keep what the
+    # classifier needs, which L1 alone does not (it blurs away texture under RT2's noise).
+    purifier_ce_weight: float = 0.0
+    purifier_rts: str = "rt1,rt2,rt3"  # the RT types the purifier's batches draw from
+    purifier_n_train: int = 0  # the purifier sees the first this many of the n_train images; 0 = all
+    bf16: bool = False  # bf16 autocast in both pre-trainings (AMX on this project's CPU, GPUs)
+    channels_last: bool = False  # NHWC tensors: faster 3x3 convolutions in oneDNN and cuDNN
+    # A classifier file to start from instead of training one (an atop checkpoint or a plain state
+    # dict such as RobustBench's): checked, then cached under its sha256.
+    classifier_checkpoint: str = ""
 
     def __post_init__(self) -> None:
         for name in ("classifier_epochs", "purifier_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} is out of range; accepted: >= 1")
-        if self.n_train < 0:
-            raise ConfigError(f"n_train={self.n_train} is out of range; accepted: >= 0 (0 = all)")
+        for name in ("n_train", "purifier_n_train", "classifier_batch_size", "crop_pad", "purifier_ce_weight", "classifier_weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} is out of range; accepted: >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} is out of range; accepted: 0 <= x < 1")
+        accepted = ", ".join(rt.value for rt in RTType)
+        names = [name.strip() for name in self.purifier_rts.split(",") if name.strip()]
+        if not names or any(name not in {rt.value for rt in RTType} for name in names):
+            raise ConfigError(f"purifier_rts={self.purifier_rts!r} is not a list of RT types; accepted: {accepted}")
+
+    @property
+    def rt_types(self) -> list[RTType]:
+        return [RTType(name.strip()) for name in self.purifier_rts.split(",") if name.strip()]
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (pad 4, reflect) and horizontal flip, per image."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
-    dx, dy = (torch.randint(0, 9, (2, n), generator=generator)).tolist()
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
+def _augment(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation (up to `pad` pixels, reflect padding) and horizontal flip, per image."""
+    n, c, h, w = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dy, dx = torch.randint(0, 2 * pad + 1, (2, n, 1), generator=generator).to(x.device)
+        rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+        # One gather for the whole batch (a per-image crop loop costs more than the net on a CPU).
+        x = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                   torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Split, settings: PretrainSettings, *, device: str | torch.device = "cpu",
+             batch_size: int = 500) -> float:
+    """Top-1 accuracy of `model` (in eval mode) on all of `data`."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=device)
+    for x, y in data.batches(batch_size, device=device):
+        with settings.autocast(device):
+            correct += (model(x.contiguous(memory_format=settings.memory_format)).argmax(1) == y).sum()
+    model.train(was_training)
+    return float(correct) / len(data)
 
 
 def train_classifier(model: nn.Module, train: Split, settings: PretrainSettings, *, seed: int = 0,
-                     device: str | torch.device = "cpu") -> Iterator[dict[str, float]]:
-    """Standard training; yields {epoch, loss, train_acc, images_per_s} once per epoch."""
-    model.to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=settings.classifier_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps = settings.classifier_epochs * -(-len(train) // settings.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.classifier_lr, total_steps=steps)
+                     device: str | torch.device = "cpu", test: Split | None = None) -> Iterator[dict[str, float]]:
+    """Supervised training: SGD-Nesterov, one-cycle schedule (linear warm-up then linear decay).
+
+    Yields:
+        {epoch, loss, train_acc, images_per_s} once per epoch, plus test_acc (on all of `test`,
+        outside the timed part) when `test` is given.
+    """
+    device = torch.device(device)
+    model.to(device, memory_format=settings.memory_format).train()
+    batch_size = settings.classifier_batch_size or settings.batch_size
+    opt = torch.optim.SGD(model.parameters(), lr=settings.classifier_lr, momentum=0.9,
+                          weight_decay=settings.classifier_weight_decay, nesterov=True)
+    steps = settings.classifier_epochs * -(-len(train) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.classifier_lr, total_steps=steps,
+                                                pct_start=0.25, anneal_strategy="linear")
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(settings.classifier_epochs):
-        started, loss_sum, correct = time.perf_counter(), torch.zeros(()), torch.zeros(())
-        for x, y in train.batches(settings.batch_size, shuffle=True, generator=gen):
-            x, y = _augment(x, gen).to(device), y.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+        started = time.perf_counter()
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        for x, y in train.batches(batch_size, shuffle=True, generator=gen, device=device):
+            x = _augment(x, settings.crop_pad, gen).contiguous(memory_format=settings.memory_format)
+            with settings.autocast(device):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += loss.detach().cpu() * len(y)
-            correct += (logits.argmax(1) == y).sum().cpu()
-        yield {"epoch": epoch + 1, "loss": float(loss_sum) / len(train), "train_acc": float(correct) / len(train),
-               "images_per_s": len(train) / (time.perf_counter() - started)}
+            loss_sum += loss.detach() * len(y)  # stays on the device: one sync per epoch
+            correct += (logits.argmax(1) == y).sum()
+        report = {"epoch": epoch + 1, "loss": float(loss_sum) / len(train), "train_acc": float(correct) / len(train),
+                  "images_per_s": len(train) / (time.perf_counter() - started)}
+        if test is not None:
+            report["test_acc"] = accuracy(model, test, settings, device=device)
+        yield report
 
 
 def train_purifier(cfg: Config, purifier: nn.Module, discriminator: nn.Module, classifier: nn.Module, train: Split,
                    settings: PretrainSettings, *, device: str | torch.device = "cpu") -> Iterator[dict[str, float]]:
-    """L_gen on transformed clean images, RT type drawn per batch; yields losses once per epoch."""
+    """L_gen (+ CE of the frozen classifier) on transformed clean images, RT type drawn per batch.
+
+    Yields:
+        {epoch, loss_d, loss_g_gan, loss_l1, loss_ce, loss_total, images_per_s} once per epoch.
+    """
     device = torch.device(device)
-    cfg = cfg.replace(lr=settings.purifier_lr, gan_weight=settings.purifier_gan_weight)
+    cfg = cfg.replace(lr=settings.purifier_lr, gan_weight=settings.purifier_gan_weight,
+                      precision="bf16" if settings.bf16 else "fp32", channels_last=settings.channels_last)
     trainer = PurifierTrainer(cfg, purifier, discriminator, classifier, device)
-    transforms = [RandomTransform.from_config(cfg.replace(rt=rt.value)) for rt in RTType]
+    transforms = [RandomTransform.from_config(cfg.replace(rt=rt.value)) for rt in settings.rt_types]
     gen = torch.Generator().manual_seed(cfg.seed)
+    train = subset(train, settings.purifier_n_train)
     for epoch in range(settings.purifier_epochs):
         started, sums, batches = time.perf_counter(), torch.zeros(5, device=device), 0
         for x, y in train.batches(settings.batch_size, shuffle=True, generator=gen, device=device):
             rt = transforms[int(torch.randint(len(transforms), (), generator=gen))]
-            sums += trainer.step(rt, x, x, y, ce_weight=0.0)
+            sums += trainer.step(rt, x, x, y, ce_weight=settings.purifier_ce_weight)
             batches += 1
-        d, g, l1, _, total = (sums / batches).tolist()
-        yield {"epoch": epoch + 1, "loss_d": d, "loss_g_gan": g, "loss_l1": l1, "loss_total": total,
+        d, g, l1, ce, total = (sums / batches).tolist()
+        yield {"epoch": epoch + 1, "loss_d": d, "loss_g_gan": g, "loss_l1": l1, "loss_ce": ce, "loss_total": total,
                "images_per_s": len(train) / (time.perf_counter() - started)}
 
 
+#: the settings that shape the classifier; the purifier depends on all the others, and on the classifier
+_CLASSIFIER_FIELDS = ("classifier_epochs", "n_train", "classifier_lr", "classifier_batch_size",
+                      "classifier_weight_decay", "label_smoothing", "crop_pad", "bf16", "channels_last")
+_SHARED_FIELDS = ("n_train", "bf16", "channels_last")
+
+
 def pretrain_key(cfg: Config, settings: PretrainSettings, what: str) -> str:
-    """A short hash of everything that shapes a pre-trained artifact (reuse only on a match)."""
-    fields = {"what": what, "dataset": cfg.dataset, "classifier": cfg.classifier, "seed": cfg.seed,
-              "settings": asdict(settings)}
-    if what == "purifier":
+    """A short hash of the settings that shape one pre-trained artifact (data and code apart).
+
+    `atop.pretrained_cache.cache_paths` combines it with the data and code fingerprints.
+    """
+    values = asdict(settings)
+    fields = {"what": what, "dataset": cfg.dataset, "classifier": cfg.classifier, "seed": cfg.seed}
+    if what == "classifier":
+        own = _CLASSIFIER_FIELDS if not settings.classifier_checkpoint else ()
+        fields["settings"] = {name: values[name] for name in own}
+        if not settings.classifier_batch_size:  # the classifier then trains with batch_size
+            fields["settings"]["batch_size"] = settings.batch_size
+    else:
+        fields["settings"] = {name: value for name, value in values.items()
+                              if name in _SHARED_FIELDS or name not in _CLASSIFIER_FIELDS}
+        del fields["settings"]["classifier_checkpoint"]  # reaches the purifier through the classifier's key
         fields.update(purifier=cfg.purifier, width=cfg.purifier_width, block_size=cfg.block_size,
                       mask_ratio=cfg.mask_ratio, noise_std=cfg.noise_std, num_masks=cfg.num_masks)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Path, *, data_dir: str | None = None,
-                      device: str | torch.device = "cpu", log: Callable[[str], None] = print,
-                      train: Split | None = None) -> tuple[Path, Path]:
-    """Pre-train the classifier and the purifier unless files with the same settings exist.
+def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Path | None = None, *,
+                      data_dir: str | None = None, device: str | torch.device = "cpu",
+                      log: Callable[[str], None] = print, train: Split | None = None) -> tuple[Path, Path]:
+    """Reuse the cached classifier and purifier for these settings, data and code, or make them.
+
+    Args:
+        folder: the cache folder; None = `atop.pretrained_cache.default_cache_dir()`.
+        train: the pre-training subset; None = `settings.n_train` seeded images of the train split.
 
     Returns:
-        (classifier checkpoint, purifier checkpoint) under `folder`, named by `pretrain_key`.
+        (classifier checkpoint, purifier checkpoint), named by `atop.pretrained_cache.cache_paths`.
+
+    Raises:
+        CheckpointError: a cached entry or `settings.classifier_checkpoint` is corrupt or foreign.
     """
-    folder = Path(folder)
-    clf_path = folder / f"classifier-{cfg.classifier}-{pretrain_key(cfg, settings, 'classifier')}.pt"
-    pur_path = folder / f"purifier-{cfg.purifier}-{pretrain_key(cfg, settings, 'purifier')}.pt"
-    if clf_path.is_file() and pur_path.is_file():
-        log(f"reusing pre-trained {clf_path.name} and {pur_path.name}")
-        return clf_path, pur_path
     if train is None:
         train = subset(load_split(cfg.dataset, "train", data_dir), settings.n_train, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    classifier = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
+    clf_path, pur_path = cache_paths(cfg, settings, train, folder)
     if clf_path.is_file():
+        check_entry(clf_path, "classifier")
         classifier = build_classifier(load_checkpoint(clf_path, kind="classifier"))
+        log(f"reusing pre-trained {clf_path}")
+    elif settings.classifier_checkpoint:
+        import_classifier(settings.classifier_checkpoint, cfg, clf_path)
+        classifier = build_classifier(load_checkpoint(clf_path, kind="classifier"))
+        log(f"checked {settings.classifier_checkpoint} and cached it as {clf_path}")
     else:
+        torch.manual_seed(cfg.seed)
+        classifier = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
         for m in train_classifier(classifier, train, settings, seed=cfg.seed, device=device):
             log(f"pretrain classifier epoch {m['epoch']}/{settings.classifier_epochs}: loss {m['loss']:.3f} "
                 f"train acc {m['train_acc']:.3f} ({m['images_per_s']:.0f} img/s)")
         save_checkpoint(clf_path, kind="classifier", cfg=cfg, classifier=classifier)
+    if pur_path.is_file():
+        check_entry(pur_path, "purifier")
+        log(f"reusing pre-trained {pur_path}")
+        return clf_path, pur_path
+    torch.manual_seed(cfg.seed)
     purifier, disc = PURIFIERS[cfg.purifier](cfg.purifier_width), PatchDiscriminator()
     for m in train_purifier(cfg, purifier, disc, classifier, train, settings, device=device):
         log(f"pretrain purifier epoch {m['epoch']}/{settings.purifier_epochs}: L1 {m['loss_l1']:.4f} "
-            f"D {m['loss_d']:.3f} G {m['loss_g_gan']:.3f} ({m['images_per_s']:.0f} img/s)")
+            f"CE {m['loss_ce']:.3f} D {m['loss_d']:.3f} G {m['loss_g_gan']:.3f} ({m['images_per_s']:.0f} img/s)")
     save_checkpoint(pur_path, kind="purifier", cfg=cfg, purifier=purifier, discriminator=disc)
     return clf_path, pur_path
 

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator, WideResNet
+from atop.models import CLASSIFIERS, PURIFIERS, FastCNN, PatchDiscriminator, WideResNet
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "fast_cnn"])
 def test_classifiers_give_logits(name):
     model = CLASSIFIERS[name](10).eval()
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
@@ -33,3 +33,14 @@ def test_discriminator_scores_patches_with_spectral_norm():
     scores = d(torch.rand(2, 3, 32, 32), torch.zeros(2, 1, 32, 32))
     assert scores.shape == (2, 1, 4, 4)
     assert any("parametrizations" in name for name, _ in d.named_parameters())
+
+
+def test_fast_cnn_size_and_channels_last_bf16():
+    model = FastCNN(10)
+    assert sum(p.numel() for p in model.parameters()) == 1_166_496
+    x = torch.rand(3, 3, 32, 32)
+    model = model.eval()
+    fast = model.to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == (3, 10) and torch.allclose(out.float(), model(x), atol=0.1)

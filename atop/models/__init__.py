@@ -5,12 +5,13 @@ from collections.abc import Callable
 
 from torch import nn
 
-from atop.models.classifiers import ResNet18, SmallCNN, WideResNet
+from atop.models.classifiers import FastCNN, ResNet18, SmallCNN, WideResNet
 from atop.models.purifiers import GatedPurifier, PatchDiscriminator, UNetPurifier
 
 #: name -> factory(num_classes) -> classifier taking [0,1] NCHW images
 CLASSIFIERS: dict[str, Callable[[int], nn.Module]] = {
     "small_cnn": lambda num_classes: SmallCNN(num_classes),
+    "fast_cnn": lambda num_classes: FastCNN(num_classes),
     "resnet18": lambda num_classes: ResNet18(num_classes),
     "wrn28_10": lambda num_classes: WideResNet(num_classes, depth=28, widen=10),
 }
@@ -24,6 +25,7 @@ PURIFIERS: dict[str, Callable[[int], nn.Module]] = {
 __all__ = [
     "CLASSIFIERS",
     "PURIFIERS",
+    "FastCNN",
     "GatedPurifier",
     "PatchDiscriminator",
     "ResNet18",

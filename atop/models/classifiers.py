@@ -1,6 +1,8 @@
 """Image classifiers taking images in [0,1] (no normalisation layer, as in RobustBench)."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,3 +109,39 @@ class ResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layers(F.relu(self.bn1(self.conv1(x))))
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class _PoolGroup(nn.Module):
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU: halves the side, changes the width."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Pooling before the BN runs BN and GELU on a quarter of the pixels (airbench's order).
+        x = F.gelu(self.bn1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.bn2(self.conv2(x)))
+
+
+class FastCNN(nn.Module):
+    """A small all-convolutional net after airbench's fast CIFAR-10 nets, sized for CPU studies.
+
+    A 3x3 stem, three pooling groups (32 -> 16 -> 8 -> 4 pixels), a global max-pool and a linear
+    head: 1.17M parameters and about 27M multiply-adds per 32x32 image at the default widths.
+    """
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int, int] = (32, 64, 128, 256)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.GELU())
+        self.groups = nn.Sequential(*[_PoolGroup(cin, cout) for cin, cout in itertools.pairwise(widths)])
+        self.head = nn.Linear(widths[-1], num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Max-pooled features are large; scaled-down logits keep the first high-lr steps stable
+        # (airbench scales its logits the same way).
+        return self.head(F.adaptive_max_pool2d(self.groups(self.stem(x)), 1).flatten(1)) / 8
