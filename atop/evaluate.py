@@ -163,7 +163,7 @@ class EvalResult:
 def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel | str | None = None,
              device: str | torch.device = "cpu", batch_size: int | None = None, attacks: Sequence[str] = (),
              steps: int | None = None, eot: int | None = None, queries: int | None = None,
-             repeats: int | None = None, audit: bool | None = None, split: str = "test",
+             repeats: int | None = None, audit: bool | None = None, split: str | None = None,
              log: Callable[[str], None] | None = None) -> EvalResult:
     """Clean, seen and unseen robust accuracy of `defense` on `data` (all of it, in order).
 
@@ -180,7 +180,8 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
         steps, eot, queries, repeats: override the level's budget (lowering it weakens the
             evaluation: the budget is returned in `EvalResult.budget` so reports can say so).
         audit: run the gradient-masking audit (default: at `full` only).
-        split: the name of the split `data` came from, for the result's description.
+        split: the name of the split `data` came from, for the result's description (default
+            `data.source`, e.g. "test"; pass "val" for validation images carved from train).
         log: called with one line per finished attack (progress of long runs).
 
     Returns:
@@ -230,12 +231,13 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     for metric, source in figures.items():
         metrics.update(accuracy(metric, per[source]))
     std = {metric: float(per[source].mean(axis=1).std()) for metric, source in figures.items()}
-    per_example: dict[str, np.ndarray] = {"index": np.arange(len(data)), "label": data.y.numpy()}
+    # index: the row in the source split, so results of different runs can be joined per image
+    per_example: dict[str, np.ndarray] = {"index": data.indices.numpy(), "label": data.y.numpy()}
     for name, values in per.items():
         per_example[f"{name}_correct"] = values[0]
         if budget["repeats"] > 1:
             per_example[f"{name}_correct_rate"] = values.mean(axis=0)
-    return EvalResult(metrics, settings, budget, len(data), split, per_example, std,
+    return EvalResult(metrics, settings, budget, len(data), split or data.source or "unnamed", per_example, std,
                       report.to_dict() if report is not None else None)
 
 
