@@ -1,4 +1,5 @@
-"""Robustness evaluation of the whole stochastic defense, at a cheap `screen` or a strong `full` level.
+"""Robustness evaluation of the whole stochastic defense, at a `screen` level (screening figures for
+comparing trials, not final robustness figures) or a strong `full` level.
 
     python -m atop.evaluate --checkpoint runs/defense.pt --level full --n-images 64 --out runs/eval \\
         --data-dir ../shared/data [--steps 20 --eot 4 --queries 200]   # lowered budget: CPU runs
@@ -6,14 +7,16 @@
 Every attack differentiates the whole defense (RT + purifier + classifier) and averages its gradient
 over EOT draws of the random transform (BPDA alone replaces the purifier's backward by the identity,
 on purpose); the attacked image is then classified by fresh draws of the defense, as a deployed
-defense would, `repeats` times (mean and std over these draws are reported). Objectives (fractions
-in [0,1]):
+defense would, `repeats` times. A draw counts as robust only if that same draw classified the clean
+image correctly (as reference AutoAttack counts). Objectives (fractions in [0,1], means over draws):
 - `clean_acc`: accuracy on the clean images through the defense;
 - `robust_acc_seen`: PGD in the training attack's norm (the strongest member of the FGSM/PGD family
   it was trained on) at the evaluation eps;
 - `robust_acc_unseen`: per image, correct under every attack of `cfg.unseen_attacks` (worst case).
 Secondary: `robust_acc/<attack>` and, at `full`, `worst_case_acc` (correct on the clean image and
-under every attack run, audit runs included) and the gradient-masking audit (`atop.audit`).
+under every attack run, audit runs included) and the gradient-masking audit (`atop.audit`). Every
+figure comes with `_lo`, `_hi` (Wilson 95% interval over images) and `_majority` (majority vote over
+draws); every result with a one-line `describe(...)` of how it was obtained.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,17 +37,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from atop.attacks import ATTACKS, Attack
+from atop.attacks import ATTACKS
+from atop.audit import run_audit
 from atop.cli import OneLineParser
-from atop.config import Config, EvalLevel, Norm
+from atop.config import Config, EvalLevel
 from atop.data import Split
+from atop.scoring import attack_eps, measure, seen_attack
+from atop.stats import wilson
+
+__all__ = ["AUDITED", "LEVELS", "LEVEL_ATTACKS", "EvalResult", "accuracy", "attack_eps", "describe", "evaluate",
+           "level_budget", "main", "measure", "seen_attack", "weakened"]
 
 #: attack budget per level: `screen` is cheap enough to run inside every trial's epochs. `steps`:
 #: iterations of gradient attacks; `eot`: model draws per gradient (or per Square query); `queries`:
-#: Square's budget; `repeats`: fresh draws of the defense classifying each attacked image
+#: Square's budget (5000 at `full`, as reference AutoAttack); `repeats`: fresh draws of the defense
+#: classifying each attacked image
 LEVELS: dict[EvalLevel, dict[str, int]] = {
     EvalLevel.SCREEN: {"steps": 10, "eot": 2, "queries": 100, "repeats": 1},
-    EvalLevel.FULL: {"steps": 100, "eot": 20, "queries": 1000, "repeats": 5},
+    EvalLevel.FULL: {"steps": 100, "eot": 20, "queries": 5000, "repeats": 5},
 }
 #: attacks a level runs besides the seen attack and the config's unseen suite
 LEVEL_ATTACKS: dict[EvalLevel, tuple[str, ...]] = {
@@ -53,62 +63,112 @@ LEVEL_ATTACKS: dict[EvalLevel, tuple[str, ...]] = {
 }
 #: levels that run the gradient-masking audit (`atop.audit`) by default
 AUDITED = (EvalLevel.FULL,)
+_BUDGET_KEYS = ("steps", "eot", "queries", "repeats")
+
+
+def level_budget(level: EvalLevel | str, **overrides: int | None) -> dict[str, Any]:
+    """The level's budget with the given (not None) `steps`, `eot`, `queries`, `repeats` in place.
+
+    Returns:
+        {"level": level name, "steps", "eot", "queries", "repeats"}.
+
+    Raises:
+        ValueError: an unknown level or budget key, or a budget below 1.
+    """
+    level = EvalLevel(level)
+    unknown = set(overrides) - set(_BUDGET_KEYS)
+    if unknown:
+        raise ValueError(f"unknown budget key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(_BUDGET_KEYS)}")
+    budget = {**LEVELS[level], **{k: v for k, v in overrides.items() if v is not None}}
+    for key, value in budget.items():
+        if value < 1:
+            raise ValueError(f"{key}={value} must be >= 1")
+    return {"level": level.value, **budget}
+
+
+def weakened(budget: Mapping[str, Any]) -> dict[str, str]:
+    """Budget entries below the level's standard: {key: "<given> < <standard>"} (empty: standard)."""
+    standard = LEVELS[EvalLevel(budget["level"])]
+    return {k: f"{budget[k]} < {standard[k]}" for k in _BUDGET_KEYS if budget[k] < standard[k]}
+
+
+def describe(budget: Mapping[str, Any], n_images: int, split: str) -> str:
+    """One line saying how a set of figures was obtained, for every printed or logged report.
+
+    Args:
+        budget: `EvalResult.budget` (or `level_budget(...)`): level, steps, eot, queries, repeats.
+        n_images: images evaluated; split: which split they came from (e.g. "test").
+
+    Returns:
+        e.g. "screening (PGD-10, EOT 2, 1 draw): not a final robustness figure; 64 test images".
+    """
+    draws = f"{budget['repeats']} draw{'' if budget['repeats'] == 1 else 's'}"
+    if EvalLevel(budget["level"]) is EvalLevel.SCREEN:
+        text = f"screening (PGD-{budget['steps']}, EOT {budget['eot']}, {draws}): not a final robustness figure"
+    else:
+        text = (f"full evaluation (PGD/APGD {budget['steps']} steps, EOT {budget['eot']}, "
+                f"Square {budget['queries']} queries, {draws})")
+    text += f"; {n_images} {split} images"
+    if low := weakened(budget):
+        text += ("; WEAKENED below the level's standard budget (" + ", ".join(f"{k} {v}" for k, v in low.items())
+                 + "): overstates robustness")
+    return text
+
+
+def accuracy(name: str, correct: np.ndarray) -> dict[str, float]:
+    """An accuracy from (R, N) per-draw, per-image correctness, with its 95% interval and majority vote.
+
+    Returns:
+        `name`: the mean over the R draws and N images; `name_lo`, `name_hi`: the Wilson 95% interval
+        of that mean taken as a count of N images (the variance of a mean of per-image rates in
+        [0,1] is at most that of a proportion with the same mean, so the interval is exact at R = 1
+        and conservative above); `name_majority`: the fraction of images that more than half of the
+        R draws classify correctly (a tie counts as wrong).
+    """
+    draws, n = correct.shape
+    mean = float(correct.mean())
+    lo, hi = wilson(mean * n, n)
+    majority = float((2 * correct.sum(axis=0) > draws).mean())
+    return {name: mean, f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_majority": majority}
 
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]  # clean_acc, robust_acc_seen, robust_acc_unseen, robust_acc/<attack>, ...
+    #: clean_acc, robust_acc_seen, robust_acc_unseen, robust_acc/<attack>, worst_case_acc (means over
+    #: draws), each with `_lo`, `_hi` (95% interval) and `_majority` (majority vote over draws)
+    metrics: dict[str, float]
     settings: dict[str, dict[str, Any]]  # attack name -> its settings (eps, norm, steps, eot, ...)
+    budget: dict[str, Any]  # level, steps, eot, queries, repeats
+    n_images: int
+    split: str  # which split the images came from, e.g. "test"
     per_example: dict[str, np.ndarray] = field(default_factory=dict)  # index, label, <name>_correct
-    std: dict[str, float] = field(default_factory=dict)  # metric -> std over the repeated draws
-    budget: dict[str, Any] = field(default_factory=dict)  # level, steps, eot, queries, repeats
+    std: dict[str, float] = field(default_factory=dict)  # figure -> std over the repeated draws
     audit: dict[str, Any] | None = None  # `atop.audit.AuditReport.to_dict()` where audited
 
+    @property
+    def level(self) -> EvalLevel:
+        return EvalLevel(self.budget["level"])
 
-def seen_attack(cfg: Config) -> str:
-    return f"pgd_{cfg.train_norm.value}"
+    @property
+    def screening(self) -> bool:
+        """True at `screen`: a screening figure for comparing trials, not a final robustness figure."""
+        return self.level is EvalLevel.SCREEN
 
-
-def attack_eps(cfg: Config, name: str) -> float:
-    return cfg.eval_eps_linf if ATTACKS[name].norm is Norm.LINF else cfg.eval_eps_l2
-
-
-def _reseed(model: nn.Module, seed: int) -> None:
-    if hasattr(model, "reseed"):
-        model.reseed(seed)
-
-
-def measure(model: nn.Module, data: Split, attack: Attack | None, *, repeats: int = 1, seed: int = 0,
-            batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
-    """Attack every image once, then classify each attacked image with `repeats` fresh model draws.
-
-    The model's randomness is reseeded (where it has `.reseed`) to `seed` for the attack and to
-    `seed + 1 + r` for draw r, so every attack (and the clean images, `attack=None`) is judged by
-    the same draws: differences between attacks are paired, not draw noise.
-
-    Returns:
-        Bool array (repeats, N): whether draw r classified attacked image i correctly.
-    """
-    _reseed(model, seed)
-    batches = list(data.batches(batch_size, device=device))
-    attacked = [x if attack is None else attack(x, y) for x, y in batches]
-    out = np.zeros((repeats, len(data)), dtype=bool)
-    for r in range(repeats):
-        _reseed(model, seed + 1 + r)
-        start = 0
-        with torch.no_grad():
-            for x_adv, (_, y) in zip(attacked, batches):
-                out[r, start:start + len(y)] = (model(x_adv).argmax(dim=1) == y).cpu().numpy()
-                start += len(y)
-    return out
+    @property
+    def description(self) -> str:
+        """`describe(...)` of this result: level, budget, images and split in one line."""
+        return describe(self.budget, self.n_images, self.split)
 
 
 def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel | str | None = None,
              device: str | torch.device = "cpu", batch_size: int | None = None, attacks: Sequence[str] = (),
              steps: int | None = None, eot: int | None = None, queries: int | None = None,
-             repeats: int | None = None, audit: bool | None = None,
+             repeats: int | None = None, audit: bool | None = None, split: str | None = None,
              log: Callable[[str], None] | None = None) -> EvalResult:
     """Clean, seen and unseen robust accuracy of `defense` on `data` (all of it, in order).
+
+    A draw counts as robust on an image only if that same draw also classified the clean image
+    correctly (as reference AutoAttack counts robust accuracy): per draw r, clean[r] & attacked[r].
 
     Args:
         defense: the whole defense (`atop.defense.Defense`), called on images in [0,1].
@@ -120,20 +180,19 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
         steps, eot, queries, repeats: override the level's budget (lowering it weakens the
             evaluation: the budget is returned in `EvalResult.budget` so reports can say so).
         audit: run the gradient-masking audit (default: at `full` only).
+        split: the name of the split `data` came from, for the result's description (default
+            `data.source`, e.g. "test"; pass "val" for validation images carved from train).
         log: called with one line per finished attack (progress of long runs).
 
     Returns:
-        EvalResult; metrics are means over the `repeats` draws, `std` their standard deviations.
+        EvalResult; metrics are means over the `repeats` draws with 95% intervals and majority
+        votes (`accuracy`), `std` the standard deviations of the per-draw accuracies.
 
     Raises:
         ValueError: an unknown attack name or a budget below 1.
     """
     level = EvalLevel(level or cfg.eval_level)
-    overrides = {"steps": steps, "eot": eot, "queries": queries, "repeats": repeats}
-    budget = {**LEVELS[level], **{k: v for k, v in overrides.items() if v is not None}}
-    for key, value in budget.items():
-        if value < 1:
-            raise ValueError(f"{key}={value} must be >= 1")
+    budget = level_budget(level, steps=steps, eot=eot, queries=queries, repeats=repeats)
     names = list(dict.fromkeys([seen_attack(cfg), *cfg.unseen_attack_names, *LEVEL_ATTACKS[level], *attacks]))
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
@@ -146,41 +205,39 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     for name in names:
         spec, started = ATTACKS[name], time.perf_counter()
         attack = spec.build(defense, eps=attack_eps(cfg, name), seed=cfg.seed, **spec.budget(**attack_budget))
-        per[name] = measure(defense, data, attack, **opts)
-        settings[name] = {**attack.settings(), "level": level.value}
+        per[name] = measure(defense, data, attack, clean=per["clean"], **opts)
+        settings[name] = {**attack.settings(), "level": level.value, "repeats": budget["repeats"]}
         if log:
             log(f"{name}: robust acc {per[name].mean():.3f} ({time.perf_counter() - started:.0f} s)")
     report = None
     if audit if audit is not None else level in AUDITED:
-        from atop.audit import run_audit
-
         started = time.perf_counter()
-        report = run_audit(defense, data, cfg, **attack_budget, measured={n: per[n] for n in names},
+        report = run_audit(defense, data, cfg, **attack_budget, measured={n: per[n] for n in ["clean", *names]},
                            repeats=opts["repeats"], batch_size=opts["batch_size"], device=device)
         per.update(report.runs)
-        settings.update({n: {**s, "level": level.value, "audit": 1} for n, s in report.settings.items()})
+        settings.update({n: {**s, "level": level.value, "repeats": budget["repeats"], "audit": 1}
+                         for n, s in report.settings.items()})
         if log:
             log(f"audit: {time.perf_counter() - started:.0f} s, flags "
-                + ", ".join(k for k, v in report.flags.items() if v is True) or "none")
+                + (", ".join(k for k, v in report.flags.items() if v is True) or "none"))
     attacked = [n for n in per if n != "clean"]
     per["unseen"] = np.logical_and.reduce([per[n] for n in cfg.unseen_attack_names])
     per["worst_case"] = np.logical_and.reduce([per["clean"], *(per[n] for n in attacked)])
-    means = {n: float(v.mean()) for n, v in per.items()}
-    stds = {n: float(v.mean(axis=1).std()) for n, v in per.items()}
-    key = {"clean": "clean_acc", seen_attack(cfg): "robust_acc_seen", "unseen": "robust_acc_unseen",
-           "worst_case": "worst_case_acc"}
-    metrics = {"clean_acc": means["clean"], "robust_acc_seen": means[seen_attack(cfg)],
-               "robust_acc_unseen": means["unseen"], **{f"robust_acc/{n}": means[n] for n in attacked}}
-    std = {"clean_acc": stds["clean"], "robust_acc_seen": stds[seen_attack(cfg)],
-           "robust_acc_unseen": stds["unseen"], **{f"robust_acc/{n}": stds[n] for n in attacked}}
+    figures = {"clean_acc": "clean", "robust_acc_seen": seen_attack(cfg), "robust_acc_unseen": "unseen",
+               **{f"robust_acc/{n}": n for n in attacked}}
     if report is not None or level is EvalLevel.FULL:
-        metrics[key["worst_case"]], std[key["worst_case"]] = means["worst_case"], stds["worst_case"]
-    per_example: dict[str, np.ndarray] = {"index": np.arange(len(data)), "label": data.y.numpy()}
+        figures["worst_case_acc"] = "worst_case"
+    metrics: dict[str, float] = {}
+    for metric, source in figures.items():
+        metrics.update(accuracy(metric, per[source]))
+    std = {metric: float(per[source].mean(axis=1).std()) for metric, source in figures.items()}
+    # index: the row in the source split, so results of different runs can be joined per image
+    per_example: dict[str, np.ndarray] = {"index": data.indices.numpy(), "label": data.y.numpy()}
     for name, values in per.items():
         per_example[f"{name}_correct"] = values[0]
         if budget["repeats"] > 1:
             per_example[f"{name}_correct_rate"] = values.mean(axis=0)
-    return EvalResult(metrics, settings, per_example, std, {"level": level.value, **budget},
+    return EvalResult(metrics, settings, budget, len(data), split or data.source or "unnamed", per_example, std,
                       report.to_dict() if report is not None else None)
 
 
@@ -276,43 +333,51 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    level = EvalLevel(args.level)
-    budget = {**LEVELS[level], **{k: getattr(args, k) for k in ("steps", "eot", "queries", "repeats")
-                                  if getattr(args, k) is not None}}
-    weakened = {k: f"{budget[k]} < {LEVELS[level][k]}" for k in ("steps", "eot", "queries", "repeats")
-                if budget[k] < LEVELS[level][k]}
-    header = (f"level {level.value}: steps {budget['steps']}, eot {budget['eot']}, queries {budget['queries']}, "
-              f"repeats {budget['repeats']}, eps linf {cfg.eval_eps_linf:.5g}, l2 {cfg.eval_eps_l2:.5g}, "
-              f"{len(data)} images")
-    print(header, flush=True)
-    if weakened:
-        print("WEAKENED: budget below the level's standard (" + "; ".join(f"{k} {v}" for k, v in weakened.items())
+    budget = level_budget(args.level, **{k: getattr(args, k) for k in _BUDGET_KEYS})
+    low = weakened(budget)
+    description = describe(budget, len(data), "test")
+    print(f"{description}; eps linf {cfg.eval_eps_linf:.5g}, l2 {cfg.eval_eps_l2:.5g}", flush=True)
+    if low:
+        print("WEAKENED: budget below the level's standard (" + "; ".join(f"{k} {v}" for k, v in low.items())
               + "): these numbers overstate robustness against the standard evaluation", flush=True)
     started = time.perf_counter()
-    result = evaluate(defense, data, cfg, level=level, device=args.device, batch_size=args.batch_size,
-                      attacks=extra, audit=False if args.no_audit else None,
-                      log=lambda line: print(line, flush=True), **{k: budget[k] for k in budget})
+    result = evaluate(defense, data, cfg, level=args.level, device=args.device, batch_size=args.batch_size,
+                      attacks=extra, audit=False if args.no_audit else None, split="test",
+                      log=lambda line: print(line, flush=True), **{k: budget[k] for k in _BUDGET_KEYS})
     seconds = time.perf_counter() - started
-    attacks = {name[len("robust_acc/"):]: {"robust_acc": value, "robust_acc_std": result.std[name],
-                                           "settings": result.settings[name[len("robust_acc/"):]]}
-               for name, value in result.metrics.items() if name.startswith("robust_acc/")}
+    m = result.metrics
+
+    def figure(name: str) -> dict[str, float]:
+        return {"acc": m[name], "lo": m[f"{name}_lo"], "hi": m[f"{name}_hi"], "majority": m[f"{name}_majority"],
+                "std_over_draws": result.std[name]}
+
+    attacks = {name[len("robust_acc/"):]: {**figure(name), "settings": result.settings[name[len("robust_acc/"):]]}
+               for name in result.std if name.startswith("robust_acc/")}
     report = {
-        "checkpoint": str(Path(args.checkpoint).resolve()), "dataset": cfg.dataset, "split": "test",
-        "n_images": len(data), "level": level.value, "seed": cfg.seed, "device": str(args.device),
-        "budget": result.budget, "standard_budget": LEVELS[level], "weakened": weakened,
+        "description": result.description, "screening": result.screening,
+        "checkpoint": str(Path(args.checkpoint).resolve()), "dataset": cfg.dataset, "split": result.split,
+        "n_images": result.n_images, "level": result.level.value, "seed": cfg.seed, "device": str(args.device),
+        "budget": result.budget, "standard_budget": LEVELS[result.level], "weakened": low,
         "threat_models": {"linf": cfg.eval_eps_linf, "l2": cfg.eval_eps_l2},
-        "clean_acc": result.metrics["clean_acc"], "clean_acc_std": result.std["clean_acc"],
-        "robust_acc_seen": result.metrics["robust_acc_seen"], "robust_acc_unseen": result.metrics["robust_acc_unseen"],
-        "worst_case_acc": result.metrics.get("worst_case_acc"), "worst_case_acc_std": result.std.get("worst_case_acc"),
-        "attacks": attacks, "audit": result.audit, "seconds": seconds,
+        "scoring": "a draw counts as robust only if the same draw classified the clean image correctly; acc: mean "
+                   "over draws and images; lo, hi: Wilson 95% interval of acc as a count of n_images; majority: "
+                   "images most draws classify correctly",
+        "clean_acc": figure("clean_acc"), "robust_acc_seen": figure("robust_acc_seen"),
+        "robust_acc_unseen": figure("robust_acc_unseen"),
+        "worst_case_acc": figure("worst_case_acc") if "worst_case_acc" in m else None,
+        "attacks": attacks, "metrics": m, "audit": result.audit, "seconds": seconds,
         "torch": torch.__version__, "config": cfg.to_dict(),
     }
     _write(out, report, result.per_example)
-    print(f"clean {report['clean_acc']:.3f} ± {report['clean_acc_std']:.3f}")
-    for name, entry in attacks.items():
-        print(f"{name:32s} {entry['robust_acc']:.3f} ± {entry['robust_acc_std']:.3f}")
+    print(description)
+    print(f"{'figure':32s} {'acc':>6s} {'95% interval':>15s} {'majority':>8s} {'std/draws':>9s}")
+    rows = {"clean": report["clean_acc"], f"seen ({seen_attack(cfg)})": report["robust_acc_seen"],
+            f"unseen (all of {cfg.unseen_attacks})": report["robust_acc_unseen"], **attacks}
     if report["worst_case_acc"] is not None:
-        print(f"{'worst case':32s} {report['worst_case_acc']:.3f} ± {report['worst_case_acc_std']:.3f}")
+        rows["worst case"] = report["worst_case_acc"]
+    for name, entry in rows.items():
+        print(f"{name:32s} {entry['acc']:6.3f} [{entry['lo']:.3f}, {entry['hi']:.3f}] {entry['majority']:8.3f} "
+              f"{entry['std_over_draws']:9.3f}")
     if result.audit is not None:
         flagged = [k for k, v in result.audit["flags"].items() if v is True and k != "gradient_masking_suspected"]
         print("audit: " + ("gradient masking suspected: " + ", ".join(flagged) if flagged else "no flags"))

@@ -1,12 +1,18 @@
 """One AToP run end to end: pre-train what is missing, fine-tune, evaluate, write the defense.
 
-    python -m atop.run --preset smoke --out runs/smoke --data-dir ../shared/data
+    python -m atop.run --preset smoke --out runs/smoke --data-dir ../shared/data [--level screen]
 
 Writes `OUT/defense.pt` (load it with `atop.load_defense`), `OUT/metrics.json` (the final
-objectives, per-attack figures, the attack settings behind every number, and the same evaluation of
-the pre-trained purifier before fine-tuning, as the baseline) and `OUT/pretrained/` (reused by the
-next run with the same settings). Files appear only when complete; a failed run leaves no partial
-files behind.
+objectives, per-attack figures with 95% intervals and majority votes, the attack settings behind
+every number, a one-line `evaluation` saying how they were obtained, and the same evaluation of the
+pre-trained purifier before fine-tuning, as the baseline) and `OUT/pretrained/` (reused by the next
+run with the same settings). Files appear only when complete; a failed run leaves no partial files
+behind.
+
+The final evaluation (last epoch and baseline) runs at `--level`, default `full` (`atop.evaluate`:
+PGD/APGD 100 steps, EOT 20, 5 draws, the gradient-masking audit); `--level screen` keeps the cheap
+screening level for quick runs, and its figures are labelled "screening (...): not a final
+robustness figure". Without `--level`, an `eval_level` given in `--config` or `--set` is used.
 """
 from __future__ import annotations
 
@@ -29,10 +35,10 @@ from atop.checkpoint import (
     save_checkpoint,
 )
 from atop.cli import OneLineParser
-from atop.config import Config, ConfigError, read_config_file
+from atop.config import Config, ConfigError, EvalLevel, read_config_file
 from atop.data import DataError, load_split, subset
 from atop.defense import Defense
-from atop.evaluate import evaluate
+from atop.evaluate import describe, evaluate, level_budget
 from atop.finetune import finetune
 from atop.presets import get_preset
 from atop.pretrain import ensure_pretrained
@@ -63,8 +69,8 @@ def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, devic
 
     started = time.perf_counter()
     baseline_defense = Defense(RandomTransform.from_config(cfg), purifier, classifier, seed=cfg.seed).to(device).eval()
-    baseline = evaluate(baseline_defense, test, cfg, device=device)
-    log("before fine-tuning: " + _summary(baseline.metrics))
+    baseline = evaluate(baseline_defense, test, cfg, device=device, split="test")
+    log(f"before fine-tuning ({baseline.description}): {_summary(baseline.metrics)}")
     report = None
     for report in finetune(cfg, classifier, purifier, disc, subset(train_full, cfg.n_train, seed=cfg.seed), test,
                            device=device):
@@ -75,15 +81,21 @@ def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, devic
                     discriminator=disc, optimizers=report.state["optimizers"], epoch=report.epoch,
                     metrics=report.metrics)
     # The last epoch already evaluated these weights at the config's level: its figures are final.
-    return {**report.metrics, "attacks": report.eval_settings, "n_eval": len(test), "preset": preset_name,
+    budget = level_budget(cfg.eval_level)
+    return {"evaluation": describe(budget, len(test), "test"), "level": cfg.eval_level.value,
+            "screening": cfg.eval_level is EvalLevel.SCREEN, "budget": budget, "split": "test", "n_eval": len(test),
+            **report.metrics, "attacks": report.eval_settings, "preset": preset_name,
             "config": cfg.to_dict(), "baseline_before_finetune": baseline.metrics,
             "wall_s": time.perf_counter() - started,
-            "how": "attacks differentiate the whole defense (RT + purifier + classifier) with EOT; "
-                   "each attacked image is classified by one fresh draw of the defense"}
+            "how": "attacks differentiate the whole defense (RT + purifier + classifier) with EOT; each attacked "
+                   f"image is classified by {budget['repeats']} fresh draw(s) of the defense; a draw counts as "
+                   "robust only if the same draw classified the clean image correctly; <figure>_lo, _hi: Wilson "
+                   "95% interval over images; <figure>_majority: images most draws classify correctly"}
 
 
-def _summary(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k} {metrics[k]:.3f}" for k in ("clean_acc", "robust_acc_seen", "robust_acc_unseen"))
+def _summary(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k} {metrics[k]:.3f} [{metrics[k + '_lo']:.3f}, {metrics[k + '_hi']:.3f}]"
+                    for k in ("clean_acc", "robust_acc_seen", "robust_acc_unseen"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one config field, over --config")
     parser.add_argument("--out", required=True, help="output folder (created; existing defense.pt is replaced)")
     parser.add_argument("--data-dir", help="folder with <dataset>_<split>.npz (default $ATOP_DATA_DIR)")
+    parser.add_argument("--level", choices=[level.value for level in EvalLevel],
+                        help="level of the final evaluation (default full; screen: quick runs, not final figures)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -101,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         preset = get_preset(args.preset)
         overrides = parse_overrides(args.set)
         file_values = read_config_file(args.config) if args.config else {}
-        # precedence: preset < config file < --set flags
-        cfg = Config.from_dict({**preset.config, **file_values, **overrides})
+        # precedence: preset < config file < --set flags; the final evaluation is `full` unless --level
+        # (or an eval_level in the config file or --set) says otherwise, whatever the preset's
+        level = args.level or overrides.get("eval_level") or file_values.get("eval_level") or "full"
+        cfg = Config.from_dict({**preset.config, **file_values, **overrides, "eval_level": level})
         out.mkdir(parents=True, exist_ok=True)
         metrics = run(cfg, args.preset, out, data_dir=args.data_dir, device=args.device)
         _write_json_atomic(out / "metrics.json", metrics)
@@ -115,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if created and out.exists() and not (out / "pretrained").exists():
             shutil.rmtree(out)
         raise
-    print(f"wrote {out / 'defense.pt'} and {out / 'metrics.json'}: {_summary(metrics)}")
+    print(f"final ({metrics['evaluation']}): {_summary(metrics)}")
+    print(f"wrote {out / 'defense.pt'} and {out / 'metrics.json'}")
     return 0
 
 

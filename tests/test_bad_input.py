@@ -46,6 +46,7 @@ CASES: dict[str, Case] = {
                                                {"c.yaml": "lamda: 0.1\nepochs: 1\n"}),
     "run: unsafe YAML tag": Case("run", ["--config", "{tmp}/u.yaml"], ["u.yaml"],
                                  {"u.yaml": "!!python/object/apply:os.system ['echo pwned']\n"}),
+    "run: unknown evaluation level": Case("run", ["--level", "quick"], ["'quick'", "screen", "full"]),
     "run: missing data dir": Case("run", ["--preset", "tiny", "--data-dir", "{tmp}/no-data"], ["no-data"]),
     "run: unreadable data file": Case("run", ["--preset", "tiny", "--data-dir", "{tmp}/junk"], ["cifar10_train.npz"],
                                       {"junk/cifar10_train.npz": "not an npz", "junk/cifar10_test.npz": "nope"}),

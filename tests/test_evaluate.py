@@ -1,8 +1,9 @@
-"""evaluate(): levels, metric names, worst case, audit; and the `python -m atop.evaluate` CLI,
-bad inputs included."""
+"""evaluate(): levels, metric names, intervals, majority votes, clean-gated robustness, worst case,
+audit, screening labels; and the `python -m atop.evaluate` CLI, bad inputs included."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,26 +11,99 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from attack_fixtures import DATA_DIR, eval_images, need_data, tiny_defense
+from torch import nn
 
+from atop.attacks import ATTACKS
 from atop.checkpoint import save_checkpoint
 from atop.config import Config, EvalLevel
-from atop.evaluate import LEVELS, evaluate, main, seen_attack
+from atop.data import Split
+from atop.evaluate import (
+    LEVELS,
+    accuracy,
+    describe,
+    evaluate,
+    level_budget,
+    main,
+    measure,
+    seen_attack,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = Config.from_dict({"n_eval": 4, "batch_size": 4, "unseen_attacks": "pgd_l2,apgd_dlr_linf"})
+FIGURES = {"clean_acc", "robust_acc_seen", "robust_acc_unseen", "robust_acc/pgd_linf", "robust_acc/pgd_l2",
+           "robust_acc/apgd_dlr_linf"}
+
+
+def check_intervals(metrics: dict[str, float], figures: set[str]) -> None:
+    for name in figures:
+        assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"], name
+        assert 0 <= metrics[f"{name}_lo"] and metrics[f"{name}_hi"] <= 1 and 0 <= metrics[f"{name}_majority"] <= 1
 
 
 def test_screen_stays_cheap_and_reports_the_objectives() -> None:
     assert LEVELS[EvalLevel.SCREEN]["steps"] == 10 and LEVELS[EvalLevel.SCREEN]["eot"] == 2
     assert LEVELS[EvalLevel.FULL]["steps"] == 100 and LEVELS[EvalLevel.FULL]["eot"] >= 20
+    assert LEVELS[EvalLevel.FULL]["queries"] == 5000  # reference AutoAttack's Square budget
     result = evaluate(tiny_defense(), eval_images(4), CFG, level="screen", steps=2)
-    assert set(result.metrics) == {"clean_acc", "robust_acc_seen", "robust_acc_unseen", "robust_acc/pgd_linf",
-                                   "robust_acc/pgd_l2", "robust_acc/apgd_dlr_linf"}
-    assert all(0 <= v <= 1 for v in result.metrics.values())
+    assert set(result.metrics) == {f"{n}{s}" for n in FIGURES for s in ("", "_lo", "_hi", "_majority")}
+    check_intervals(result.metrics, FIGURES)
+    for name in FIGURES:  # one draw: the majority vote is that draw
+        assert result.metrics[f"{name}_majority"] == result.metrics[name]
+        assert result.metrics[f"{name}_hi"] - result.metrics[f"{name}_lo"] > 0.3  # 4 images say little
     assert result.audit is None and result.budget["eot"] == 2 and result.budget["steps"] == 2
     assert result.settings[seen_attack(CFG)]["level"] == "screen"
     assert len(result.per_example["clean_correct"]) == 4
+    assert result.screening and result.level is EvalLevel.SCREEN and result.n_images == 4
+    assert result.description == ("screening (PGD-2, EOT 2, 1 draw): not a final robustness figure; 4 test images; "
+                                  "WEAKENED below the level's standard budget (steps 2 < 10): overstates robustness")
+
+
+def test_describe_says_how_a_figure_was_obtained() -> None:
+    assert describe(level_budget("screen"), 64, "test") == (
+        "screening (PGD-10, EOT 2, 1 draw): not a final robustness figure; 64 test images")
+    full = describe(level_budget("full"), 512, "validation")
+    assert full == "full evaluation (PGD/APGD 100 steps, EOT 20, Square 5000 queries, 5 draws); 512 validation images"
+    with pytest.raises(ValueError, match="eot=0"):
+        level_budget("full", eot=0)
+
+
+def test_accuracy_gives_the_mean_its_wilson_interval_and_the_majority_vote() -> None:
+    correct = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 1, 0]], dtype=bool)  # 3 draws of 4 images
+    figures = accuracy("acc", correct)
+    assert figures["acc"] == pytest.approx(5 / 12)
+    assert figures["acc_majority"] == 0.5  # images 0 and 2 are right in 2 of 3 draws
+    # Wilson of 5/3 "images" of 4 (the mean as a count), by hand: centre (p + z^2/8) / (1 + z^2/4), p = 5/12
+    assert figures["acc_lo"] == pytest.approx(0.110018, abs=1e-6) and figures["acc_hi"] == pytest.approx(0.804964, abs=1e-6)
+    assert accuracy("a", np.array([[1, 0], [0, 0]], dtype=bool))["a_majority"] == 0  # a tie is not a majority
+
+
+class SineModel(nn.Module):
+    """Two classes by the sign of sin(omega * (mean pixel - centre)): FGSM's ascent step on the
+    loss of label 1 overshoots by half a period, so it turns a misclassified image into a right one."""
+
+    def __init__(self, centre: float, omega: float):
+        super().__init__()
+        self.centre, self.omega = centre, omega
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sin(self.omega * (x.mean(dim=(1, 2, 3)) - self.centre))
+        return torch.stack([torch.zeros_like(s), s], dim=1)
+
+
+def test_a_draw_wrong_on_the_clean_image_never_counts_as_robust() -> None:
+    eps = 8 / 255
+    data = Split(torch.full((4, 3, 8, 8), 128, dtype=torch.uint8), torch.ones(4, dtype=torch.int64))
+    omega = math.pi / eps  # one FGSM step moves the phase by -pi: from -pi/4 (wrong) to -5pi/4 (right)
+    model = SineModel(centre=128 / 255 + math.pi / 4 / omega, omega=omega)
+    fgsm = ATTACKS["fgsm_linf"].build(model, eps=eps)
+    assert measure(model, data, None).sum() == 0 and measure(model, data, fgsm).all()  # the case holds
+    cfg = Config.from_dict({"batch_size": 4, "unseen_attacks": "fgsm_linf"})
+    result = evaluate(model, data, cfg, level="screen", steps=1)
+    assert result.metrics["clean_acc"] == 0
+    assert result.metrics["robust_acc/fgsm_linf"] == 0 and result.metrics["robust_acc_unseen"] == 0
+    assert not result.per_example["fgsm_linf_correct"].any()
 
 
 def test_full_runs_autoattack_and_the_audit_and_takes_the_worst_case() -> None:
@@ -42,6 +116,10 @@ def test_full_runs_autoattack_and_the_audit_and_takes_the_worst_case() -> None:
     assert "robust_acc/square_linf" in m and "robust_acc/bpda_linf" in m  # audit runs count too
     assert result.per_example["worst_case_correct_rate"].shape == (4,)
     assert set(result.std) >= {"clean_acc", "worst_case_acc"}
+    check_intervals(m, {k for k in result.std})
+    assert not result.screening and result.description.startswith("full evaluation")
+    for name in result.std:  # every attack run on a draw the clean image passed
+        assert m[name] <= m["clean_acc"] + 1e-9
 
 
 def test_unknown_attack_is_refused() -> None:
@@ -75,16 +153,32 @@ def test_cli_writes_eval_json_and_parquet(checkpoint: Path, tmp_path: Path, caps
     assert report["n_images"] == 3 and report["level"] == "full"
     assert report["budget"] == {"level": "full", "steps": 1, "eot": 1, "queries": 3, "repeats": 2}
     assert report["weakened"]["eot"] == "1 < 20"
+    assert report["screening"] is False and "WEAKENED" in report["description"] and report["split"] == "test"
     assert {"pgd_linf", "pgd_l2", "apgd_dlr_linf", "autoattack_rand_linf", "cw_l2", "square_linf",
             "bpda_linf"} <= set(report["attacks"])
     for entry in report["attacks"].values():
-        assert 0 <= entry["robust_acc"] <= 1 and entry["robust_acc_std"] >= 0 and "eps" in entry["settings"]
-    assert 0 <= report["worst_case_acc"] <= report["clean_acc"]
+        assert entry["lo"] <= entry["acc"] <= entry["hi"] and 0 <= entry["majority"] <= 1
+        assert entry["std_over_draws"] >= 0 and {"eps", "norm", "eot", "repeats"} <= set(entry["settings"])
+    assert 0 <= report["worst_case_acc"]["acc"] <= report["clean_acc"]["acc"]
     assert isinstance(report["audit"]["flags"]["gradient_masking_suspected"], bool)
     table = pq.read_table(out / "per_image.parquet").to_pandas()
     assert len(table) == 3 and {"index", "label", "clean_correct", "worst_case_correct"} <= set(table.columns)
     assert table["clean_correct"].dtype == np.bool_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_cli_screen_outputs_say_they_are_screening(checkpoint: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    need_data()
+    out = tmp_path / "eval"
+    assert main(["--checkpoint", str(checkpoint), "--level", "screen", "--n-images", "3", "--out", str(out),
+                 "--data-dir", str(DATA_DIR)]) == 0
+    label = "screening (PGD-10, EOT 2, 1 draw): not a final robustness figure; 3 test images"
+    assert label in capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    assert report["screening"] is True and report["description"] == label and report["weakened"] == {}
+    assert report["attacks"]["pgd_linf"]["settings"]["steps"] == 10 and report["audit"] is None
+    assert report["metrics"]["robust_acc_seen_lo"] <= report["robust_acc_seen"]["acc"]
 
 
 @pytest.mark.parametrize("args, message", [
