@@ -16,6 +16,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from atop.attacks import ATTACKS
+from atop.data import DATASETS
+from atop.models import CLASSIFIERS, PURIFIERS
+from atop.threat import Norm, pgd_step_size
+
 
 class ConfigError(ValueError):
     """A bad configuration value; its message is one line naming the value and what is accepted."""
@@ -27,11 +32,6 @@ class RTType(str, enum.Enum):
     RT1 = "rt1"  # random mask
     RT2 = "rt2"  # Gaussian noise, then random mask
     RT3 = "rt3"  # noise, then N disjoint masks, each inpainted, filled pixels combined
-
-
-class Norm(str, enum.Enum):
-    LINF = "linf"
-    L2 = "l2"
 
 
 class TrainAttack(str, enum.Enum):
@@ -85,7 +85,7 @@ class Config:
     train_norm: Norm = Norm.LINF
     train_eps: float = 8 / 255
     train_steps: int = 1  # PGD steps (FGSM: always one)
-    train_step_size: float = 0.0  # 0 = eps for FGSM, 2.5 * eps / steps for PGD
+    train_step_size: float = 0.0  # 0 = eps for FGSM, `pgd_step_size` for PGD
     train_random_start: bool = False
     train_grad_path: GradPath = GradPath.CLASSIFIER
     train_eot: int = 1  # EOT samples when the gradient passes the random defense
@@ -150,14 +150,10 @@ class Config:
             return self.train_step_size
         if self.train_attack is TrainAttack.FGSM:
             return self.train_eps
-        return 2.5 * self.train_eps / self.train_steps
+        return pgd_step_size(self.train_eps, self.train_steps)
 
     def validate(self) -> None:
         """Check ranges and names; raise `ConfigError` on the first bad value."""
-        from atop.attacks import ATTACKS
-        from atop.data import DATASETS
-        from atop.models import CLASSIFIERS, PURIFIERS
-
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("classifier", self.classifier, CLASSIFIERS)
         _one_of("purifier", self.purifier, PURIFIERS)

@@ -1,15 +1,16 @@
 """Attacks: norm bounds and [0,1] range for every registered attack, strength on a trained model,
-EOT variance, BPDA, losses and APGD's schedule."""
+EOT variance, BPDA, losses, APGD's schedule, and decisions on fresh draws of a random defense."""
 from __future__ import annotations
 
 import pytest
 import torch
 from attack_fixtures import MaskedDefense, batch, noisy_defense, tiny_defense, trained_classifier
 
-from atop.attacks import APGD, ATTACKS, BPDAWrapper, Square
+from atop.attacks import APGD, ATTACKS, AutoAttack, BPDAWrapper, Square
 from atop.attacks.apgd import checkpoints
+from atop.attacks.base import Scored
 from atop.attacks.losses import dlr, margin
-from atop.config import Norm
+from atop.threat import Norm
 
 EPS = {Norm.LINF: 8 / 255, Norm.L2: 0.5}
 TINY_BUDGET = {"steps": 3, "eot": 2, "queries": 8}
@@ -18,6 +19,16 @@ TINY_BUDGET = {"steps": 3, "eot": 2, "queries": 8}
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
+
+
+def scored(defense: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 5) -> torch.Tensor:
+    """(repeats, N) bool: draw r (seed 100 + r, none an attack's own) classifies image i correctly."""
+    out = []
+    for r in range(repeats):
+        defense.reseed(100 + r)
+        with torch.no_grad():
+            out.append(defense(x).argmax(1) == y)
+    return torch.stack(out)
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
@@ -152,3 +163,99 @@ def test_bpda_forward_is_the_defense_and_backward_skips_the_purifier() -> None:
     xb, yb = batch(32)
     bpda = accuracy(masked, ATTACKS["bpda_linf"].build(masked, eps=8 / 255, steps=10)(xb, yb), yb)
     assert bpda <= 0.1
+
+
+def test_fresh_scores_leave_the_models_stream_as_it_was() -> None:
+    defense, (x, y) = noisy_defense(trained_classifier()), batch(8)
+    attack = ATTACKS["apgd_ce_linf"].build(defense, eps=8 / 255, steps=2)
+    defense.reseed(3)
+    expected = defense(x)
+    defense.reseed(3)
+    first, second = attack.fresh_scores(x, y), attack.fresh_scores(x, y)
+    assert torch.equal(defense(x), expected)  # the EOT stream continues as if nothing was drawn
+    assert torch.equal(first.accuracy, second.accuracy)  # the same draws for every candidate: paired
+    rates = scored(defense, x, y, repeats=10).float().mean(0)
+    assert not torch.equal(first.accuracy, rates)  # and not the evaluation's draws
+
+
+def test_select_by_fresh_draws_keeps_the_most_misclassified_candidate() -> None:
+    model, (x, y) = trained_classifier(), batch(16)
+    attack = ATTACKS["pgd_linf"].build(model, eps=4 / 255, steps=5)
+    x_adv = attack(x, y)
+    chosen = attack.select_by_fresh_draws([x, x_adv], y)
+    with torch.no_grad():
+        margins = torch.stack([margin(model(x), y), margin(model(x_adv), y)])
+    wrong = margins < 0
+    # a deterministic model: accuracy 0/1; misclassified wins, else the lower margin (ties: first)
+    expect = torch.where(wrong[1] & ~wrong[0], 1, torch.where(wrong[0] & ~wrong[1], 0,
+                                                             (margins[1] < margins[0]).long()))
+    assert torch.equal(chosen.x, torch.stack([x, x_adv])[expect, torch.arange(len(y))])
+    assert torch.equal(chosen.accuracy, (~wrong[expect, torch.arange(len(y))]).float())
+    assert isinstance(chosen, Scored) and chosen.accuracy.sum() < len(y)  # not vacuous
+
+
+def test_apgd_on_a_random_defense_no_weaker_than_pgd_eot_with_the_same_budget() -> None:
+    defense, (x, y) = noisy_defense(trained_classifier()), batch(32)
+    budget = {"eps": 8 / 255, "steps": 5, "eot": 2, "seed": 0}
+    clean = scored(defense, x, y).float().mean().item()
+    pgd = scored(defense, ATTACKS["pgd_linf"].build(defense, **budget)(x, y), y).float().mean().item()
+    assert pgd < clean - 0.05  # the comparison is not vacuous
+    for name in ("apgd_ce_linf", "apgd_dlr_linf"):
+        apgd = scored(defense, ATTACKS[name].build(defense, **budget)(x, y), y).float().mean().item()
+        # tolerance: two images of 32 (draw noise on 5 fresh draws, different random starts)
+        assert apgd <= pgd + 2 / len(y), (name, apgd, pgd)
+
+
+def test_apgd_returns_no_weaker_images_than_its_first_misclassified_iterates() -> None:
+    """The regression: the first iterate whose EOT-mean logits misclassify sits on the boundary;
+    fresh draws classify it correctly again. Rebuild that old rule's output from the very
+    trajectory the attack took (a forward hook records every EOT batch) and score both."""
+    defense, (x, y) = noisy_defense(trained_classifier()), batch(32)
+    eot, steps, n = 2, 5, len(y)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = defense.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
+    defense.reseed(0)
+    ours = ATTACKS["apgd_ce_linf"].build(defense, eps=8 / 255, steps=steps, eot=eot, seed=0)(x, y)
+    hook.remove()
+    iterates = [(inp[:n], out.view(eot, n, -1)) for inp, out in seen if len(inp) == eot * n]
+    assert len(iterates) == steps + 1  # the random start and one per step
+    first, best_x, best_loss = x.clone(), None, None
+    found = torch.zeros(n, dtype=torch.bool)
+    for it, logits in iterates:
+        wrong = (logits.mean(0).argmax(1) != y) & ~found
+        first[wrong], found = it[wrong], found | wrong
+        loss = torch.stack([torch.nn.functional.cross_entropy(z, y, reduction="none") for z in logits]).mean(0)
+        if best_x is None:
+            best_x, best_loss = it.clone(), loss
+        better = loss > best_loss
+        best_x[better], best_loss = it[better], torch.maximum(best_loss, loss)
+    old = torch.where(found.view(-1, 1, 1, 1), first, best_x)
+    assert found.sum() >= 4  # enough images flipped for the rule to matter
+    ours_acc = scored(defense, ours, y).float().mean().item()
+    old_acc = scored(defense, old, y).float().mean().item()
+    assert ours_acc <= old_acc + 1 / n, (ours_acc, old_acc)
+
+
+def test_autoattack_rand_between_the_per_draw_and_and_each_component() -> None:
+    defense, (x, y) = noisy_defense(trained_classifier()), batch(32)
+    def build() -> AutoAttack:  # a new one per call: the components' random starts begin anew
+        return ATTACKS["autoattack_rand_linf"].build(defense, eps=8 / 255, steps=5, eot=2, seed=0)
+
+    defense.reseed(0)
+    outputs = build().outputs(x, y)
+    defense.reseed(0)
+    aa = build()
+    x_aa = aa(x, y)
+    assert list(outputs) == ["apgd_ce", "apgd_dlr"]
+    # every image is attacked: none comes back clean because one draw misclassified it
+    assert ((x_aa - x).flatten(1).abs().amax(1) > 0).all()
+    # on AutoAttack's own fresh draws: exactly the per-image minimum over its components
+    per_component = torch.stack([aa.fresh_scores(o, y).accuracy for o in outputs.values()])
+    assert torch.equal(aa.fresh_scores(x_aa, y).accuracy, per_component.min(0).values)
+    # on the evaluation's draws: never below the per-draw AND (exact), above no component (2 images)
+    ours, parts = scored(defense, x_aa, y), [scored(defense, o, y) for o in outputs.values()]
+    both = torch.stack(parts).all(0)
+    assert (both <= ours).all()
+    for name, part in zip(outputs, parts):
+        assert ours.float().mean() <= part.float().mean() + 2 / len(y), name
+    assert ours.float().mean() < scored(defense, x, y).float().mean() - 0.05  # not vacuous

@@ -1,18 +1,18 @@
-"""Our attacks against torchattacks 3.5.1 on the same deterministic trained classifier.
+"""Our attacks against torchattacks 3.5.1 on the same trained classifier, deterministic and behind
+a random defense (EOT).
 
 torchattacks is installed with `pip install --no-deps torchattacks==3.5.1` (it pins an old
-`requests`). What differs is documented in docs/EVALUATION.md ("Compared with torchattacks").
+`requests`); without it these tests fail, on purpose. What differs is documented in
+docs/EVALUATION.md ("Compared with torchattacks").
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from attack_fixtures import batch, trained_classifier
+import torchattacks
+from attack_fixtures import batch, noisy_defense, trained_classifier
 
 from atop.attacks import ATTACKS
-
-torchattacks = pytest.importorskip("torchattacks", reason="torchattacks not installed "
-                                   "(pip install --no-deps torchattacks==3.5.1)")
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -44,3 +44,26 @@ def test_square_robust_accuracy_close_to_torchattacks() -> None:
     theirs = accuracy(model, torchattacks.Square(model, norm="Linf", eps=4 / 255, n_queries=100, n_restarts=1,
                                                  p_init=0.8, loss="margin", seed=0)(x, y), y)
     assert abs(ours - theirs) <= 4 / len(y), (ours, theirs)
+
+
+@pytest.mark.parametrize("name, loss", [("apgd_ce_linf", "ce"), ("apgd_dlr_linf", "dlr")])
+def test_apgd_eot_on_a_random_defense_no_weaker_than_torchattacks(name: str, loss: str) -> None:
+    defense, (x, y) = noisy_defense(trained_classifier()), batch(32)
+    eps, steps, eot = 8 / 255, 5, 2
+    defense.reseed(0)
+    ours = ATTACKS[name].build(defense, eps=eps, steps=steps, eot=eot, seed=0)(x, y)
+    defense.reseed(0)
+    theirs = torchattacks.APGD(defense, norm="Linf", eps=eps, steps=steps, n_restarts=1, loss=loss, eot_iter=eot,
+                               seed=0)(x, y)
+
+    def fresh_accuracy(x_adv: torch.Tensor) -> float:  # the same 5 draws, none either attack used
+        rates = []
+        for r in range(5):
+            defense.reseed(100 + r)
+            rates.append(accuracy(defense, x_adv, y))
+        return sum(rates) / len(rates)
+
+    # theirs decides "fooled" on one draw (the clean check, each step's last EOT draw) and keeps the
+    # clean image where a draw misclassified it; ours decides on fresh draws, so it should be no
+    # weaker: tolerance two images of 32 (draw noise, different random starts)
+    assert fresh_accuracy(ours) <= fresh_accuracy(theirs) + 2 / len(y), (fresh_accuracy(ours), fresh_accuracy(theirs))

@@ -20,7 +20,7 @@ from atop.attacks.bpda import BPDA, BPDAWrapper
 from atop.attacks.cw import CW
 from atop.attacks.pgd import FGSM, PGD
 from atop.attacks.square import Square
-from atop.config import Norm
+from atop.threat import Norm
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atop.attacks.base import Attack, LossFn
+from atop.attacks.base import Attack, LossFn, Scored
 from atop.attacks.losses import cross_entropy, dlr, targeted_dlr
-from atop.config import Norm
+from atop.threat import Norm
 
 LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "dlr": dlr}
 
@@ -35,16 +35,21 @@ class APGD(Attack):
     previous iterate. At each checkpoint (see `checkpoints`) an image's step size halves and it
     restarts from its best point if fewer than `rho` of the steps since the last checkpoint raised
     its loss, or if its best loss and step size are unchanged since the last checkpoint.
-    Returns, per image, the first iterate that fooled the (EOT-averaged) model, else the iterate of
-    highest loss.
+    It keeps iterating after an image is misclassified, and returns per image, of two candidates,
+    the one misclassified by more fresh draws of the model (`Attack.select_by_fresh_draws`): the
+    iterate of highest EOT loss, and the latest iterate the EOT-averaged model misclassified (the
+    reference's rule; the final iterate where none was). The first misclassified iterate, a point on
+    the boundary, is what fresh draws most often classify correctly again: never returned as such.
 
     Args:
-        model, eps, norm, eot, eot_batched, seed: see `Attack`; images in [0,1].
+        model, eps, norm, eot, eot_batched, seed, draws: see `Attack`; images in [0,1].
         steps: iterations per run (default 100; the AutoAttack paper's budget).
         loss: "ce" (cross-entropy), "dlr" (Difference of Logits Ratio) (default "ce").
         targeted: run the targeted DLR loss once towards each of the `n_targets` classes with the
-            highest clean logits after the top one, on the images not yet fooled (APGD-T;
-            default False). Success still means "misclassified", as in AutoAttack.
+            highest EOT-mean clean logits after the top one (APGD-T; default False). Each run
+            starts on the images not yet misclassified by every fresh draw; per image the run whose
+            output fresh draws misclassify most is kept. Success means "misclassified", as in
+            AutoAttack.
         n_targets: target classes for `targeted` (default 9, AutoAttack's CIFAR-10 value).
         rho: fraction of loss-raising steps below which the step size halves (default 0.75).
         momentum: weight of the new PGD step against the previous direction (default 0.75).
@@ -66,24 +71,25 @@ class APGD(Attack):
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.targeted:
-            return self._run(x, y, LOSSES[self.loss])[0]
-        clean = self.predict(x)
-        ranked = clean.sort(dim=1, descending=True).indices
-        out, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for k in range(1, min(self.n_targets, clean.shape[1] - 1) + 1):
-            idx = (~fooled).nonzero().squeeze(1)
+            return self._run(x, y, LOSSES[self.loss]).x
+        ranked = self.predict(x).sort(dim=1, descending=True).indices
+        out: Scored | None = None
+        for k in range(1, min(self.n_targets, ranked.shape[1] - 1) + 1):
+            idx = torch.arange(len(x), device=x.device) if out is None else (out.accuracy > 0).nonzero().squeeze(1)
             if len(idx) == 0:
                 break
             target = ranked[idx, k]
             # the top class of a misclassified image is not y: never target y itself
             target = torch.where(target == y[idx], ranked[idx, 0], target)
-            x_adv, ok = self._run(x[idx], y[idx], targeted_dlr(target))
-            out[idx] = x_adv
-            fooled[idx] = ok
-        return out
+            run = self._run(x[idx], y[idx], targeted_dlr(target))
+            if out is None:
+                out = run
+            else:
+                out.put(idx, self.select_by_fresh_draws([out.take(idx), run], y[idx]))
+        return out.x
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """One APGD run; returns (adversarial images, which of them fooled the EOT-mean model)."""
+    def _run(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> Scored:
+        """One APGD run; returns its chosen images scored on fresh draws."""
         shape = (-1,) + (1,) * (x.dim() - 1)
         eta = torch.full((len(x),), 2.0 * self.eps, device=x.device, dtype=x.dtype)
         x_adv = self.project(self.random_start(x), x) if self.random_start_ else x.clone()
@@ -101,8 +107,8 @@ class APGD(Attack):
             x_new = self.project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x)
             x_prev, x_adv = x_adv, x_new
             loss, grad, logits = self.loss_and_grad(x_adv, y, loss_fn)
-            new = (logits.argmax(1) != y) & ~fooled
-            x_fooled[new], fooled = x_adv[new], fooled | new
+            now = logits.argmax(1) != y
+            x_fooled[now], fooled = x_adv[now], fooled | now
             raised += (loss > prev_loss).to(raised.dtype)
             prev_loss = loss
             better = loss > best
@@ -117,7 +123,8 @@ class APGD(Attack):
                 x_prev[reduce] = x_best[reduce]
                 raised.zero_()
                 best_at_check, reduced_at_check, last_mark = best.clone(), reduce, k + 1
-        return torch.where(fooled.view(shape), x_fooled, x_best), fooled
+        latest = torch.where(fooled.view(shape), x_fooled, x_adv)
+        return self.select_by_fresh_draws([x_best, latest], y)
 
     def settings(self) -> dict[str, float | int | str]:
         out = {**super().settings(), "steps": self.steps, "loss": "dlr_targeted" if self.targeted else self.loss,

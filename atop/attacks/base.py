@@ -4,19 +4,44 @@ Subclasses implement a short `perturb(x, y)`. The base class owns what every att
 inputs checked to be in [0,1], the result projected into the eps-ball and [0,1], gradients taken
 with respect to the input only (model parameters never accumulate `.grad`), and EOT: the loss
 gradient of a stochastic model averaged over `eot` random draws, batched into one forward pass by
-default (`eot_batched=False` loops over draws, to bound memory).
+default (`eot_batched=False` loops over draws, to bound memory); and the one rule by which an attack
+decides, on a random model, which of its candidate images to keep: `select_by_fresh_draws`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from atop.attacks.losses import cross_entropy
-from atop.config import Norm
+from atop.attacks.losses import cross_entropy, margin
+from atop.threat import Norm
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-example loss
+
+#: fresh draws of the model that decide, per image, which candidate an attack keeps (`Attack.draws`)
+DRAWS = 10
+
+
+@dataclass
+class Scored:
+    """Images (N, C, H, W) with their scores on an attack's fresh draws of the model.
+
+    `accuracy` (N,): fraction of the draws that classify each image correctly; `margin` (N,):
+    z_y - max_{i != y} z_i of the logits averaged over the draws (as `Attack.predict` averages them).
+    """
+
+    x: torch.Tensor
+    accuracy: torch.Tensor
+    margin: torch.Tensor
+
+    def take(self, idx: torch.Tensor) -> Scored:
+        return Scored(self.x[idx], self.accuracy[idx], self.margin[idx])
+
+    def put(self, idx: torch.Tensor, other: Scored) -> None:
+        self.x[idx], self.accuracy[idx], self.margin[idx] = other.x, other.accuracy, other.margin
 
 
 class Attack:
@@ -29,6 +54,8 @@ class Attack:
         eot: random draws of the model averaged per gradient (Expectation over Transformation).
         eot_batched: draw all EOT samples in one forward pass (fast) or loop over them (less memory).
         seed: seeds the attack's own randomness (random starts, random search).
+        draws: fresh draws of the model that decide which candidate image an attack keeps (default
+            10; see `select_by_fresh_draws`); each decision costs `draws` forward passes per image.
 
     `BUDGET` names the cost arguments an evaluation level sets on this class (`steps`, `queries`).
     """
@@ -36,13 +63,15 @@ class Attack:
     BUDGET: tuple[str, ...] = ("steps",)
 
     def __init__(self, model: nn.Module, *, eps: float, norm: Norm | str = Norm.LINF, eot: int = 1,
-                 eot_batched: bool = True, seed: int = 0):
+                 eot_batched: bool = True, seed: int = 0, draws: int = DRAWS):
         if eps < 0:
             raise ValueError(f"eps={eps} is negative; accepted: eps >= 0")
         if eot < 1:
             raise ValueError(f"eot={eot} must be >= 1")
+        if not 1 <= draws <= 1 << 16:
+            raise ValueError(f"draws={draws} is out of range; accepted: 1..65536")
         self.model, self.eps, self.norm, self.eot, self.eot_batched = model, eps, Norm(norm), eot, eot_batched
-        self.seed = seed
+        self.seed, self.draws = seed, draws
         self.generator: torch.Generator | None = None  # created on first use, on the input's device
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -60,7 +89,8 @@ class Attack:
 
     def settings(self) -> dict[str, float | int | str]:
         """What a reader needs to judge the number this attack produced (logged beside it)."""
-        return {"attack": type(self).__name__, "eps": self.eps, "norm": self.norm.value, "eot": self.eot}
+        return {"attack": type(self).__name__, "eps": self.eps, "norm": self.norm.value, "eot": self.eot,
+                "draws": self.draws}
 
     # --- helpers for subclasses -------------------------------------------------------------
 
@@ -87,6 +117,60 @@ class Attack:
             total_grad += torch.autograd.grad(losses.sum(), x)[0]
             total_loss, total_logits = total_loss + losses.detach(), total_logits + logits.detach()
         return total_loss / self.eot, total_grad / self.eot, total_logits / self.eot
+
+    @torch.no_grad()
+    def fresh_scores(self, x: torch.Tensor, y: torch.Tensor) -> Scored:
+        """Score `x` on `draws` fresh draws of the model: draws the gradients never used.
+
+        A model with a seedable stream (`reseed(seed)`, `generator(device)` and `seed`, as
+        `atop.defense.Defense`) is reseeded to this attack's own selection seeds for draw m, and its
+        stream is put back afterwards, so the attack's EOT draws continue untouched. The selection
+        seeds are the same on every call (every candidate faces the same draws: paired comparisons)
+        and lie above 2**48, away from the small seeds `atop.evaluate` scores with. Any other model
+        is simply called `draws` more times. A model whose first two draws are identical is
+        deterministic here: one draw decides (saves `draws - 1` forward passes on plain classifiers).
+        """
+        seedable = all(hasattr(self.model, a) for a in ("reseed", "generator", "seed"))
+        if seedable:
+            saved_seed, saved_state = self.model.seed, self.model.generator(x.device).get_state()
+        # the settings name the attack (and its seed): two attacks of one evaluation get their own draws
+        base = ((1 << 32) + zlib.crc32(repr((self.seed, sorted(self.settings().items()))).encode())) << 16
+        correct, total, first, n = 0.0, 0.0, None, 0
+        try:
+            for m in range(self.draws):
+                if seedable:
+                    self.model.reseed(base + m)
+                logits = self.model(x)
+                if m == 1 and torch.equal(logits, first):
+                    break
+                first = logits if m == 0 else None
+                correct = correct + (logits.argmax(1) == y).to(x.dtype)
+                total, n = total + logits, n + 1
+        finally:
+            if seedable:
+                self.model.reseed(saved_seed)
+                self.model.generator(x.device).set_state(saved_state)
+        return Scored(x.clone(), correct / n, margin(total / n, y))
+
+    def select_by_fresh_draws(self, candidates: Sequence[torch.Tensor | Scored], y: torch.Tensor) -> Scored:
+        """Per image, the candidate with the lowest accuracy over this attack's fresh draws.
+
+        The rule: score every candidate (images of the same shape as the input) with
+        `fresh_scores` (already `Scored` ones keep their scores: pass them to merge without
+        re-scoring), then keep per image the candidate misclassified by the most fresh draws; ties
+        go to the lowest mean margin, then to the earliest candidate. A random defense's decision
+        on the draws an attack optimised with is biased towards "fooled" (it chose the point that
+        fooled those draws); fresh draws are not. Costs `draws` forward passes per new candidate.
+
+        Returns:
+            The chosen images with their scores.
+        """
+        scored = [c if isinstance(c, Scored) else self.fresh_scores(c, y) for c in candidates]
+        accuracy = torch.stack([s.accuracy for s in scored])
+        lowest = accuracy.min(dim=0).values
+        margins = torch.stack([s.margin for s in scored]).masked_fill(accuracy > lowest, float("inf"))
+        pick, rows = margins.argmin(dim=0), torch.arange(len(y), device=y.device)
+        return Scored(torch.stack([s.x for s in scored])[pick, rows], lowest, margins[pick, rows])
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Clip into the eps-ball around `x`, then into [0,1]."""

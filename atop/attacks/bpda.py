@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from atop.attacks.pgd import PGD
-from atop.config import Norm
+from atop.threat import Norm
 
 
 class BPDAWrapper(nn.Module):

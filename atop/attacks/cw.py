@@ -6,7 +6,7 @@ from torch import nn
 
 from atop.attacks.base import Attack
 from atop.attacks.losses import margin
-from atop.config import Norm
+from atop.threat import Norm
 
 
 class CW(Attack):
@@ -15,13 +15,15 @@ class CW(Attack):
 
     Minimises ||x' - x||_2^2 + c * max(z_y - max_{i != y} z_i, -kappa) over x' = (tanh(w) + 1) / 2
     (always inside [0,1]) with Adam on w, for `search_steps` values of c: c is bisected between the
-    largest value that failed and the smallest that succeeded (times 10 while none succeeded). Keeps
-    per image the successful x' of smallest l2 norm, else the last iterate; `Attack.__call__` then
-    projects onto the eps-ball, so a success beyond eps may not survive (CW is a minimum-norm attack;
-    it is here as a differently-shaped optimiser, not as the strongest l2 attack).
+    largest value that failed and the smallest that succeeded (times 10 while none succeeded).
+    Success is judged on the EOT-mean logits. Returns per image, of the successful x' of smallest l2
+    norm and the last iterate, both projected onto the eps-ball, the one fresh draws of the model
+    misclassify more (`Attack.select_by_fresh_draws`): a success beyond eps may not survive the
+    projection (CW is a minimum-norm attack; it is here as a differently-shaped optimiser, not as
+    the strongest l2 attack).
 
     Args:
-        model, eps, eot, eot_batched, seed: see `Attack`; images in [0,1]; `norm` must be l2.
+        model, eps, eot, eot_batched, seed, draws: see `Attack`; images in [0,1]; `norm` must be l2.
         steps: Adam steps in total, split evenly over the search steps (default 100).
         search_steps: values of c tried (default 3; the paper 9).
         c: the first value of c (default 1.0).
@@ -72,7 +74,8 @@ class CW(Attack):
             high = torch.where(succeeded, torch.minimum(high, c), high)
             low = torch.where(succeeded, low, torch.maximum(low, c))
             c = torch.where(torch.isfinite(high), (low + high) / 2, c * 10)
-        return torch.where(torch.isfinite(best_norm).view(shape), best_adv, last)
+        found = torch.where(torch.isfinite(best_norm).view(shape), best_adv, last)
+        return self.select_by_fresh_draws([self.project(found, x), self.project(last, x)], y).x
 
     def settings(self) -> dict[str, float | int | str]:
         return {**super().settings(), "steps": self.steps, "search_steps": self.search_steps, "c": self.c,

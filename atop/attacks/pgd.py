@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from atop.attacks.base import Attack
-from atop.config import Norm
+from atop.threat import Norm, pgd_step_size
 
 
 class PGD(Attack):
@@ -14,7 +14,7 @@ class PGD(Attack):
     Args:
         model, eps, norm, eot, eot_batched, seed: see `Attack`.
         steps: gradient steps (default 10).
-        step_size: per step; default 2.5 * eps / steps (Madry's rule of thumb).
+        step_size: per step; default `atop.threat.pgd_step_size` (2.5 * eps / steps).
         random_start: start from a random point of the eps-ball (default True).
     """
 
@@ -24,7 +24,7 @@ class PGD(Attack):
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
         self.steps, self.random_start_ = steps, random_start
-        self.step_size = step_size if step_size is not None else 2.5 * eps / steps
+        self.step_size = step_size if step_size is not None else pgd_step_size(eps, steps)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = self.project(self.random_start(x), x) if self.random_start_ else x.clone()
