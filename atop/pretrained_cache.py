@@ -9,7 +9,7 @@ the cache folder (`$ATOP_CACHE_DIR`, else `~/.cache/atop/pretrained`). A key has
     (`code_fingerprint`), so an edit to them retrains instead of reusing stale weights;
   - for the purifier, the classifier's key (it learns against that classifier's CE);
   - for a classifier given as a file (`PretrainSettings.classifier_checkpoint`), that file's sha256.
-Entries are written by `write_atomic` / `atop.checkpoint.save_checkpoint`: a unique temporary file
+Entries are written by `atop.io.atomic_write_bytes` / `atop.checkpoint.save_checkpoint`: a unique temporary file
 in the same folder, then `os.replace`. A reader sees the old entry, the new one or none, never half
 of one; two processes filling the same key each write a whole file and the last rename wins.
 A corrupt or foreign entry is refused with a one-line `CheckpointError` naming it (delete it to
@@ -21,7 +21,6 @@ import hashlib
 import importlib.util
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,23 +111,6 @@ def check_entry(path: Path, kind: str) -> None:
         build_classifier(blob) if kind == "classifier" else build_purifier(blob)
     except CheckpointError as exc:
         raise CheckpointError(f"cached {kind} {str(path)!r} is unusable ({exc}); delete it to rebuild") from None
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes under `path` through a unique temporary file and `os.replace` (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def import_classifier(source: str | os.PathLike, cfg: Config, out: Path) -> Path:

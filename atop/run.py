@@ -5,9 +5,10 @@
 Writes `OUT/defense.pt` (load it with `atop.load_defense`), `OUT/metrics.json` (the final
 objectives, per-attack figures with 95% intervals and majority votes, the attack settings behind
 every number, a one-line `evaluation` saying how they were obtained, and the same evaluation of the
-pre-trained purifier before fine-tuning, as the baseline) and `OUT/pretrained/` (reused by the next
-run with the same settings). Files appear only when complete; a failed run leaves no partial files
-behind.
+pre-trained purifier before fine-tuning, as the baseline). Pre-trained weights go to the cache
+(`--pretrained-cache`, default `$ATOP_CACHE_DIR` or `~/.cache/atop/pretrained`), keyed by their
+settings, data and code, and are reused by every later run and study with the same ones. Files
+appear only when complete; a failed run leaves no partial files behind.
 
 The final evaluation (last epoch and baseline) runs at `--level`, default `full` (`atop.evaluate`:
 PGD/APGD 100 steps, EOT 20, 5 draws, the gradient-masking audit); `--level screen` keeps the cheap
@@ -56,13 +57,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, device: str) -> dict[str, Any]:
+def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, device: str,
+        pretrained_cache: str | None = None) -> dict[str, Any]:
     """Pre-train (or reuse), evaluate the pre-trained purifier, fine-tune (evaluating), return metrics."""
     preset = get_preset(preset_name)
     log = lambda msg: print(msg, flush=True)
     train_full = load_split(cfg.dataset, "train", data_dir)
     test = subset(load_split(cfg.dataset, "test", data_dir), cfg.n_eval)
-    clf_path, pur_path = ensure_pretrained(cfg, preset.pretrain, out / "pretrained", device=device, log=log,
+    clf_path, pur_path = ensure_pretrained(cfg, preset.pretrain, pretrained_cache, device=device, log=log,
                                            train=subset(train_full, preset.pretrain.n_train, seed=cfg.seed))
     classifier = build_classifier(load_checkpoint(clf_path, kind="classifier"))
     purifier, disc = build_purifier(load_checkpoint(pur_path, kind="purifier"))
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="folder with <dataset>_<split>.npz (default $ATOP_DATA_DIR)")
     parser.add_argument("--level", choices=[level.value for level in EvalLevel],
                         help="level of the final evaluation (default full; screen: quick runs, not final figures)")
+    parser.add_argument("--pretrained-cache", metavar="DIR",
+                        help="cache of pre-trained weights (default $ATOP_CACHE_DIR or ~/.cache/atop/pretrained)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         level = args.level or overrides.get("eval_level") or file_values.get("eval_level") or "full"
         cfg = Config.from_dict({**preset.config, **file_values, **overrides, "eval_level": level})
         out.mkdir(parents=True, exist_ok=True)
-        metrics = run(cfg, args.preset, out, data_dir=args.data_dir, device=args.device)
+        metrics = run(cfg, args.preset, out, data_dir=args.data_dir, device=args.device,
+                      pretrained_cache=args.pretrained_cache)
         _write_json_atomic(out / "metrics.json", metrics)
     except (ConfigError, DataError, CheckpointError) as exc:
         if created and out.exists():
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BaseException:
-        if created and out.exists() and not (out / "pretrained").exists():
+        if created and out.exists():
             shutil.rmtree(out)
         raise
     print(f"final ({metrics['evaluation']}): {_summary(metrics)}")

@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -149,10 +148,8 @@ def run_study(*, preset: str, num_trials: int, epochs: int, max_concurrent: int,
         path = work / f"{name}.json"
         path.write_text(json.dumps(settings))
         argv += ["--config", str(path)]
+    # pre-training is not what these rows measure: the studies share one cache under the storage path
     plan = prepare(build_parser().parse_args(argv))
-    cache = work / "pretrained"
-    if cache.is_dir():  # pre-training is not what these rows measure: reuse the first study's files
-        shutil.copytree(cache, plan.folder / "pretrained")
     sampler = _MemorySampler() if sample_memory else None
     out = io.StringIO()
     started = time.perf_counter()
@@ -167,8 +164,6 @@ def run_study(*, preset: str, num_trials: int, epochs: int, max_concurrent: int,
             sampler.stop.set()
             sampler.join()
         ray.shutdown()
-    if not cache.is_dir():
-        shutil.copytree(plan.folder / "pretrained", cache)
     study = optuna.load_study(study_name=name, storage=plan.optuna_url)
     train, test, cfg = plan.train, plan.test, plan.cfg
     per_image = train.x[0].numel() * train.x.element_size() + train.y.element_size()

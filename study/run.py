@@ -14,8 +14,9 @@ Resume a study (after a crash or to extend it):
     python study/run.py --study-name NAME --resume [--num-trials N]
 
 The study folder `<storage-path>/<study-name>/` holds optuna.db (the source of truth), mlflow.db
-(default tracking store), pretrained/, spool/ and the Ray Tune results. Bad input prints one line
-`error: ...` to stderr and exits 2 before anything is created. See docs/STUDY.md.
+(default tracking store), spool/ and the Ray Tune results. Pre-trained weights are cached beside it in
+`<storage-path>/.pretrained-cache/` (`--pretrained-cache`) for every study with the same settings.
+Bad input prints one line `error: ...` to stderr and exits 2 before anything is created. See docs/STUDY.md.
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ from tracking.uri import TrackingURIError, check_tracking_uri
 from trainables.atop_trainable import StudyContext
 from trainables.faults import FAULT_ENV
 
+#: the pre-training cache's folder under --storage-path (a study name cannot start with a dot)
+CACHE_DIR = ".pretrained-cache"
 #: flags that shape the study itself; on --resume they must match what the study was started with
 SHAPING = ("space", "sampler", "population_size", "config", "pretrain")
 #: early-stopping flags; a resumed study may change them
@@ -105,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the sampler and of every trial (config key `seed`)")
     p.add_argument("--mlflow-uri", help="tracking URI (default sqlite:////<study folder>/mlflow.db)")
     p.add_argument("--storage-path", default="studies", help="parent folder of study folders (default ./studies)")
+    p.add_argument("--pretrained-cache", help="folder of cached pre-trained weights, shared by studies with the "
+                   "same pre-training settings, data and code (default <storage-path>/.pretrained-cache)")
     p.add_argument("--study-name", help="study name (default <preset>-<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the study of --study-name")
     return p
@@ -218,7 +223,8 @@ class StudyPlan:
     Attributes:
         settings: the resolved study settings (preset, file, flags; or the saved ones on resume).
         name: the study name (Optuna study, MLflow experiment and folder name).
-        folder: `<storage-path>/<name>`: optuna.db, study.json, pretrained/, spool/, Tune results.
+        folder: `<storage-path>/<name>`: optuna.db, study.json, spool/, Tune results.
+        pretrained_cache: the pre-training cache (`atop.pretrained_cache`), shared across studies.
         mlflow_uri: the tracking URI (checked when given or on resume).
         data_dir: the data folder as resolved (None: `$ATOP_DATA_DIR` or atop's default).
         cfg: the config every trial starts from (`StudySettings.base_config()`).
@@ -229,6 +235,7 @@ class StudyPlan:
     settings: StudySettings
     name: str
     folder: Path
+    pretrained_cache: Path
     mlflow_uri: str
     data_dir: str | None
     cfg: Config
@@ -278,7 +285,9 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
         check_mlflow_uri(mlflow_uri)
     cfg = settings.base_config()
     train, test = load_data(cfg, data_dir or args.data_dir)
-    return StudyPlan(settings=settings, name=name, folder=folder, mlflow_uri=mlflow_uri, data_dir=data_dir,
+    cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else storage_path / CACHE_DIR
+    return StudyPlan(settings=settings, name=name, folder=folder, pretrained_cache=cache, mlflow_uri=mlflow_uri,
+                     data_dir=data_dir,
                      cfg=cfg, train=train, test=test, resume=bool(args.resume))
 
 
@@ -373,7 +382,7 @@ def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
     pretrain_settings = settings.pretrain_settings()
     clf_path, pur_path = pretrain_once(
         cfg, pretrain_settings, subset(plan.train, pretrain_settings.n_train, seed=cfg.seed),
-        plan.folder / "pretrained", cpus=min(settings.cpus * settings.max_concurrent, _ray_cpus()),
+        plan.pretrained_cache, cpus=min(settings.cpus * settings.max_concurrent, _ray_cpus()),
         gpus=settings.gpus)
     return StudyContext(
         train=subset(plan.train, cfg.n_train, seed=cfg.seed), test=subset(plan.test, cfg.n_eval),

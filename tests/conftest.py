@@ -38,6 +38,15 @@ def cifar_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pretrained_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One pre-training cache for the whole run (`atop.pretrained_cache`), outside the user's home:
+    runs with equal pre-training settings share it, as a user's would; subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("pretrained-cache")
+    os.environ["ATOP_CACHE_DIR"] = str(path)
+    return path
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true",
                      help="also run tests marked slow (real Ray head, MLflow server, faults); CI does")

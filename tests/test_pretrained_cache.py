@@ -8,9 +8,10 @@ import torch
 from atop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from atop.config import Config
 from atop.data import Split, load_split, subset
+from atop.io import atomic_write_bytes
 from atop.models import CLASSIFIERS
 from atop.pretrain import PretrainSettings, ensure_pretrained
-from atop.pretrained_cache import cache_paths, code_fingerprint, import_classifier, write_atomic
+from atop.pretrained_cache import cache_paths, code_fingerprint, import_classifier
 
 CFG = Config.from_dict({"classifier": "small_cnn", "purifier": "unet", "purifier_width": 4})
 TINY = PretrainSettings(classifier_epochs=1, purifier_epochs=1, n_train=64, batch_size=32)
@@ -90,7 +91,7 @@ def test_concurrent_writers_never_leave_half_a_file(tmp_path):
 
     reader = threading.Thread(target=read_loop)
     reader.start()
-    writers = [threading.Thread(target=lambda p=p: [write_atomic(target, p) for _ in range(5)]) for p in payloads]
+    writers = [threading.Thread(target=lambda p=p: [atomic_write_bytes(target, p) for _ in range(5)]) for p in payloads]
     for w in writers:
         w.start()
     for w in writers:
