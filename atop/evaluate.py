@@ -42,7 +42,7 @@ from atop.audit import run_audit
 from atop.cli import OneLineParser
 from atop.config import Config, EvalLevel
 from atop.data import Split
-from atop.scoring import attack_eps, measure, seen_attack
+from atop.scoring import attack_eps, measure, measure_attack, seen_attack
 from atop.stats import wilson
 
 __all__ = ["AUDITED", "LEVELS", "LEVEL_ATTACKS", "EvalResult", "accuracy", "attack_eps", "describe", "evaluate",
@@ -205,7 +205,7 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     for name in names:
         spec, started = ATTACKS[name], time.perf_counter()
         attack = spec.build(defense, eps=attack_eps(cfg, name), seed=cfg.seed, **spec.budget(**attack_budget))
-        per[name] = measure(defense, data, attack, clean=per["clean"], **opts)
+        per[name] = measure_attack(defense, data, attack, clean=per["clean"], **opts)
         settings[name] = {**attack.settings(), "level": level.value, "repeats": budget["repeats"]}
         if log:
             log(f"{name}: robust acc {per[name].mean():.3f} ({time.perf_counter() - started:.0f} s)")

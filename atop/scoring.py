@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from atop.attacks import ATTACKS, Attack
+from atop.attacks import ATTACKS, Attack, AutoAttack
 from atop.config import Config, Norm
 from atop.data import Split
 
@@ -62,3 +62,19 @@ def measure(model: nn.Module, data: Split, attack: Attack | None, *, clean: np.n
             raise ValueError(f"clean correctness has shape {clean.shape}, expected {out.shape}")
         out &= clean
     return out
+
+
+def measure_attack(model: nn.Module, data: Split, attack: Attack, *, clean: np.ndarray, repeats: int = 1,
+                   seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+    """`measure`, except that an ensemble (`AutoAttack`) is scored as the per-image, per-draw worst case
+    of its components: each component attacks every image, each output is classified by the same
+    fresh draws, and a draw counts as robust only if the image survives every component on it. The
+    ensemble's figure is therefore never above any component's, and equals their per-draw AND.
+
+    Returns:
+        Bool array (repeats, N), gated by `clean` as in `measure`.
+    """
+    opts = {"clean": clean, "repeats": repeats, "seed": seed, "batch_size": batch_size, "device": device}
+    if isinstance(attack, AutoAttack):
+        return np.logical_and.reduce([measure(model, data, part, **opts) for part in attack.attacks])
+    return measure(model, data, attack, **opts)

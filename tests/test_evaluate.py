@@ -12,7 +12,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from attack_fixtures import DATA_DIR, eval_images, need_data, tiny_defense
+from attack_fixtures import (
+    DATA_DIR,
+    eval_images,
+    need_data,
+    noisy_defense,
+    tiny_defense,
+    trained_classifier,
+)
 from torch import nn
 
 from atop.attacks import ATTACKS
@@ -29,6 +36,7 @@ from atop.evaluate import (
     measure,
     seen_attack,
 )
+from atop.scoring import measure_attack
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = Config.from_dict({"n_eval": 4, "batch_size": 4, "unseen_attacks": "pgd_l2,apgd_dlr_linf"})
@@ -216,3 +224,17 @@ def test_cli_refuses_a_non_empty_out(checkpoint: Path, tmp_path: Path, capsys: p
     assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_autoattack_is_scored_as_the_per_draw_worst_case_of_its_components() -> None:
+    defense, data = noisy_defense(trained_classifier()), eval_images(32)
+
+    def autoattack():  # a new one per use: its components' random starts begin anew
+        return ATTACKS["autoattack_rand_linf"].build(defense, eps=8 / 255, steps=3, eot=2, seed=0)
+
+    clean = measure(defense, data, None, repeats=3)
+    ours = measure_attack(defense, data, autoattack(), clean=clean, repeats=3)
+    parts = [measure(defense, data, part, clean=clean, repeats=3) for part in autoattack().attacks]
+    assert np.array_equal(ours, np.logical_and.reduce(parts))  # per image and per draw
+    assert all(ours.mean() <= part.mean() for part in parts)  # never above a component
+    assert ours.mean() < clean.mean()  # the attack did something
