@@ -1,0 +1,31 @@
+"""atop.io: atomic writes leave the whole new file or the old one, with the mode a plain open() gives."""
+import os
+
+import pytest
+
+from atop.io import atomic_write_bytes, atomic_write_text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = atomic_write_text(tmp_path / "a" / "f.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "{}"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = atomic_write_bytes(tmp_path / "f.bin", b"old")
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    from atop.io import atomic_write
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
