@@ -177,7 +177,8 @@ def _plan(tmp_path, uri):
 
     settings = StudySettings(space="tiny", config={"epochs": 1})
     split = Split(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64))
-    return StudyPlan(settings=settings, name="s", folder=tmp_path / "s", mlflow_uri=uri, data_dir=None,
+    return StudyPlan(settings=settings, name="s", folder=tmp_path / "s", pretrained_cache=tmp_path / ".pretrained-cache",
+                     mlflow_uri=uri, data_dir=None,
                      cfg=settings.base_config(), train=split, test=split)
 
 
