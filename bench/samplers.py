@@ -22,6 +22,7 @@ import optuna
 
 from bench.core import Context, Result, row
 from search_spaces import SPACES
+from study.settings import make_sampler
 
 #: images a synthetic trial is scored on (sets the noise of its accuracies)
 N_EVAL = 512
@@ -63,14 +64,14 @@ def synthetic_objectives(p: dict[str, Any], rng: np.random.Generator | None = No
     return values
 
 
-#: samplers as the study builds them (`study/run.py`), keyed by the names the table prints
-SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
-    "random": lambda seed, conc: optuna.samplers.RandomSampler(seed=seed),
-    "nsga2 pop 16": lambda seed, conc: optuna.samplers.NSGAIISampler(population_size=16, seed=seed),
-    "nsga2 pop=conc": lambda seed, conc: optuna.samplers.NSGAIISampler(population_size=max(conc, 4), seed=seed),
-    "tpe": lambda seed, conc: optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True,
-                                                         seed=seed),
-    "gp": lambda seed, conc: optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False),
+#: the table's samplers: label -> (the study's sampler name, NSGA-II population at a concurrency);
+#: each is built by the study's own `make_sampler`, so the rows measure what a study runs
+SAMPLERS: dict[str, tuple[str, Callable[[int], int]]] = {
+    "random": ("random", lambda conc: 16),
+    "nsga2 pop 16": ("nsga2", lambda conc: 16),
+    "nsga2 pop=conc": ("nsga2", lambda conc: max(conc, 4)),
+    "tpe": ("tpe", lambda conc: 16),
+    "gp": ("gp", lambda conc: 16),
 }
 #: minutes per 48-trial run on a 2-core CPU (832 s at load 12): only the full bench runs it
 SLOW = ("gp",)
@@ -79,7 +80,9 @@ SLOW = ("gp",)
 def hypervolume_trace(sampler: str, *, concurrency: int, n_trials: int, seed: int, space: str = "wide") -> np.ndarray:
     """Hypervolume (reference 0) of the trials told so far, after each of `n_trials` tells."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=["maximize"] * 3, sampler=SAMPLERS[sampler](seed, concurrency))
+    name, population = SAMPLERS[sampler]
+    study = optuna.create_study(directions=["maximize"] * 3,
+                                sampler=make_sampler(name, seed, population(concurrency), n_existing=0))
     suggest = SPACES[space].suggest
     noise = np.random.default_rng(10_000 + seed)
     running: deque[tuple[optuna.trial.Trial, dict[str, Any]]] = deque()
