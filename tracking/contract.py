@@ -42,10 +42,31 @@ DIRECTIONS: Final[tuple[str, ...]] = tuple(o.direction.value for o in OBJECTIVE_
 
 
 class Role(str, enum.Enum):
-    """Value of `ROLE_TAG`: the study's parent run or one trial's child run."""
+    """Value of `ROLE_TAG`: what one MLflow run of a study is.
+
+    `study`: the parent run. `trial`: one search trial (scored on validation images). `confirm`: one
+    confirmed configuration, its test figures aggregated over seeds. `confirm_seed`: one seed of a
+    confirmed configuration, fine-tuned again and scored on test images (a child of its `confirm` run).
+    """
 
     STUDY = "study"
     TRIAL = "trial"
+    CONFIRM = "confirm"
+    CONFIRM_SEED = "confirm_seed"
+
+
+class Stage(str, enum.Enum):
+    """Value of `STAGE_TAG`: the search (validation images) or the confirm stage (test images)."""
+
+    SEARCH = "search"
+    CONFIRM = "confirm"
+
+
+class EvalSplit(str, enum.Enum):
+    """Value of `EVAL_SPLIT_TAG`: which images a run's figures come from."""
+
+    VAL = "val"  # carved from the train split (`atop.data.carve_validation`); never trained on
+    TEST = "test"
 
 
 # --- MLflow tags ------------------------------------------------------------------------------
@@ -64,6 +85,18 @@ LAST_ERROR_TAG: Final = "atop.last_error"
 OPTUNA_STATE_TAG: Final = "optuna.state"
 #: `screen` or `full` (`atop.config.EvalLevel`): how strong the attacks behind a run's figures were
 EVAL_LEVEL_TAG: Final = "atop.eval_level"
+STAGE_TAG: Final = "atop.stage"
+EVAL_SPLIT_TAG: Final = "atop.eval_split"
+#: on `confirm` and `confirm_seed` runs: the search trial's number and MLflow run id they confirm
+CONFIRM_OF_TAG: Final = "atop.confirm_of"
+CONFIRM_OF_RUN_TAG: Final = "atop.confirm_of_run"
+#: on `confirm_seed` runs: the fine-tuning seed
+CONFIRM_SEED_TAG: Final = "atop.confirm_seed"
+#: on trials enqueued from `--enqueue FILE` and their confirm runs: the reference config's name
+REFERENCE_TAG: Final = "atop.reference"
+#: on `confirm` runs: the gradient-masking audit's verdict over its seeds ("no flags", "flags: a, b",
+#: or "not audited")
+AUDIT_TAG: Final = "atop.audit"
 #: MLflow run statuses that end a run
 TERMINAL_STATUSES: Final = ("FINISHED", "FAILED", "KILLED")
 
@@ -75,6 +108,16 @@ DRIVER_WALL_S: Final = "driver_wall_s"
 #: the parent run's trial counts: `trials_complete`, `trials_pruned`, `trials_fail`
 TRIAL_COUNT_METRIC: Final = "trials_{state}"
 PARETO_ARTIFACT: Final = "pareto.txt"
+#: confirm stage metrics. A `confirm_seed` run logs its figures as `test/<figure>` (with `_lo`/`_hi`,
+#: Wilson over test images). A `confirm` run logs, for each objective: `test/<objective>` (mean over
+#: seeds), `test/<objective>_sd` (standard deviation over seeds), `test/<objective>_lo`/`_hi` (95%
+#: bootstrap interval over test images of the per-image mean over seeds and draws),
+#: `val/<objective>` (+ `_lo`/`_hi`: the search trial's validation figure) and `gap/<objective>`
+#: (validation minus test); and `test/n_seeds`, `test/n_images`.
+TEST_PREFIX: Final = "test/"
+VAL_PREFIX: Final = "val/"
+GAP_PREFIX: Final = "gap/"
+CONFIRM_ARTIFACT: Final = "confirm.txt"
 
 # --- keys the driver and the trainable exchange through Tune ---------------------------------
 #: reserved keys of a trial's Tune config besides the `atop.config.Config` fields
@@ -91,6 +134,8 @@ ATTR_ERROR: Final = "error"
 ATTR_STOPPED_AT: Final = "stopped_at_epoch"
 ATTR_INTERRUPTED: Final = "interrupted"
 ATTR_RERUN_OF: Final = "rerun_of"
+#: the name of an enqueued reference configuration (`--enqueue FILE`)
+ATTR_REFERENCE: Final = "reference"
 
 
 @dataclass(frozen=True)
