@@ -52,8 +52,11 @@ class L1Target(str, enum.Enum):
 
 
 class EvalLevel(str, enum.Enum):
-    SCREEN = "screen"
-    FULL = "full"
+    """How strong an evaluation's attacks are (budgets in `atop.evaluate.LEVELS`)."""
+
+    SCREEN = "screen"  # cheap, inside every trial's epochs: for comparing trials, not a final figure
+    LIGHT = "light"  # full's attacks and audit at a CPU-sized budget: a confirm level for CPUs
+    FULL = "full"  # the standard budget of a final robustness figure
 
 
 class Precision(str, enum.Enum):

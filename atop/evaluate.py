@@ -54,15 +54,17 @@ __all__ = ["AUDITED", "LEVELS", "LEVEL_ATTACKS", "EvalResult", "accuracy", "atta
 #: classifying each attacked image
 LEVELS: dict[EvalLevel, dict[str, int]] = {
     EvalLevel.SCREEN: {"steps": 10, "eot": 2, "queries": 100, "repeats": 1},
+    EvalLevel.LIGHT: {"steps": 20, "eot": 4, "queries": 1000, "repeats": 3},
     EvalLevel.FULL: {"steps": 100, "eot": 20, "queries": 5000, "repeats": 5},
 }
 #: attacks a level runs besides the seen attack and the config's unseen suite
 LEVEL_ATTACKS: dict[EvalLevel, tuple[str, ...]] = {
     EvalLevel.SCREEN: (),
+    EvalLevel.LIGHT: ("autoattack_rand_linf",),
     EvalLevel.FULL: ("autoattack_rand_linf",),
 }
 #: levels that run the gradient-masking audit (`atop.audit`) by default
-AUDITED = (EvalLevel.FULL,)
+AUDITED = (EvalLevel.LIGHT, EvalLevel.FULL)
 _BUDGET_KEYS = ("steps", "eot", "queries", "repeats")
 
 
@@ -106,7 +108,8 @@ def describe(budget: Mapping[str, Any], n_images: int, split: str) -> str:
     if EvalLevel(budget["level"]) is EvalLevel.SCREEN:
         text = f"screening (PGD-{budget['steps']}, EOT {budget['eot']}, {draws}): not a final robustness figure"
     else:
-        text = (f"full evaluation (PGD/APGD {budget['steps']} steps, EOT {budget['eot']}, "
+        name = "full" if EvalLevel(budget["level"]) is EvalLevel.FULL else "light (CPU-sized, weaker than full)"
+        text = (f"{name} evaluation (PGD/APGD {budget['steps']} steps, EOT {budget['eot']}, "
                 f"Square {budget['queries']} queries, {draws})")
     text += f"; {n_images} {split} images"
     if low := weakened(budget):
@@ -144,6 +147,9 @@ class EvalResult:
     per_example: dict[str, np.ndarray] = field(default_factory=dict)  # index, label, <name>_correct
     std: dict[str, float] = field(default_factory=dict)  # figure -> std over the repeated draws
     audit: dict[str, Any] | None = None  # `atop.audit.AuditReport.to_dict()` where audited
+    #: figure (a key of `metrics` without suffix) -> per-image rate of correct draws, shape (N,): what
+    #: a bootstrap over images (e.g. across seeds, `study.confirm`) resamples
+    rates: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def level(self) -> EvalLevel:
@@ -225,12 +231,13 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     per["worst_case"] = np.logical_and.reduce([per["clean"], *(per[n] for n in attacked)])
     figures = {"clean_acc": "clean", "robust_acc_seen": seen_attack(cfg), "robust_acc_unseen": "unseen",
                **{f"robust_acc/{n}": n for n in attacked}}
-    if report is not None or level is EvalLevel.FULL:
+    if report is not None or level is not EvalLevel.SCREEN:
         figures["worst_case_acc"] = "worst_case"
     metrics: dict[str, float] = {}
     for metric, source in figures.items():
         metrics.update(accuracy(metric, per[source]))
     std = {metric: float(per[source].mean(axis=1).std()) for metric, source in figures.items()}
+    rates = {metric: per[source].mean(axis=0) for metric, source in figures.items()}
     # index: the row in the source split, so results of different runs can be joined per image
     per_example: dict[str, np.ndarray] = {"index": data.indices.numpy(), "label": data.y.numpy()}
     for name, values in per.items():
@@ -238,7 +245,7 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
         if budget["repeats"] > 1:
             per_example[f"{name}_correct_rate"] = values.mean(axis=0)
     return EvalResult(metrics, settings, budget, len(data), split or data.source or "unnamed", per_example, std,
-                      report.to_dict() if report is not None else None)
+                      report.to_dict() if report is not None else None, rates)
 
 
 # --- command line ----------------------------------------------------------------------------

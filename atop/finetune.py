@@ -40,6 +40,8 @@ class EpochReport:
     state: dict[str, Any]  # purifier/discriminator/optimizer states: what a checkpoint needs to resume
     per_example: dict[str, Any] = field(default_factory=dict)  # this epoch's per-image evaluation outcomes
     eval_settings: dict[str, Any] = field(default_factory=dict)  # attack name -> settings behind each number
+    rates: dict[str, Any] = field(default_factory=dict)  # figure -> per-image rate (`EvalResult.rates`)
+    audit: dict[str, Any] | None = None  # the gradient-masking audit, where this epoch's level ran it
 
 
 class PurifierTrainer:
@@ -195,4 +197,5 @@ def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discrimina
         result = evaluate(defense, test, cfg, level=level, device=device)
         metrics = {**result.metrics, **dict(zip(LOSS_NAMES, losses)), "ce_weight": ce_weight,
                    "images_per_s": images / train_s, "epoch_s": time.perf_counter() - started}
-        yield EpochReport(epoch + 1, metrics, trainer.state_dict(), result.per_example, result.settings)
+        yield EpochReport(epoch + 1, metrics, trainer.state_dict(), result.per_example, result.settings,
+                          result.rates, result.audit)

@@ -21,6 +21,8 @@ Bad input prints one line `error: ...` to stderr and exits 2 before anything is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -38,7 +40,15 @@ if str(ROOT) not in sys.path:  # run as a script: import this checkout's package
 
 from atop.cli import OneLineParser, one_line_errors
 from atop.config import Config
-from atop.data import DataError, Split, load_split, resolve_data_dir, subset
+from atop.data import (
+    VALIDATION_SEED,
+    DataError,
+    Split,
+    carve_validation,
+    load_split,
+    resolve_data_dir,
+    subset,
+)
 from atop.evaluate import LEVELS
 from atop.io import atomic_write_text
 from search_spaces import SPACES
@@ -55,6 +65,7 @@ from study.settings import (
     presets,
     read_file,
 )
+from study.tables import pareto_table
 from tracking import mlflow_log
 from tracking.contract import (
     ATTR_RUN_ID,
@@ -69,8 +80,11 @@ from tracking.contract import (
     SPACE_TAG,
     STOPPED_TAG,
     STUDY_TAG,
+    TEST_PREFIX,
     TRIAL_COUNT_METRIC,
     TRIAL_NUMBER,
+    EvalSplit,
+    Stage,
     TrialSummary,
     eval_level_note,
 )
@@ -83,8 +97,8 @@ from trainables.faults import FAULT_ENV
 CACHE_DIR = ".pretrained-cache"
 #: flags that shape the study itself; on --resume they must match what the study was started with
 SHAPING = ("space", "sampler", "population_size", "config", "pretrain")
-#: early-stopping flags; a resumed study may change them
-SCHEDULING = ("scheduler", "grace_period", "reduction_factor")
+#: flags a resumed study may change besides the trial count and resources
+SCHEDULING = ("scheduler", "grace_period", "reduction_factor", "confirm_top", "confirm_seeds")
 STUDY_FILE = "study.json"
 
 
@@ -110,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default="studies", help="parent folder of study folders (default ./studies)")
     p.add_argument("--pretrained-cache", help="folder of cached pre-trained weights, shared by studies with the "
                    "same pre-training settings, data and code (default <storage-path>/.pretrained-cache)")
+    p.add_argument("--confirm-top", type=int, help="after the search, confirm up to K Pareto-optimal configurations "
+                   "(spread over the front) on test images (default 3)")
+    p.add_argument("--confirm-seeds", type=int, help="new fine-tuning seeds per confirmed configuration (default 2)")
+    p.add_argument("--no-confirm", action="store_true", help="skip the confirm stage (the search's figures are "
+                   "validation figures only)")
     p.add_argument("--study-name", help="study name (default <preset>-<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the study of --study-name")
     return p
@@ -127,6 +146,8 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
     config = {k: getattr(args, k) for k in ("dataset", "epochs", "seed") if getattr(args, k) is not None}
     if config:
         flags["config"] = config
+    if args.no_confirm:
+        flags["confirm"] = False
     settings = merge(settings, flags, "the command line")
     settings.validate()
     return settings
@@ -228,7 +249,10 @@ class StudyPlan:
         mlflow_uri: the tracking URI (checked when given or on resume).
         data_dir: the data folder as resolved (None: `$ATOP_DATA_DIR` or atop's default).
         cfg: the config every trial starts from (`StudySettings.base_config()`).
-        train, test: the whole train and test splits as loaded.
+        pool: the train split less the validation images: all that pre-training and fine-tuning see.
+        val: the validation images every search trial is scored on (`cfg.n_eval` of the train split,
+            `atop.data.carve_validation`: the same for every trial, seed and later study).
+        test: the whole test split; only the confirm stage scores on it.
         resume: continue the study in `folder` instead of creating it.
     """
 
@@ -239,7 +263,8 @@ class StudyPlan:
     mlflow_uri: str
     data_dir: str | None
     cfg: Config
-    train: Split
+    pool: Split
+    val: Split
     test: Split
     resume: bool = False
 
@@ -250,6 +275,13 @@ class StudyPlan:
     @property
     def spool_dir(self) -> Path:
         return self.folder / "spool"
+
+    @property
+    def validation_record(self) -> dict[str, Any]:
+        """What the study's metadata keeps about its validation images (enough to re-carve and check them)."""
+        rows = self.val.indices.tolist()
+        return {"from": "train", "images": len(rows), "seed": VALIDATION_SEED,
+                "rows_sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}
 
 
 @dataclass(frozen=True)
@@ -285,10 +317,18 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
         check_mlflow_uri(mlflow_uri)
     cfg = settings.base_config()
     train, test = load_data(cfg, data_dir or args.data_dir)
+    try:
+        holdout = carve_validation(train, cfg.n_eval)
+    except DataError as exc:
+        raise StudyError(f"n_eval (validation images): {exc}") from None
+    n_test = settings.confirm_base().n_eval
+    if settings.confirm and n_test > len(test):
+        raise StudyError(f"confirm_config n_eval={n_test} test images but the test split has {len(test)}; "
+                         f"accepted: 1..{len(test)}")
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else storage_path / CACHE_DIR
     return StudyPlan(settings=settings, name=name, folder=folder, pretrained_cache=cache, mlflow_uri=mlflow_uri,
-                     data_dir=data_dir,
-                     cfg=cfg, train=train, test=test, resume=bool(args.resume))
+                     data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
+                     resume=bool(args.resume))
 
 
 def _resumed_settings(args: argparse.Namespace, name: str, storage_path: Path,
@@ -302,8 +342,10 @@ def _resumed_settings(args: argparse.Namespace, name: str, storage_path: Path,
     for key in SHAPING:
         if explicit is not None and getattr(explicit, key) != getattr(settings, key):
             raise StudyError(f"--resume cannot change {key!r} of study {name!r}; drop --preset/--config")
-    override = {k: getattr(args, k) for k in ("num_trials", "max_concurrent", "cpus", "gpus", "max_failures",
-                                              *SCHEDULING) if getattr(args, k) is not None}
+    override: dict[str, Any] = {k: getattr(args, k) for k in ("num_trials", "max_concurrent", "cpus", "gpus",
+                                                              "max_failures", *SCHEDULING) if getattr(args, k) is not None}
+    if args.no_confirm:
+        override["confirm"] = False
     for flag in ("space", "sampler", "dataset", "epochs", "seed"):
         if getattr(args, flag) is not None:
             raise StudyError(f"--resume cannot change --{flag} of study {name!r}")
@@ -326,14 +368,17 @@ def run(plan: StudyPlan) -> int:
     s = plan.settings
     print(f"study {plan.name}: {finished} finished, {max(remaining, 0)} to run "
           f"({s.space} space, {s.sampler} sampler, {s.max_concurrent} at once)", flush=True)
+    ctx = None
     if remaining > 0:  # a resume with nothing left to run starts no Ray
         if plan.resume:
             init_ray(s.cpus, s.gpus)
         ctx = shared_context(plan, opened)
         search(plan, opened, ctx, remaining)
-    # (a `confirm` phase belongs here: re-evaluate the front's configurations on fresh seeds)
+    confirmed = None
+    if s.confirm:
+        confirmed = confirm(plan, opened, ctx)
     settle(plan)
-    report(plan, opened, time.time() - started)
+    report(plan, opened, time.time() - started, confirmed)
     return 0
 
 
@@ -351,7 +396,8 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         atomic_write_text(folder / STUDY_FILE, json.dumps(
-            {"settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir}, indent=2))
+            {"settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir,
+             "validation": plan.validation_record}, indent=2))
         storage = optuna.storages.RDBStorage(plan.optuna_url)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         n_existing = len(optuna.load_study(study_name=name, storage=storage).trials) if plan.resume else 0
@@ -365,7 +411,8 @@ def open_study(plan: StudyPlan) -> OpenStudy:
         tags = run_tags()
         parent_id = mlflow_log.ensure_parent_run(uri, experiment_id, name, {
             "preset": settings.to_dict(), "space": settings.space, "sampler": settings.sampler,
-            "num_trials": settings.num_trials, "study_folder": str(folder)},
+            "num_trials": settings.num_trials, "study_folder": str(folder),
+            "validation": json.dumps(plan.validation_record)},
             {**tags, SPACE_TAG: settings.space, EVAL_LEVEL_TAG: plan.cfg.eval_level.value})
     except Exception:
         if created and not plan.resume:
@@ -381,11 +428,11 @@ def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
     settings, cfg = plan.settings, plan.cfg
     pretrain_settings = settings.pretrain_settings()
     clf_path, pur_path = pretrain_once(
-        cfg, pretrain_settings, subset(plan.train, pretrain_settings.n_train, seed=cfg.seed),
+        cfg, pretrain_settings, subset(plan.pool, pretrain_settings.n_train, seed=cfg.seed),
         plan.pretrained_cache, cpus=min(settings.cpus * settings.max_concurrent, _ray_cpus()),
         gpus=settings.gpus)
     return StudyContext(
-        train=subset(plan.train, cfg.n_train, seed=cfg.seed), test=subset(plan.test, cfg.n_eval),
+        train=subset(plan.pool, cfg.n_train, seed=cfg.seed), eval_data=plan.val,
         classifier_ckpt=clf_path.read_bytes(), purifier_ckpt=pur_path.read_bytes(), mlflow_uri=plan.mlflow_uri,
         spool_dir=str(plan.spool_dir), cpus_per_trial=settings.cpus, gpus_per_trial=settings.gpus,
         tags={**opened.tags, STUDY_TAG: plan.name, PRETRAINED_TAG: f"{clf_path.name},{pur_path.name}"})
@@ -435,6 +482,44 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
     tuner.fit()
 
 
+def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> list[Any]:
+    """Fine-tune the front's configurations again on new seeds and score them on test (`study.confirm`)."""
+    from ray import tune
+
+    from study.confirm import load_state, run_confirm, targets
+    from trainables.atop_trainable import confirm_atop
+
+    s = plan.settings
+    base = s.confirm_base()
+    pending = [t for t in targets(opened.study, s.confirm_top) if t.number not in load_state(plan.folder)]
+    if pending and ctx is None:  # a resumed study whose search was done: start Ray for the confirm trials
+        init_ray(s.cpus, s.gpus)
+        ctx = shared_context(plan, opened)
+
+    def fit(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        assert ctx is not None
+        test_ctx = dataclasses.replace(ctx, eval_data=subset(plan.test, base.n_eval), eval_split=EvalSplit.TEST.value,
+                                       stage=Stage.CONFIRM.value, metric_prefix=TEST_PREFIX)
+        trainable = tune.with_resources(tune.with_parameters(confirm_atop, ctx=test_ctx),
+                                        {"cpu": s.cpus, "gpu": s.gpus})
+        tuner = tune.Tuner(
+            trainable, param_space={"job": tune.grid_search(jobs)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=s.max_concurrent, reuse_actors=False,
+                                        trial_name_creator=_confirm_name, trial_dirname_creator=_confirm_name),
+            run_config=tune.RunConfig(
+                name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(plan.folder), verbose=1,
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        by_run = {r.config["job"]["run_id"]: (r.metrics or {}) if r.error is None else {} for r in tuner.fit()}
+        return [by_run.get(j["run_id"], {}) for j in jobs]
+
+    return run_confirm(study=opened.study, base=plan.cfg, overrides=s.confirm_config, top=s.confirm_top,
+                       seeds=s.confirm_seeds, folder=plan.folder, uri=plan.mlflow_uri,
+                       experiment_id=opened.experiment_id, parent_id=opened.parent_id,
+                       tags=ctx.tags if ctx else opened.tags, fit=fit,
+                       note=eval_level_note(base.eval_level.value, LEVELS[base.eval_level]))
+
+
 def settle(plan: StudyPlan) -> None:
     """Send the MLflow calls trials spooled during an outage; say where any still unsent are kept."""
     _say_unsent(plan, mlflow_log.flush_spools(plan.spool_dir, plan.mlflow_uri))
@@ -446,15 +531,27 @@ def _say_unsent(plan: StudyPlan, unsent: int) -> None:
               f"python -m tracking upload {plan.spool_dir}/*.jsonl --mlflow-uri {plan.mlflow_uri}", flush=True)
 
 
-def report(plan: StudyPlan, opened: OpenStudy, wall_s: float) -> None:
-    """Print the Pareto table and the study's whereabouts; log the table and counts to the parent run.
+def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[Any] | None) -> None:
+    """Print the Pareto table (validation), the confirm table (test; None: --no-confirm) and the
+    study's whereabouts; log the table and counts to the parent run.
 
     The parent run's calls go through a spool like a trial's, so an MLflow server down at the very
     end leaves them in `spool/driver-study.jsonl` (replayed by `python -m tracking upload`).
     """
     study, uri, name, folder = opened.study, plan.mlflow_uri, plan.name, plan.folder
-    table = pareto_table(study, note=eval_level_note(plan.cfg.eval_level.value, LEVELS[plan.cfg.eval_level]))
+    table = pareto_table(study, note=eval_level_note(plan.cfg.eval_level.value, LEVELS[plan.cfg.eval_level])
+                         + f"; {len(plan.val)} validation images (train split)")
     print(table, flush=True)
+    if confirmed is not None:
+        from study.confirm import STATE_FILE
+        from study.confirm import table as confirm_table
+
+        base = plan.settings.confirm_base()
+        print("\n" + confirm_table(confirmed, eval_level_note(base.eval_level.value, LEVELS[base.eval_level])),
+              flush=True)
+        print(f"(kept in {folder / STATE_FILE})")
+    else:
+        print("\nno confirm stage (--no-confirm): the figures above are validation figures, not test figures")
     c = counts(study)
     log = mlflow_log.RunLogger(uri, opened.parent_id, plan.spool_dir / "driver-study.jsonl")
     log.log_artifact(atomic_write_text(folder / PARETO_ARTIFACT, table + "\n"))
@@ -470,6 +567,11 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float) -> None:
     print(f"analyse: python -m analysis --mlflow-uri {uri} --experiment {name} --out {folder / 'analysis'}")
 
 
+def _confirm_name(trial: Any) -> str:
+    job = trial.config["job"]
+    return f"confirm-{int(job['number']):04d}-seed{int(job['seed'])}-{trial.trial_id}"
+
+
 def _trial_name(trial: Any) -> str:
     """Short trial folder names (Tune's default spells out the whole config)."""
     return f"trial-{int(trial.config.get(TRIAL_NUMBER, -1)):04d}-{trial.trial_id}"
@@ -481,34 +583,6 @@ def _ray_cpus() -> float:
 
     per_node = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     return max(per_node, default=0.0) or ray.cluster_resources().get("CPU", 1.0)
-
-
-def pareto_table(study, note: str | None = None) -> str:
-    """The Pareto-optimal COMPLETE trials as a text table (objectives, then searched params).
-
-    Args:
-        study: the Optuna study.
-        note: a last line saying how strong the evaluation behind the figures was
-            (`tracking.contract.eval_level_note`).
-    """
-    best = sorted(study.best_trials, key=lambda t: t.number)
-    tail = [f"figures at {note}"] if note else []
-    if not best:
-        return "\n".join(["Pareto-optimal trials: none (no trial completed)", *tail])
-    params = sorted({k for t in best for k in t.params})
-    head = ["trial", *OBJECTIVES, *params, ATTR_RUN_ID]
-    rows = [[str(t.number), *(f"{v:.3f}" for v in t.values), *(_fmt(t.params.get(k, "-")) for k in params),
-             t.user_attrs.get(ATTR_RUN_ID, "-")] for t in best]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["Pareto-optimal trials (all objectives maximised):",
-             "  ".join(h.ljust(w) for h, w in zip(head, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join([*lines, *tail])
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:

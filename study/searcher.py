@@ -20,6 +20,7 @@ from atop.config import Config, ConfigError
 from search_spaces import Space
 from tracking.contract import (
     ATTR_ERROR,
+    ATTR_INTERVALS,
     ATTR_RUN_ID,
     ATTR_STOPPED_AT,
     COMPUTE_S,
@@ -101,6 +102,7 @@ class AskTellSearcher(Searcher):
             self.study.tell(trial, state=state)
         else:
             state = TrialState.COMPLETE
+            trial.set_user_attr(ATTR_INTERVALS, {k: list(v) for k, v in summary.intervals.items()})
             self.study.tell(trial, list(summary.values))
         number = trial.number
         self.settle(number, state, summary)

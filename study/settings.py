@@ -23,6 +23,7 @@ from atop.config import Config, ConfigError, read_config_file
 from atop.presets import get_preset
 from atop.pretrain import PretrainSettings
 from search_spaces import SPACES, searched_names
+from study.confirm import CONFIRM_KEYS
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 #: sampler name -> factory(seed, population_size); `--sampler NAME` picks one
@@ -55,6 +56,11 @@ class StudySettings:
     scheduler: str = "none"  # "mo-asha": stop dominated trials at rungs (study/scheduler.py)
     grace_period: int = 1  # mo-asha: first rung, in epochs
     reduction_factor: int = 3  # mo-asha: about 1 in reduction_factor trials passes each rung
+    confirm: bool = True  # after the search, confirm its front on test images (study/confirm.py)
+    confirm_top: int = 3  # Pareto-optimal configurations to confirm (spread over the front)
+    confirm_seeds: int = 2  # new fine-tuning seeds per confirmed configuration
+    #: how confirm trials are scored (`study.confirm.CONFIRM_KEYS`): level and test images
+    confirm_config: dict[str, Any] = field(default_factory=lambda: {"eval_level": "full"})
     pretrain: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -63,15 +69,20 @@ class StudySettings:
         _one_of("--sampler", self.sampler, SAMPLERS)
         _one_of("--scheduler", self.scheduler, SCHEDULERS)
         for name, low in (("num_trials", 1), ("max_concurrent", 1), ("population_size", 2), ("max_failures", 0),
-                          ("grace_period", 1), ("reduction_factor", 2)):
+                          ("grace_period", 1), ("reduction_factor", 2), ("confirm_top", 1), ("confirm_seeds", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise StudyError(f"--{name.replace('_', '-')} {value!r} is out of range; accepted: an integer >= {low}")
+                more = " (or --no-confirm)" if name.startswith("confirm") else ""
+                raise StudyError(f"--{name.replace('_', '-')} {value!r} is out of range; "
+                                 f"accepted: an integer >= {low}{more}")
+        if not isinstance(self.confirm, bool):
+            raise StudyError(f"confirm {self.confirm!r} is not a boolean; accepted: true or false")
         if not self.cpus > 0:
             raise StudyError(f"--cpus {self.cpus!r} is out of range; accepted: a number > 0")
         if not self.gpus >= 0:
             raise StudyError(f"--gpus {self.gpus!r} is out of range; accepted: a number >= 0")
         self.pretrain_settings()
+        self.confirm_base()
         epochs = self.base_config().epochs
         if self.scheduler == "mo-asha" and self.grace_period >= epochs:
             raise StudyError(f"--grace-period {self.grace_period} leaves no rung before the last epoch ({epochs}); "
@@ -98,6 +109,17 @@ class StudySettings:
             return Config.from_dict({**space.fixed, **self.config})
         except ConfigError as exc:
             raise StudyError(str(exc)) from None
+
+    def confirm_base(self) -> Config:
+        """The config of confirm trials before a trial's params: `base_config()` with `confirm_config`."""
+        unknown = sorted(set(self.confirm_config) - set(CONFIRM_KEYS))
+        if unknown:
+            raise StudyError(f"confirm_config key(s) {', '.join(map(repr, unknown))} are not accepted; "
+                             f"accepted: {', '.join(CONFIRM_KEYS)} (confirm trials train as their search trial did)")
+        try:
+            return Config.from_dict({**self.base_config().to_dict(), **self.confirm_config})
+        except ConfigError as exc:
+            raise StudyError(f"confirm_config: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,7 +163,7 @@ def merge(base: StudySettings, data: dict[str, Any], source: str) -> StudySettin
         raise StudyError(f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; accepted: {', '.join(known)}")
     values = base.to_dict()
     for key, value in data.items():
-        if key in ("pretrain", "config"):
+        if key in ("pretrain", "config", "confirm_config"):
             if not isinstance(value, dict):
                 raise StudyError(f"{key} in {source} must be a mapping of key: value")
             values[key] = {**values[key], **value}

@@ -11,10 +11,11 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import TrialScheduler
 
 from search_spaces import SPACES
-from study.run import build_parser, make_scheduler, pareto_table, resolve_settings
+from study.run import build_parser, make_scheduler, resolve_settings
 from study.scheduler import MOASHAScheduler, crowding_distance, decide, rungs
 from study.searcher import AskTellSearcher
 from study.settings import StudyError, StudySettings
+from study.tables import pareto_table
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 

@@ -19,7 +19,11 @@ CASES = {
     "relative sqlite": (["--mlflow-uri", "sqlite:///mlflow.db"], ["absolute"]),
     "resume of a missing study": (["--resume"], ["no study 'bad'"]),
     "bad config value": (["--epochs", "0"], ["epochs=0", "accepted"]),
+    "no configuration to confirm": (["--confirm-top", "0"], ["--confirm-top", "0", ">= 1", "--no-confirm"]),
+    "no confirm seed": (["--confirm-seeds", "0"], ["--confirm-seeds", "0", ">= 1"]),
+    "more validation images than the train split": (["--config", "{tmp}/v.yaml"], ["n_eval", "60000"]),
 }
+FILES = {"v.yaml": "config: {n_eval: 60000}\n"}
 
 
 def run_study(args: list[str], storage) -> subprocess.CompletedProcess:
@@ -33,6 +37,9 @@ def run_study(args: list[str], storage) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_before_anything_starts(case, tmp_path):
     args, needles = CASES[case]
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     storage = tmp_path / "studies"
     storage.mkdir()
     done = run_study(args, storage)
@@ -43,6 +50,19 @@ def test_bad_input_is_one_line_before_anything_starts(case, tmp_path):
         assert needle in lines[0], lines[0]
     assert list(storage.iterdir()) == []  # no study folder left behind
     assert "Started a local Ray" not in done.stdout + done.stderr
+
+
+def test_confirm_config_may_set_only_how_confirm_trials_are_scored(tmp_path):
+    storage = tmp_path / "studies"
+    storage.mkdir()
+    (tmp_path / "c.yaml").write_text("confirm_config: {epochs: 9}\n")
+    done = run_study(["--config", str(tmp_path / "c.yaml")], storage)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "'epochs'" in done.stderr and "eval_level, n_eval" in done.stderr
+    (tmp_path / "t.yaml").write_text("confirm_config: {n_eval: 20000}\n")
+    done = run_study(["--config", str(tmp_path / "t.yaml")], storage)
+    assert done.returncode == 2 and "n_eval=20000" in done.stderr and "1..10000" in done.stderr
+    assert list(storage.iterdir()) == []
 
 
 def test_config_file_unknown_key_and_unsafe_yaml(tmp_path):

@@ -12,7 +12,15 @@ import time
 import pytest
 
 from tests.conftest import REPO, VENV_BIN, service_env
-from tracking.contract import EVAL_LEVEL_TAG, OBJECTIVES, ROLE_TAG, SPACE_TAG, TRIAL_TAG, Role
+from tracking.contract import (
+    EVAL_LEVEL_TAG,
+    EVAL_SPLIT_TAG,
+    OBJECTIVES,
+    ROLE_TAG,
+    SPACE_TAG,
+    TRIAL_TAG,
+    Role,
+)
 
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT_S = 1800
@@ -42,7 +50,10 @@ def test_ray_job_submit_smoke_study(ray_head, mlflow_server, cifar_dir, tmp_path
         jobs.stop_job(job_id)
     assert status == JobStatus.SUCCEEDED, f"job {status}; last log lines:\n{logs[-5000:]}"
     assert "Pareto-optimal trials" in logs and mlflow_server.uri in logs
-    assert "figures at screen level: PGD-10, EOT 2, 1 draw; not final" in logs
+    assert "figures at screen level: PGD-10, EOT 2, 1 draw; not final; 64 validation images" in logs
+    # the smoke preset's confirm stage: its best configuration, 2 new seeds, 64 test images, said to be screening
+    assert "Confirmed on test (2 seeds per config, 64 test images" in logs
+    assert "test figures at screen level: PGD-10, EOT 2, 1 draw; not final" in logs
 
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name(name)
@@ -51,7 +62,8 @@ def test_ray_job_submit_smoke_study(ray_head, mlflow_server, cifar_dir, tmp_path
     parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == Role.STUDY.value]
     assert len(parents) == 1 and parents[0].info.run_name == name
     assert parents[0].info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+                and r.data.tags.get(ROLE_TAG) == Role.TRIAL.value]
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert len(finished) >= 4, [(r.info.run_name, r.info.status) for r in children]
     numbers = [r.data.tags[TRIAL_TAG] for r in children]
@@ -59,7 +71,7 @@ def test_ray_job_submit_smoke_study(ray_head, mlflow_server, cifar_dir, tmp_path
     for run in finished:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         assert tags[ROLE_TAG] == Role.TRIAL.value and tags[SPACE_TAG] == "paper"
-        assert tags[EVAL_LEVEL_TAG] == "screen"
+        assert tags[EVAL_LEVEL_TAG] == "screen" and tags[EVAL_SPLIT_TAG] == "val"
         assert tags["git_sha"] and tags["seed"] == "0" and tags["device"] and tags["torch"]
         assert params["rt"] in ("rt1", "rt2", "rt3") and "lambda_ce" in params and "train_attack" in params
         for m in OBJECTIVES:
@@ -67,3 +79,6 @@ def test_ray_job_submit_smoke_study(ray_head, mlflow_server, cifar_dir, tmp_path
             assert [h.step for h in client.get_metric_history(run.info.run_id, m)] == [1, 2]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"defense.pt", "images.png", "per_example.parquet"} <= artifacts, artifacts
+    confirms = [r for r in runs if r.data.tags.get(ROLE_TAG) == Role.CONFIRM.value]
+    assert len(confirms) == 1 and confirms[0].info.status == "FINISHED"
+    assert confirms[0].data.metrics["test/n_seeds"] == 2

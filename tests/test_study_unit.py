@@ -9,7 +9,6 @@ from optuna.trial import TrialState
 
 from search_spaces import SPACES
 from study.resume import finished_count, settle_interrupted
-from study.run import pareto_table
 from study.searcher import AskTellSearcher
 from study.settings import (
     SAMPLERS,
@@ -20,6 +19,7 @@ from study.settings import (
     merge,
     presets,
 )
+from study.tables import pareto_table
 from tracking import mlflow_log
 from tracking.contract import (
     DIRECTIONS,
@@ -179,7 +179,7 @@ def _plan(tmp_path, uri):
     split = Split(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64))
     return StudyPlan(settings=settings, name="s", folder=tmp_path / "s", pretrained_cache=tmp_path / ".pretrained-cache",
                      mlflow_uri=uri, data_dir=None,
-                     cfg=settings.base_config(), train=split, test=split)
+                     cfg=settings.base_config(), pool=split, val=split, test=split)
 
 
 def _finished_study():
@@ -195,7 +195,7 @@ def test_report_logs_the_table_and_counts_to_the_parent_run(tmp_path, capsys):
     exp = mlflow_log.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
     parent = mlflow_log.ensure_parent_run(uri, exp, "s", {}, {})
     plan = _plan(tmp_path, uri)
-    report(plan, OpenStudy(_finished_study(), exp, parent, {}), wall_s=12.0)
+    report(plan, OpenStudy(_finished_study(), exp, parent, {}), wall_s=12.0, confirmed=None)
     run = mlflow_log.client(uri).get_run(parent)
     assert run.info.status == "FINISHED"
     assert run.data.metrics == {"trials_complete": 1, "trials_pruned": 0, "trials_fail": 0, "driver_wall_s": 12.0}
@@ -213,7 +213,7 @@ def test_report_with_mlflow_down_at_the_end_spools_instead_of_raising(tmp_path, 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     plan = _plan(tmp_path, uri)
-    report(plan, OpenStudy(_finished_study(), "1", "parent0", {}), wall_s=1.0)
+    report(plan, OpenStudy(_finished_study(), "1", "parent0", {}), wall_s=1.0, confirmed=None)
     out = capsys.readouterr().out
     assert "MLflow unreachable: 3 call(s) kept in" in out and "python -m tracking upload" in out
     ops = (plan.spool_dir / "driver-study.jsonl").read_text().splitlines()

@@ -11,7 +11,7 @@ Pure Python: no Ray, torch, Optuna or MLflow, so `analysis/` can import it cheap
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 
@@ -136,6 +136,8 @@ ATTR_INTERRUPTED: Final = "interrupted"
 ATTR_RERUN_OF: Final = "rerun_of"
 #: the name of an enqueued reference configuration (`--enqueue FILE`)
 ATTR_REFERENCE: Final = "reference"
+#: objective -> [lo, hi]: the 95% interval of each validation objective (`<objective>_lo`/`_hi`)
+ATTR_INTERVALS: Final = "intervals"
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,7 @@ class TrialSummary:
         values: the objectives in `OBJECTIVES` order (empty when failed).
         epoch: the last epoch it reported.
         compute_s, images_per_s: its own compute time and training throughput.
+        intervals: objective -> (lo, hi), its 95% interval where the result has `_lo`/`_hi`.
     """
 
     failed: bool
@@ -156,6 +159,7 @@ class TrialSummary:
     epoch: int = 0
     compute_s: float | None = None
     images_per_s: float | None = None
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, result: dict | None) -> TrialSummary:
@@ -169,17 +173,23 @@ class TrialSummary:
             return cls(failed=True, error=f"result lacks {', '.join(missing)}")
         return cls(failed=False, values=tuple(float(result[m]) for m in OBJECTIVES),
                    epoch=int(result.get(EPOCH, 0)), compute_s=float(result.get(COMPUTE_S, 0.0)),
-                   images_per_s=float(result.get(IMAGES_PER_S, 0.0)))
+                   images_per_s=float(result.get(IMAGES_PER_S, 0.0)),
+                   intervals={m: (float(result[f"{m}_lo"]), float(result[f"{m}_hi"])) for m in OBJECTIVES
+                              if f"{m}_lo" in result and f"{m}_hi" in result})
 
 
 def eval_level_note(level: str, budget: dict[str, int]) -> str:
     """One line saying how strong a level's attacks were, e.g. for a table of screening figures.
 
     Args:
-        level: `screen` or `full`.
+        level: `screen`, `light` or `full` (`atop.config.EvalLevel`).
         budget: the level's budget (`atop.evaluate.LEVELS[level]`: steps, eot, repeats, ...).
     """
     draws = budget.get("repeats", 1)
     text = (f"{level} level: PGD-{budget.get('steps', '?')}, EOT {budget.get('eot', '?')}, "
             f"{draws} draw{'s' if draws != 1 else ''}")
-    return text if level == "full" else f"{text}; not final"
+    if level == "full":
+        return text
+    if level == "light":
+        return f"{text}, Square {budget.get('queries', '?')} queries, AutoAttack-rand, audit; lighter than full"
+    return f"{text}; not final"

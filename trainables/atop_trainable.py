@@ -17,6 +17,7 @@ by `atop.artifacts`, the test-only fault hook is `trainables.faults`.
 """
 from __future__ import annotations
 
+import json
 import platform
 import tempfile
 import time
@@ -46,13 +47,17 @@ from tracking.contract import (
     ERROR_KEY,
     ERROR_TAG,
     EVAL_LEVEL_TAG,
+    EVAL_SPLIT_TAG,
     FAILED_KEY,
     LAST_ERROR_TAG,
     RESOURCES_TAG,
     RESTORED_TAG,
     RUN_ID,
+    STAGE_TAG,
     TRIAL_KEYS,
     TRIAL_NUMBER,
+    EvalSplit,
+    Stage,
 )
 from tracking.mlflow_log import RunLogger, quiet_http
 from trainables.faults import FaultPlan
@@ -61,14 +66,21 @@ from trainables.faults import FaultPlan
 PERMANENT = (FloatingPointError, ConfigError, CheckpointError)
 DEFENSE_FILE, STATE_FILE = "defense.pt", "trainer_state.pt"
 PER_EXAMPLE_FILE, GRID_FILE = "per_example.parquet", "images.png"
+#: keys of a confirm trial's last result: per-image rates (JSON) and the audit's flags
+PER_IMAGE_KEY, AUDIT_KEY, NOT_AUDITED = "atop_per_image", "atop_audit_flags", "not audited"
 
 
 @dataclass
 class StudyContext:
-    """What every trial of a study shares; sent once through the object store."""
+    """What every trial of a stage shares; sent once through the object store.
 
-    train: Split  # the fine-tuning images (already the study's `n_train` subset)
-    test: Split  # the evaluation images (the first `n_eval` of the test split)
+    The search's trials score on validation images (`eval_split` "val", carved from the train split
+    by `atop.data.carve_validation`); the confirm stage's on test images (`eval_split` "test"), with
+    their MLflow metrics named `test/<figure>` (`metric_prefix`).
+    """
+
+    train: Split  # the fine-tuning images (already the study's `n_train` subset of the training pool)
+    eval_data: Split  # the images every trial is scored on (`n_eval` of them)
     classifier_ckpt: bytes  # pre-trained checkpoint files, as bytes (no shared file system needed)
     purifier_ckpt: bytes
     mlflow_uri: str
@@ -77,6 +89,9 @@ class StudyContext:
     gpus_per_trial: float = 0.0
     tags: dict[str, str] = field(default_factory=dict)  # git SHA, package versions, ... for every run
     grid_images: int = 8
+    eval_split: str = EvalSplit.VAL.value
+    stage: str = Stage.SEARCH.value
+    metric_prefix: str = ""  # put before every MLflow metric name (the Tune result keeps plain names)
 
 
 def split_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
@@ -99,7 +114,8 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     torch.set_num_threads(max(1, round(ctx.cpus_per_trial)))
     device = _device(ctx)
     trial_dir = Path(tune.get_context().get_trial_dir())
-    log = RunLogger(ctx.mlflow_uri, run_id, Path(ctx.spool_dir) / f"trial-{number:04d}.jsonl") if run_id else None
+    spool = f"trial-{number:04d}" if ctx.stage == Stage.SEARCH.value else f"confirm-{number:04d}-seed{cfg.seed}"
+    log = RunLogger(ctx.mlflow_uri, run_id, Path(ctx.spool_dir) / f"{spool}.jsonl") if run_id else None
 
     checkpoint = tune.get_checkpoint()
     state, start_epoch, compute_s = None, 0, 0.0
@@ -117,7 +133,8 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
                 log.log_params(cfg.to_dict())
                 log.set_tags({**ctx.tags, "seed": cfg.seed, "device": _device_name(device),
                               RESOURCES_TAG: f"cpu={ctx.cpus_per_trial},gpu={ctx.gpus_per_trial}",
-                              EVAL_LEVEL_TAG: cfg.eval_level.value})
+                              EVAL_LEVEL_TAG: cfg.eval_level.value, EVAL_SPLIT_TAG: ctx.eval_split,
+                              STAGE_TAG: ctx.stage})
             else:
                 log.set_tags({RESTORED_TAG: start_epoch})
         _check_sizes(cfg, ctx)
@@ -125,14 +142,16 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
         faults.at(start_epoch, purifier)
 
         started = time.perf_counter()
-        for report in finetune(cfg, classifier, purifier, discriminator, ctx.train, ctx.test, device=device,
+        for report in finetune(cfg, classifier, purifier, discriminator, ctx.train, ctx.eval_data, device=device,
                                state=state, start_epoch=start_epoch):
             metrics = {**report.metrics, COMPUTE_S: compute_s + time.perf_counter() - started}
             if log:
-                log.log_metrics(metrics, step=report.epoch)
+                log.log_metrics({ctx.metric_prefix + k: v for k, v in metrics.items()}, step=report.epoch)
+            last = {PER_IMAGE_KEY: per_image_payload(report), AUDIT_KEY: audit_flags(report.audit)} \
+                if ctx.stage == Stage.CONFIRM.value and report.epoch == cfg.epochs else {}
             with tempfile.TemporaryDirectory(prefix="atop-ckpt-") as d:
                 _save(Path(d), cfg, report, classifier, purifier, discriminator, metrics[COMPUTE_S])
-                tune.report({**metrics, EPOCH: report.epoch, TRIAL_NUMBER: number},
+                tune.report({**metrics, **last, EPOCH: report.epoch, TRIAL_NUMBER: number},
                             checkpoint=tune.Checkpoint.from_directory(d))
             faults.at(report.epoch, purifier)
         final = report if cfg.epochs > start_epoch else None
@@ -154,12 +173,19 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
         raise
 
 
+def confirm_atop(config: dict[str, Any], ctx: StudyContext) -> None:
+    """A confirm trial (`study.confirm`): `train_atop` on the job in `config["job"]` (Tune grid entry:
+    number, seed, run_id, config), named by its search trial's number."""
+    job = config["job"]
+    train_atop({**job["config"], TRIAL_NUMBER: job["number"], RUN_ID: job["run_id"]}, ctx)
+
+
 def _check_sizes(cfg: Config, ctx: StudyContext) -> None:
     if cfg.n_train and len(ctx.train) != cfg.n_train:
         raise ConfigError(f"n_train={cfg.n_train} but the study shared {len(ctx.train)} training images; "
                           "n_train is a study-level setting, not a searched one")
-    if len(ctx.test) != cfg.n_eval:
-        raise ConfigError(f"n_eval={cfg.n_eval} but the study shared {len(ctx.test)} evaluation images")
+    if len(ctx.eval_data) != cfg.n_eval:
+        raise ConfigError(f"n_eval={cfg.n_eval} but the study shared {len(ctx.eval_data)} evaluation images")
 
 
 def _save(folder: Path, cfg: Config, report: Any, classifier: torch.nn.Module, purifier: torch.nn.Module,
@@ -182,6 +208,18 @@ def _restore(folder: Path) -> tuple[dict[str, Any], int, float]:
     return state, int(blob["epoch"]), float(extra.get("compute_s", 0.0))
 
 
+def per_image_payload(report: Any) -> str:
+    """The last epoch's per-image rates (figure -> list), as JSON: one compact cell of a Tune result."""
+    return json.dumps({k: [round(float(v), 4) for v in rates] for k, rates in report.rates.items()})
+
+
+def audit_flags(audit: dict[str, Any] | None) -> str:
+    """The audit's raised flags, comma-separated ("" none raised; `NOT_AUDITED` when it did not run)."""
+    if audit is None:
+        return NOT_AUDITED
+    return ",".join(k for k, v in audit["flags"].items() if v is True and k != "gradient_masking_suspected")
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -201,8 +239,8 @@ def _final_artifacts(log: RunLogger, number: int, cfg: Config, ctx: StudyContext
     if final is not None:  # the last epoch's evaluation, at the config's level
         per_example = final.per_example
     else:  # resumed after its last epoch: nothing ran here, evaluate the restored purifier
-        per_example = evaluate(defense, ctx.test, cfg, device=device).per_example
+        per_example = evaluate(defense, ctx.eval_data, cfg, device=device).per_example
     write_parquet(per_example, out / PER_EXAMPLE_FILE, trial_number=number)
-    image_grid(defense, ctx.test, cfg, out / GRID_FILE, n=ctx.grid_images, device=device)
+    image_grid(defense, ctx.eval_data, cfg, out / GRID_FILE, n=ctx.grid_images, device=device)
     for name in (DEFENSE_FILE, PER_EXAMPLE_FILE, GRID_FILE):
         log.log_artifact(out / name)

@@ -1,0 +1,305 @@
+"""The confirm stage: the search's front, fine-tuned again on new seeds and scored on test images.
+
+The search scores every trial on validation images (carved from the train split); the test split
+is touched here only. For each confirmed configuration (up to `confirm_top` Pareto-optimal search
+trials, chosen to spread over the front, plus every enqueued reference) the driver runs
+`confirm_seeds` Ray Tune trials, each fine-tuning the purifier again with a new seed and scoring
+it on the first `n_eval` test images at the confirm level (`full` by default: the masking audit
+included). MLflow gets one `confirm` run per configuration (a child of the study's run, linked to
+its search trial) with the figures over seeds, and one `confirm_seed` run per seed below it.
+
+Figures over seeds (`Figure`): the mean of the seeds' accuracies, their standard deviation, and a
+95% two-stage bootstrap interval (`atop.stats.bootstrap`) resampling test images and, within each,
+seeds: it covers which images were drawn and how much fine-tuning varies with the seed.
+
+Pure planning and aggregation (`targets`, `spread`, `aggregate`, `table`) plus `run_confirm`,
+which runs the trials and records them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atop.config import Config
+from atop.io import atomic_write_text
+from atop.stats import bootstrap
+from tracking.contract import (
+    ATTR_INTERVALS,
+    ATTR_REFERENCE,
+    ATTR_RUN_ID,
+    AUDIT_TAG,
+    CONFIRM_ARTIFACT,
+    CONFIRM_OF_RUN_TAG,
+    CONFIRM_OF_TAG,
+    CONFIRM_SEED_TAG,
+    EVAL_LEVEL_TAG,
+    EVAL_SPLIT_TAG,
+    GAP_PREFIX,
+    OBJECTIVES,
+    PARENT_TAG,
+    REFERENCE_TAG,
+    ROLE_TAG,
+    STAGE_TAG,
+    TEST_PREFIX,
+    VAL_PREFIX,
+    EvalSplit,
+    Role,
+    Stage,
+)
+
+#: Config keys a study's `confirm_config` may set: how confirm trials are scored, not what they train
+CONFIRM_KEYS = ("eval_level", "n_eval")
+#: bootstrap resamples behind every interval over seeds
+N_BOOT = 2000
+STATE_FILE = "confirm.json"
+#: the figure named "AutoAttack-rand" in tables (run at the `full` level)
+AUTOATTACK = "robust_acc/autoattack_rand_linf"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One configuration to confirm: a COMPLETE search trial (Pareto-optimal or a reference)."""
+
+    number: int
+    run_id: str | None
+    params: dict[str, Any]
+    values: tuple[float, ...]  # its validation objectives, `OBJECTIVES` order
+    intervals: dict[str, list[float]]  # objective -> [lo, hi] on validation (may be empty)
+    reference: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.reference or f"trial {self.number}"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """An accuracy over seeds: mean, standard deviation over seeds, 95% interval (see module doc)."""
+
+    mean: float
+    sd: float
+    lo: float
+    hi: float
+
+    def text(self) -> str:
+        return f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
+
+
+@dataclass
+class Confirmed:
+    """The confirm stage's outcome for one target (what `confirm.json` keeps per trial number)."""
+
+    number: int
+    label: str
+    params: dict[str, Any]
+    seeds: list[int]
+    n_images: int
+    figures: dict[str, Figure]  # figure name (`clean_acc`, ..., `robust_acc/<attack>`) -> over seeds
+    val: dict[str, float]
+    audit: str
+    failed_seeds: list[int] = field(default_factory=list)
+    run_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Confirmed:
+        return cls(**{**data, "figures": {k: Figure(**v) for k, v in data["figures"].items()}})
+
+
+def spread(points: np.ndarray, k: int) -> list[int]:
+    """`k` rows of `points` (objectives, all maximised) spread over the front: first the row with the
+    best mean, then repeatedly the row farthest (Euclidean) from those already chosen."""
+    if k >= len(points):
+        return list(range(len(points)))
+    chosen = [int(np.argmax(points.mean(axis=1)))]
+    while len(chosen) < k:
+        dist = np.min(np.linalg.norm(points[:, None, :] - points[None, chosen, :], axis=2), axis=1)
+        dist[chosen] = -1.0  # ties (e.g. equal points) must not pick a row twice
+        chosen.append(int(np.argmax(dist)))
+    return sorted(chosen)
+
+
+def targets(study: Any, top: int) -> list[Target]:
+    """The configurations to confirm: `top` Pareto-optimal trials (`spread`) and every reference."""
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    front = sorted(study.best_trials, key=lambda t: t.number) if complete else []
+    picked = [front[i] for i in spread(np.array([t.values for t in front]), top)] if front else []
+    refs = [t for t in complete if t.user_attrs.get(ATTR_REFERENCE) and t not in picked]
+    return [Target(t.number, t.user_attrs.get(ATTR_RUN_ID), dict(t.params), tuple(t.values),
+                   dict(t.user_attrs.get(ATTR_INTERVALS, {})), t.user_attrs.get(ATTR_REFERENCE))
+            for t in sorted([*picked, *refs], key=lambda t: t.number)]
+
+
+def confirm_config(base: Config, target: Target, overrides: Mapping[str, Any], seed: int) -> Config:
+    """A confirm trial's config: the search trial's, scored per `overrides` (`CONFIRM_KEYS`), new seed."""
+    return Config.from_dict({**base.to_dict(), **target.params, **overrides, "seed": seed})
+
+
+def aggregate(per_seed: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, Figure]:
+    """Figures over seeds from each seed's per-image rates (figure -> rates over the same images).
+
+    Only figures every seed measured are kept.
+    """
+    names = [n for n in per_seed[0] if all(n in s for s in per_seed)]
+    out = {}
+    for name in names:
+        rates = np.array([s[name] for s in per_seed], dtype=float)  # (seeds, images)
+        accs = rates.mean(axis=1)
+        lo, hi = bootstrap(rates, n_boot=N_BOOT, seed=0)
+        out[name] = Figure(float(accs.mean()), float(accs.std(ddof=1)) if len(accs) > 1 else 0.0, lo, hi)
+    return out
+
+
+def verdict(flags: Sequence[str]) -> str:
+    """The audit's verdict over seeds from each seed's raised flags (`atop_trainable.audit_flags`)."""
+    from trainables.atop_trainable import NOT_AUDITED
+
+    if not flags or all(f == NOT_AUDITED for f in flags):
+        return NOT_AUDITED
+    raised = sorted({name for f in flags if f != NOT_AUDITED for name in f.split(",") if name})
+    return f"flags: {', '.join(raised)}" if raised else "no flags"
+
+
+def table(confirmed: Sequence[Confirmed], note: str) -> str:
+    """The confirmed configurations: validation next to test for each objective, the gap, the audit."""
+    if not confirmed:
+        return "Confirmed on test: none"
+    head = ["config", *(f"{o} val -> test [95%]" for o in OBJECTIVES), AUTOATTACK.split("/")[-1], "audit"]
+    rows = []
+    for c in confirmed:
+        cells = [c.label]
+        for o in OBJECTIVES:
+            f = c.figures.get(o)
+            cells.append(f"{c.val.get(o, float('nan')):.3f} -> {f.text()}  (gap {c.val[o] - f.mean:+.3f})"
+                         if f is not None and o in c.val else "-")
+        aa = c.figures.get(AUTOATTACK)
+        cells += [aa.text() if aa else "-", c.audit]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    seeds = sorted({len(c.seeds) - len(c.failed_seeds) for c in confirmed})
+    lines = [(f"Confirmed on test ({'/'.join(map(str, seeds))} seeds per config, "
+             f"{'/'.join(sorted({str(c.n_images) for c in confirmed}))} test images; val: the search's "
+             "validation figure; [95%]: bootstrap over test images and seeds):"),
+             "  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows]
+    failed = [f"{c.label}: seeds {c.failed_seeds} failed" for c in confirmed if c.failed_seeds]
+    return "\n".join([*lines, *failed, f"test figures at {note}"])
+
+
+# --- running the stage ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """One confirm trial: a target fine-tuned with one seed; its MLflow `confirm_seed` run."""
+
+    number: int
+    seed: int
+    run_id: str | None
+    config: dict[str, Any]
+
+
+def load_state(folder: Path) -> dict[int, Confirmed]:
+    """The configurations an earlier driver already confirmed (`confirm.json`), by trial number."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return {}
+    return {int(k): Confirmed.from_dict(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def run_confirm(*, study: Any, base: Config, overrides: Mapping[str, Any], top: int, seeds: int, folder: Path,
+                uri: str, experiment_id: str, parent_id: str, tags: Mapping[str, str],
+                fit: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], note: str,
+                log=print) -> list[Confirmed]:
+    """Confirm the study's targets not yet confirmed; returns every target's outcome, in order.
+
+    Args:
+        study: the Optuna study after the search.
+        base: the config every search trial started from; `overrides`: the study's `confirm_config`.
+        top, seeds: `--confirm-top`, `--confirm-seeds`.
+        folder: the study folder (`confirm.json` records what is done, so a resumed driver skips it).
+        uri, experiment_id, parent_id, tags: where and with which tags to record MLflow runs.
+        fit: runs the jobs' Tune configs (dicts with `job`) as Ray Tune trials; returns each one's
+            last result (or {} when it failed), in order.
+        note: how strong the confirm level's attacks are (`tracking.contract.eval_level_note`).
+    """
+    from tracking import mlflow_log
+
+    chosen = targets(study, top)
+    done = load_state(folder)
+    todo = [t for t in chosen if t.number not in done]
+    log(f"confirm: {len(chosen)} configuration(s) x {seeds} seed(s) on test images "
+        f"({len(chosen) - len(todo)} already confirmed)")
+    if todo:
+        started = time.time()
+        client = mlflow_log.client(uri)
+        jobs: list[Job] = []
+        parents: dict[int, str] = {}
+        for t in todo:
+            cfg0 = confirm_config(base, t, overrides, base.seed)
+            link = {CONFIRM_OF_TAG: str(t.number), CONFIRM_OF_RUN_TAG: t.run_id or "",
+                    STAGE_TAG: Stage.CONFIRM.value, EVAL_SPLIT_TAG: EvalSplit.TEST.value,
+                    EVAL_LEVEL_TAG: cfg0.eval_level.value, **({REFERENCE_TAG: t.reference} if t.reference else {})}
+            parent = client.create_run(experiment_id, run_name=f"confirm-{t.label.replace(' ', '-')}",
+                                       tags={**tags, **link, PARENT_TAG: parent_id, ROLE_TAG: Role.CONFIRM.value})
+            parents[t.number] = parent.info.run_id
+            mlflow_log.RunLogger(uri, parent.info.run_id, folder / "spool" / f"confirm-{t.number:04d}.jsonl") \
+                .log_params({k: v for k, v in cfg0.to_dict().items() if k != "seed"})
+            for k in range(1, seeds + 1):
+                seed = base.seed + k
+                run = client.create_run(experiment_id, run_name=f"confirm-{t.number:04d}-seed{seed}",
+                                        tags={**tags, **link, PARENT_TAG: parent.info.run_id,
+                                              ROLE_TAG: Role.CONFIRM_SEED.value, CONFIRM_SEED_TAG: str(seed)})
+                cfg = confirm_config(base, t, overrides, seed)
+                jobs.append(Job(t.number, seed, run.info.run_id, cfg.to_dict()))
+        results = fit([{"number": j.number, "seed": j.seed, "run_id": j.run_id, "config": j.config} for j in jobs])
+        for t in todo:
+            done[t.number] = _record(t, [(j, r) for j, r in zip(jobs, results) if j.number == t.number],
+                                     uri, parents[t.number], folder)
+        atomic_write_text(folder / STATE_FILE, json.dumps({str(k): asdict(v) for k, v in done.items()}, indent=1))
+        log(f"confirm: {len(jobs)} trial(s) in {time.time() - started:.0f} s")
+    confirmed = [done[t.number] for t in chosen if t.number in done]
+    text = table(confirmed, note)
+    logger = mlflow_log.RunLogger(uri, parent_id, folder / "spool" / "driver-confirm.jsonl")
+    logger.log_artifact(atomic_write_text(folder / CONFIRM_ARTIFACT, text + "\n"))
+    logger.flush()
+    return confirmed
+
+
+def _record(target: Target, finished: list[tuple[Job, dict[str, Any]]], uri: str, run_id: str,
+            folder: Path) -> Confirmed:
+    """Aggregate one target's seeds, log them to its `confirm` run and settle its seed runs."""
+    from tracking import mlflow_log
+    from trainables.atop_trainable import AUDIT_KEY, PER_IMAGE_KEY
+
+    ok = [(j, r) for j, r in finished if r.get(PER_IMAGE_KEY)]
+    for j, r in finished:
+        if j.run_id and not r.get(PER_IMAGE_KEY):
+            mlflow_log.client(uri).set_terminated(j.run_id, status="FAILED")
+    log = mlflow_log.RunLogger(uri, run_id, folder / "spool" / f"confirm-{target.number:04d}.jsonl")
+    per_seed = [json.loads(r[PER_IMAGE_KEY]) for _, r in ok]
+    figures = aggregate(per_seed) if per_seed else {}
+    val = dict(zip(OBJECTIVES, target.values))
+    audit = verdict([str(r.get(AUDIT_KEY, "")) for _, r in ok])
+    metrics: dict[str, float] = {}
+    for name, f in figures.items():
+        metrics.update({f"{TEST_PREFIX}{name}": f.mean, f"{TEST_PREFIX}{name}_sd": f.sd,
+                        f"{TEST_PREFIX}{name}_lo": f.lo, f"{TEST_PREFIX}{name}_hi": f.hi})
+    for o, v in val.items():
+        metrics[f"{VAL_PREFIX}{o}"] = v
+        for side, bound in zip(("lo", "hi"), target.intervals.get(o, [])):
+            metrics[f"{VAL_PREFIX}{o}_{side}"] = bound
+        if o in figures:
+            metrics[f"{GAP_PREFIX}{o}"] = v - figures[o].mean
+    n_images = len(next(iter(per_seed[0].values()))) if per_seed else 0
+    metrics.update({f"{TEST_PREFIX}n_seeds": len(ok), f"{TEST_PREFIX}n_images": n_images})
+    log.log_metrics(metrics, step=0)
+    log.set_tags({AUDIT_TAG: audit})
+    log.set_status("FINISHED" if ok else "FAILED")
+    log.flush()
+    return Confirmed(target.number, target.label, target.params, [j.seed for j, _ in finished], n_images, figures,
+                     val, audit, [j.seed for j, r in finished if (j, r) not in ok], run_id)

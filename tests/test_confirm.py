@@ -1,0 +1,107 @@
+"""The confirm stage's planning and aggregation (`study.confirm`): targets, spread, figures over seeds."""
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+
+from atop.config import Config
+from study.confirm import (
+    Confirmed,
+    Figure,
+    Target,
+    aggregate,
+    confirm_config,
+    spread,
+    table,
+    targets,
+    verdict,
+)
+from study.settings import StudyError, StudySettings
+from tracking.contract import ATTR_INTERVALS, ATTR_REFERENCE, ATTR_RUN_ID, DIRECTIONS, OBJECTIVES
+
+
+def _study(points: list[tuple[float, float, float]], refs: dict[int, str] | None = None) -> optuna.Study:
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    for i, values in enumerate(points):
+        attrs = {ATTR_RUN_ID: f"run{i}", ATTR_INTERVALS: {o: [v - 0.05, v + 0.05] for o, v in zip(OBJECTIVES, values)}}
+        if refs and i in refs:
+            attrs[ATTR_REFERENCE] = refs[i]
+        study.add_trial(optuna.trial.create_trial(values=list(values), params={"lambda_ce": 0.1 * i},
+                                                  distributions={"lambda_ce": optuna.distributions.FloatDistribution(0, 1)},
+                                                  user_attrs=attrs))
+    return study
+
+
+def test_spread_starts_from_the_best_mean_and_adds_the_farthest_points():
+    points = np.array([[0.9, 0.1], [0.85, 0.2], [0.6, 0.6], [0.1, 0.9]])
+    assert spread(points, 1) == [2]  # best mean 0.6
+    assert spread(points, 2) == [0, 2]  # 0 and 3 are equally far from 2: the first wins
+    assert spread(points, 3) == [0, 2, 3]  # the near-duplicate [0.85, 0.2] is left out
+    assert spread(points, 9) == [0, 1, 2, 3]
+    assert spread(np.array([[0.5, 0.5]] * 3), 2) == [0, 1]  # equal points: still distinct rows
+
+
+def test_targets_are_spread_front_members_plus_every_reference():
+    # trials 0-2 are on the front; 3 is dominated but a reference; 4 is dominated
+    study = _study([(0.9, 0.1, 0.1), (0.5, 0.5, 0.5), (0.1, 0.9, 0.2), (0.2, 0.2, 0.2), (0.1, 0.1, 0.1)],
+                   refs={3: "no-ft"})
+    chosen = targets(study, top=2)
+    assert [t.number for t in chosen] == [0, 1, 3] or [t.number for t in chosen] == [1, 2, 3]
+    ref = chosen[-1]
+    assert ref.reference == "no-ft" and ref.label == "no-ft" and ref.run_id == "run3"
+    assert ref.intervals["clean_acc"] == pytest.approx([0.15, 0.25])
+    assert targets(optuna.create_study(directions=list(DIRECTIONS)), top=3) == []
+
+
+def test_a_confirm_config_is_the_search_trials_with_a_new_seed_and_the_confirm_scoring():
+    base = Config(seed=7, n_eval=64, epochs=2)
+    t = Target(3, "r", {"lambda_ce": 0.4}, (0.5, 0.2, 0.1), {})
+    cfg = confirm_config(base, t, {"eval_level": "light", "n_eval": 100}, seed=9)
+    assert (cfg.lambda_ce, cfg.seed, cfg.n_eval, cfg.eval_level.value, cfg.epochs) == (0.4, 9, 100, "light", 2)
+
+
+def test_figures_over_seeds_have_the_seed_mean_its_spread_and_an_interval_over_images_and_seeds():
+    rng = np.random.default_rng(0)
+    seed_a = (rng.random(400) < 0.6).astype(float)
+    seed_b = (rng.random(400) < 0.7).astype(float)
+    figures = aggregate([{"clean_acc": seed_a, "only_a": seed_a}, {"clean_acc": seed_b}])
+    assert set(figures) == {"clean_acc"}  # a figure one seed lacks is dropped, not half-averaged
+    f = figures["clean_acc"]
+    assert f.mean == pytest.approx((seed_a.mean() + seed_b.mean()) / 2)
+    assert f.sd == pytest.approx(np.std([seed_a.mean(), seed_b.mean()], ddof=1))
+    assert f.lo < f.mean < f.hi and f.hi - f.lo < 0.2
+    # one seed's images alone: a narrower spread (no seed variance), the interval still covers the mean
+    one = aggregate([{"clean_acc": seed_a}])["clean_acc"]
+    assert one.sd == 0.0 and one.lo < seed_a.mean() < one.hi
+
+
+def test_the_audit_verdict_over_seeds_names_every_raised_flag():
+    assert verdict(["", ""]) == "no flags"
+    assert verdict(["steps_not_converged", "", "bpda_stronger,steps_not_converged"]) == (
+        "flags: bpda_stronger, steps_not_converged")
+    assert verdict(["not audited", "not audited"]) == "not audited"
+    assert verdict([]) == "not audited"
+
+
+def test_the_confirm_table_shows_validation_next_to_test_the_gap_and_the_audit():
+    c = Confirmed(number=4, label="trial 4", params={}, seeds=[1, 2], n_images=1000,
+                  figures={o: Figure(0.5, 0.01, 0.47, 0.53) for o in OBJECTIVES}, val=dict.fromkeys(OBJECTIVES, 0.56),
+                  audit="no flags")
+    text = table([c, Confirmed.from_dict({**c.__dict__, "figures": {"clean_acc": {"mean": 0.4, "sd": 0.0, "lo": 0.3,
+                                                                                   "hi": 0.5}}, "label": "no-ft",
+                                          "failed_seeds": [2]})], "light level")
+    assert "2/1 seeds per config" in text or "1/2 seeds per config" in text
+    assert "0.560 -> 0.500 [0.470, 0.530]  (gap +0.060)" in text and "no flags" in text
+    assert "no-ft: seeds [2] failed" in text and text.endswith("test figures at light level")
+    assert table([], "x") == "Confirmed on test: none"
+
+
+def test_confirm_settings_are_checked():
+    with pytest.raises(StudyError, match="--confirm-top 0 .* >= 1 \\(or --no-confirm\\)"):
+        StudySettings(space="tiny", confirm_top=0).validate()
+    with pytest.raises(StudyError, match="'epochs'.*accepted: eval_level, n_eval"):
+        StudySettings(space="tiny", confirm_config={"epochs": 3}).validate()
+    with pytest.raises(StudyError, match="confirm_config: .*eval_level"):
+        StudySettings(space="tiny", confirm_config={"eval_level": "medium"}).validate()
+    assert StudySettings(space="tiny").confirm_base().eval_level.value == "full"
