@@ -80,6 +80,12 @@ def error_bars(info: FrontInfo, col: int) -> np.ndarray:
     return np.clip(np.vstack([below, above]), 0.0, None)
 
 
+def extent(info: FrontInfo, col: int) -> np.ndarray:
+    """The values an axis of objective ``col`` must show: the points and their intervals' ends."""
+    values = np.concatenate([info.points[:, col], info.lo[:, col], info.hi[:, col]])
+    return values[np.isfinite(values)]
+
+
 def has_intervals(info: FrontInfo, cols: list[int]) -> bool:
     """Whether any run logged an interval for any of the objectives ``cols``."""
     return bool(np.isfinite(info.lo[:, cols]).any() or np.isfinite(info.hi[:, cols]).any())
@@ -169,10 +175,10 @@ def front_pairs_png(info: FrontInfo, path: Path, title: str) -> None:
         _scatter_mpl(ax, info, [i, j])
         ax.set_xlabel(axis_label(info.objectives[i]))
         ax.set_ylabel(axis_label(info.objectives[j]))
-        ax.set_xlim(axis_limits(info.points[:, i]))
-        ax.set_ylim(axis_limits(info.points[:, j]))
-        mark_unit_range(ax, "x", info.points[:, i])
-        mark_unit_range(ax, "y", info.points[:, j])
+        ax.set_xlim(axis_limits(extent(info, i)))
+        ax.set_ylim(axis_limits(extent(info, j)))
+        mark_unit_range(ax, "x", extent(info, i))
+        mark_unit_range(ax, "y", extent(info, j))
         ax.grid(alpha=0.3)
     bars = has_intervals(info, list(range(len(info.objectives))))
     axes[0][-1].legend(handles=_legend_handles(info, bars), loc="best", fontsize=8)
@@ -368,13 +374,13 @@ def _plotly_pairs(info: FrontInfo) -> go.Figure:
             title_text=axis_label(info.objectives[i]),
             row=1,
             col=c,
-            range=axis_limits(info.points[:, i]),
+            range=axis_limits(extent(info, i)),
         )
         fig.update_yaxes(
             title_text=axis_label(info.objectives[j]),
             row=1,
             col=c,
-            range=axis_limits(info.points[:, j]),
+            range=axis_limits(extent(info, j)),
         )
     bars = has_intervals(info, list(range(len(info.objectives))))
     fig.update_layout(

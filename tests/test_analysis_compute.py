@@ -270,7 +270,7 @@ def test_only_search_trials_make_the_front():
 
 
 def test_intervals_and_error_bars():
-    from analysis.draw import error_bars, has_intervals
+    from analysis.draw import error_bars, extent, has_intervals
 
     rows = table([(0.5, 0.3), (0.6, 0.2)]).to_pylist()
     rows[0] |= {"final.clean_acc_lo": 0.4, "final.clean_acc_hi": 0.65}
@@ -281,3 +281,4 @@ def test_intervals_and_error_bars():
     np.testing.assert_allclose(error_bars(info, 0), [[0.1, 0.0], [0.15, 0.0]])
     np.testing.assert_allclose(error_bars(info, 1), [[0.0, 0.0], [0.0, 0.0]])
     assert has_intervals(info, [0]) and not has_intervals(info, [1])
+    assert sorted(extent(info, 0)) == [0.4, 0.5, 0.6, 0.65]  # the axis shows the bars whole
