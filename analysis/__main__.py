@@ -2,10 +2,11 @@
 
     python -m analysis --mlflow-uri sqlite:////abs/path/mlflow.db --experiment NAME --out DIR \
         [--objectives clean_acc robust_acc_seen robust_acc_unseen] [--ref-point 0 0 0] \
-        [--compare OTHER ...] [--log-to-mlflow]
+        [--compare OTHER ...] [--resamples 1000] [--log-to-mlflow] [--table]
 
 Writes into DIR: runs.parquet, pareto.parquet, front_pairs.png, front_3d.png, convergence.png,
 params.png, compare.png (with --compare), figures.html and report.md (see docs/ANALYSIS.md).
+``--table`` prints the confirm stage's results table (one row per confirm run; --out optional).
 Bad input prints one line ``error: ...`` to stderr, exits 2 and leaves no DIR behind.
 """
 
@@ -18,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -28,12 +30,20 @@ from analysis.compute import (
     compare,
     study_label,
 )
+from analysis.confirmed import confirm_table, render_table
 from analysis.draw import write_figures
 from analysis.errors import AnalysisError
-from analysis.load import load_study
+from analysis.load import Study, load_study
+from analysis.per_example import load_per_image
 from analysis.report import render
+from analysis.uncertainty import RESAMPLES, FrontUncertainty, assess
 from atop.cli import OneLineParser, one_line_errors
 from tracking.contract import OBJECTIVES
+
+#: the bootstrap's seed: the same study gives the same front probabilities
+BOOTSTRAP_SEED = 0
+#: fewest bootstrap resamples accepted (issue 11: >= 200)
+MIN_RESAMPLES = 200
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--mlflow-uri", required=True, help="tracking URI: http(s)://, sqlite:///, file:"
     )
     p.add_argument("--experiment", required=True, help="the study's MLflow experiment name")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", type=Path, help="output directory (required unless --table)")
     p.add_argument(
         "--objectives",
         nargs="+",
@@ -68,11 +78,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="log the outputs to the study's parent run under analysis/",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--resamples",
+        type=int,
+        default=RESAMPLES,
+        help=f"bootstrap resamples of the images for each trial's front probability "
+        f"(default {RESAMPLES}, at least {MIN_RESAMPLES})",
+    )
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="print the confirm stage's results table (one row per confirm run: test figures with "
+        "95%% intervals, seed spread, validation figure, val-to-test gap, audit verdict); "
+        "--out is then optional",
+    )
+    args = p.parse_args(argv)
+    if args.out is None and not args.table:
+        p.error("one of --out DIR or --table is required")
+    if args.resamples < MIN_RESAMPLES:
+        p.error(f"--resamples {args.resamples}: accepted: an integer >= {MIN_RESAMPLES}")
+    return args
 
 
-def pareto_table(info: FrontInfo, runs: pa.Table) -> pa.Table:
-    """One row per first-front run: run id, trial, rt, objectives, contribution, knee, params."""
+def pareto_table(info: FrontInfo, runs: pa.Table, sure: FrontUncertainty | None = None) -> pa.Table:
+    """One row per first-front run: run id, trial, rt, objectives, contribution, knee, front
+    probability (null without per-image scores), params."""
     front = [i for i in range(len(info.points)) if info.on_front[i]]
     ids = [info.run_ids[i] for i in front]
     columns = {
@@ -82,6 +112,9 @@ def pareto_table(info: FrontInfo, runs: pa.Table) -> pa.Table:
         **{o.name: info.points[front, k] for k, o in enumerate(info.objectives)},
         "hv_contribution": info.contributions[front],
         "is_knee": [i == info.knee for i in front],
+        "front_probability": pa.array(
+            [sure.probability_of(r) if sure else None for r in ids], pa.float64()
+        ),
     }
     by_id = {r: k for k, r in enumerate(runs["run_id"].to_pylist())}
     params = runs.take([by_id[r] for r in ids]).select(
@@ -93,11 +126,11 @@ def pareto_table(info: FrontInfo, runs: pa.Table) -> pa.Table:
     )
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Load, compute, draw and write; return the output directory."""
+def run(args: argparse.Namespace, study: Study | None = None) -> Path:
+    """Load (unless ``study`` is given), compute, draw and write; return the output directory."""
     objectives = [Objective.parse(text) for text in args.objectives]
     minimise = [o.name for o in objectives if not o.maximise]
-    study = load_study(args.mlflow_uri, args.experiment, minimise)
+    study = study or load_study(args.mlflow_uri, args.experiment, minimise)
     try:
         info = analyse(study.table, objectives, args.ref_point)
     except AnalysisError as exc:  # name the experiment: the message reaches a user of several studies
@@ -116,6 +149,13 @@ def run(args: argparse.Namespace) -> Path:
             infos, [s.name for s in studies], [study_label(s.table, s.name) for s in studies]
         )
 
+    per = load_per_image(args.mlflow_uri, info, study.table)
+    sure = None
+    if per.n_images:
+        front = [info.run_ids[i] for i in np.flatnonzero(info.on_front)]
+        sure = assess(per.scores, per.run_ids, front, info.maximise, resamples=args.resamples,
+                      seed=BOOTSTRAP_SEED)
+
     # Everything is written into a temporary sibling of DIR and moved into place at the end, so
     # a failure leaves no half-written DIR.
     out = args.out.resolve()
@@ -123,10 +163,11 @@ def run(args: argparse.Namespace) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         pq.write_table(study.table, tmp / "runs.parquet")
-        pq.write_table(pareto_table(info, study.table), tmp / "pareto.parquet")
+        pq.write_table(pareto_table(info, study.table, sure), tmp / "pareto.parquet")
         files = ["runs.parquet", "pareto.parquet", *write_figures(info, tmp, study.name, cmp)]
         files.append("report.md")
-        text = render(info, study.name, args.mlflow_uri, files, cmp)
+        text = render(info, study.name, args.mlflow_uri, files, cmp, per=per, sure=sure,
+                      confirmed=confirm_table(study.table))
         (tmp / "report.md").write_text(text, encoding="utf-8")
         out.mkdir(exist_ok=True)
         for name in files:
@@ -147,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        print(f"wrote {run(args)}")
+        study = None
+        if args.table:
+            minimise = [o.name for o in map(Objective.parse, args.objectives) if not o.maximise]
+            study = load_study(args.mlflow_uri, args.experiment, minimise)
+            print(render_table(confirm_table(study.table)))
+        if args.out is not None:
+            print(f"wrote {run(args, study)}")
         return 0
 
     return one_line_errors(body, (AnalysisError,))

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from analysis.errors import AnalysisError
+from tracking.contract import Role
 
 GROUP_PARAM = "rt"
 # A param with more distinct text values than this (run names, paths) is not drawn as an axis.
@@ -61,6 +62,8 @@ class FrontInfo:
         knee: Row index of the knee point (see :func:`knee_point`).
         convergence: Hypervolume of the first ``k + 1`` rows, for each ``k``.
         excluded: Reason -> number of runs left out of the front.
+        lo, hi: ``(n, m)`` 95% interval of each value of ``points`` (the run's final
+            ``<objective>_lo`` / ``_hi`` metrics: Wilson over images); NaN where not logged.
     """
 
     objectives: tuple[Objective, ...]
@@ -76,6 +79,8 @@ class FrontInfo:
     knee: int
     convergence: np.ndarray
     excluded: dict[str, int]
+    lo: np.ndarray
+    hi: np.ndarray
 
     @property
     def maximise(self) -> np.ndarray:
@@ -89,11 +94,15 @@ class FrontInfo:
 def exclusion_reason(row: dict, objectives: Sequence[Objective]) -> str | None:
     """Why one run (a row of the runs table) is left out of the fronts, or None if it is kept.
 
-    Kept: a FINISHED run, not stopped early by the scheduler, with a finite final value of every
-    objective. The study's parent run has no objective metrics and is left out as such.
+    Kept: a search trial run (tag ``atop.role=trial``), FINISHED, not stopped early by the
+    scheduler, with a finite final value of every objective. The study's parent run and the
+    confirm stage's runs (roles ``confirm``, ``confirm_seed``: scored on test images) never are.
     """
-    if row.get("role") == "study":
+    role = row.get("role")
+    if role == Role.STUDY.value:
         return "study parent run"
+    if role != Role.TRIAL.value:
+        return f"role {role}" if role else "no atop.role tag"
     if row["status"] != "FINISHED":
         return f"status {row['status']}"
     if row.get("stopped"):
@@ -228,7 +237,14 @@ def analyse(
         knee=knee,
         convergence=convergence,
         excluded=dict(Counter(why for why in reasons if why is not None)),
+        lo=_bounds(kept, objectives, "lo"),
+        hi=_bounds(kept, objectives, "hi"),
     )
+
+
+def _bounds(rows: list[dict], objectives: Sequence[Objective], side: str) -> np.ndarray:
+    values = [[r.get(f"final.{o.name}_{side}") for o in objectives] for r in rows]
+    return np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
 
 
 def _varying_params(rows: list[dict]) -> dict[str, tuple[str, ...]]:

@@ -25,6 +25,8 @@ PALETTE = plt.get_cmap("tab10").colors
 MARGIN = 0.02
 #: narrowest axis range drawn (accuracy units): a front of near-equal points is not blown up
 MIN_SPAN = 0.05
+#: what the error bars show (the trial's `<objective>_lo`/`_hi` metrics)
+INTERVAL_LABEL = "95% interval (Wilson over images)"
 
 
 def axis_label(objective: Objective) -> str:
@@ -69,6 +71,26 @@ def staircase(points: np.ndarray, maximise: np.ndarray) -> np.ndarray:
     return out
 
 
+def error_bars(info: FrontInfo, col: int) -> np.ndarray:
+    """``(2, n)`` distances from each point down to its interval's low end and up to its high
+    end in objective ``col`` (0 where the run logged no interval), as errorbar() takes them."""
+    x = info.points[:, col]
+    below = np.nan_to_num(x - info.lo[:, col], nan=0.0)
+    above = np.nan_to_num(info.hi[:, col] - x, nan=0.0)
+    return np.clip(np.vstack([below, above]), 0.0, None)
+
+
+def extent(info: FrontInfo, col: int) -> np.ndarray:
+    """The values an axis of objective ``col`` must show: the points and their intervals' ends."""
+    values = np.concatenate([info.points[:, col], info.lo[:, col], info.hi[:, col]])
+    return values[np.isfinite(values)]
+
+
+def has_intervals(info: FrontInfo, cols: list[int]) -> bool:
+    """Whether any run logged an interval for any of the objectives ``cols``."""
+    return bool(np.isfinite(info.lo[:, cols]).any() or np.isfinite(info.hi[:, cols]).any())
+
+
 def _group_colours(info: FrontInfo) -> dict[str, tuple]:
     return {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(sorted(set(info.groups)))}
 
@@ -100,6 +122,11 @@ def _scatter_mpl(ax, info: FrontInfo, cols: list[int]) -> None:
         *info.points[knee, cols], marker="o", s=260, facecolors="none", edgecolors="goldenrod",
         linewidths=2.2, zorder=5,
     )
+    if len(cols) == 2 and has_intervals(info, cols):
+        ax.errorbar(
+            *info.points[:, cols].T, xerr=error_bars(info, cols[0]), yerr=error_bars(info, cols[1]),
+            fmt="none", ecolor="grey", elinewidth=0.8, alpha=0.6, zorder=1,
+        )  # fmt: skip
     if len(cols) == 2:
         # identical objective vectors draw as one marker: say how many runs stand there
         counts = duplicate_counts(info.points[:, cols])
@@ -111,7 +138,7 @@ def _scatter_mpl(ax, info: FrontInfo, cols: list[int]) -> None:
                 ax.annotate(f"×{counts[i]}", key, xytext=(6, 6), textcoords="offset points", fontsize=8)
 
 
-def _legend_handles(info: FrontInfo) -> list:
+def _legend_handles(info: FrontInfo, bars: bool = False) -> list:
     from matplotlib.lines import Line2D
 
     handles = [
@@ -134,6 +161,8 @@ def _legend_handles(info: FrontInfo) -> list:
     handles.append(
         Line2D([], [], ls="", marker="o", mfc="none", mec="goldenrod", mew=2.2, ms=15, label="knee")
     )
+    if bars:
+        handles.append(Line2D([], [], color="grey", lw=0.8, label=f"bars: {INTERVAL_LABEL}"))
     return handles
 
 
@@ -146,16 +175,18 @@ def front_pairs_png(info: FrontInfo, path: Path, title: str) -> None:
         _scatter_mpl(ax, info, [i, j])
         ax.set_xlabel(axis_label(info.objectives[i]))
         ax.set_ylabel(axis_label(info.objectives[j]))
-        ax.set_xlim(axis_limits(info.points[:, i]))
-        ax.set_ylim(axis_limits(info.points[:, j]))
-        mark_unit_range(ax, "x", info.points[:, i])
-        mark_unit_range(ax, "y", info.points[:, j])
+        ax.set_xlim(axis_limits(extent(info, i)))
+        ax.set_ylim(axis_limits(extent(info, j)))
+        mark_unit_range(ax, "x", extent(info, i))
+        mark_unit_range(ax, "y", extent(info, j))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(handles=_legend_handles(info), loc="best", fontsize=8)
+    bars = has_intervals(info, list(range(len(info.objectives))))
+    axes[0][-1].legend(handles=_legend_handles(info, bars), loc="best", fontsize=8)
     distinct = len(np.unique(info.points[info.on_front], axis=0))
     fig.suptitle(
         f"{title}: {info.on_front.sum()} of {len(info.points)} runs on the first front"
         + (f" ({distinct} distinct points; ×k marks k runs at one point)" if distinct < info.on_front.sum() else "")
+        + (f"\nerror bars: {INTERVAL_LABEL}" if bars else "")
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -336,21 +367,33 @@ def _plotly_pairs(info: FrontInfo) -> go.Figure:
                 },
                 text=hover[mine],
                 hovertemplate="%{text}<extra></extra>",
+                error_x=_plotly_bars(info, i, mine),
+                error_y=_plotly_bars(info, j, mine),
             )
         fig.update_xaxes(
             title_text=axis_label(info.objectives[i]),
             row=1,
             col=c,
-            range=axis_limits(info.points[:, i]),
+            range=axis_limits(extent(info, i)),
         )
         fig.update_yaxes(
             title_text=axis_label(info.objectives[j]),
             row=1,
             col=c,
-            range=axis_limits(info.points[:, j]),
+            range=axis_limits(extent(info, j)),
         )
-    fig.update_layout(title="Objectives in pairs (black outline: first Pareto front)")
+    bars = has_intervals(info, list(range(len(info.objectives))))
+    fig.update_layout(
+        title="Objectives in pairs (black outline: first Pareto front"
+        + (f"; error bars: {INTERVAL_LABEL})" if bars else ")")
+    )
     return fig
+
+
+def _plotly_bars(info: FrontInfo, col: int, rows: np.ndarray) -> dict:
+    below, above = error_bars(info, col)[:, rows]
+    return {"type": "data", "symmetric": False, "array": above, "arrayminus": below,
+            "color": "grey", "thickness": 1, "width": 0}
 
 
 def _plotly_3d(info: FrontInfo) -> go.Figure:

@@ -5,6 +5,9 @@ Columns of the table (also those of ``runs.parquet``):
 - ``run_id``, ``run_name``, ``status`` (MLflow run status), ``role`` (tag ``atop.role``),
   ``trial_number`` (tag ``optuna.trial_number``, int64, null when absent), ``space`` (tag
   ``atop.space``), ``stopped`` (tag ``atop.stopped`` == ``true``);
+- the confirm stage's tags (null when absent): ``stage`` (``atop.stage``), ``eval_level``
+  (``atop.eval_level``), ``confirm_of`` (``atop.confirm_of``, int64), ``confirm_of_run``,
+  ``reference``, ``audit`` (``atop.confirm_of_run``, ``atop.reference``, ``atop.audit``);
 - ``start_time``, ``end_time`` (UTC timestamps, ms), ``duration_s`` (float, null while running);
 - ``params.<name>``: every param any run logged, as the logged string (null when a run lacks it);
 - ``final.<metric>``: the value at the largest step (MLflow's latest value);
@@ -23,7 +26,28 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from analysis.errors import AnalysisError
-from tracking.contract import ROLE_TAG, SPACE_TAG, STOPPED_TAG, TRIAL_TAG, Role
+from tracking.contract import (
+    AUDIT_TAG,
+    CONFIRM_OF_RUN_TAG,
+    CONFIRM_OF_TAG,
+    EVAL_LEVEL_TAG,
+    REFERENCE_TAG,
+    ROLE_TAG,
+    SPACE_TAG,
+    STAGE_TAG,
+    STOPPED_TAG,
+    TRIAL_TAG,
+    Role,
+)
+
+#: column -> MLflow tag, for the tags kept as text columns
+TEXT_TAGS = {
+    "stage": STAGE_TAG,
+    "eval_level": EVAL_LEVEL_TAG,
+    "confirm_of_run": CONFIRM_OF_RUN_TAG,
+    "reference": REFERENCE_TAG,
+    "audit": AUDIT_TAG,
+}
 from tracking.uri import TrackingURIError, check_tracking_uri
 
 
@@ -98,18 +122,19 @@ def _row(client: MlflowClient, run: Run, minimise: set[str]) -> dict:
     info, tags = run.info, run.data.tags
     start = _ms_to_datetime(info.start_time)
     end = _ms_to_datetime(info.end_time)
-    trial = tags.get(TRIAL_TAG)
     row = {
         "run_id": info.run_id,
         "run_name": info.run_name,
         "status": info.status,
         "role": tags.get(ROLE_TAG),
-        "trial_number": int(trial) if trial is not None and trial.lstrip("-").isdigit() else None,
+        "trial_number": _int_tag(tags.get(TRIAL_TAG)),
         "space": tags.get(SPACE_TAG),
         "stopped": tags.get(STOPPED_TAG, "").lower() == "true",
         "start_time": start,
         "end_time": end,
         "duration_s": (end - start).total_seconds() if start and end else None,
+        "confirm_of": _int_tag(tags.get(CONFIRM_OF_TAG)),
+        **{column: tags.get(tag) for column, tag in TEXT_TAGS.items()},
     }
     row.update({f"params.{k}": v for k, v in run.data.params.items()})
     for key, final in run.data.metrics.items():
@@ -119,6 +144,10 @@ def _row(client: MlflowClient, run: Run, minimise: set[str]) -> dict:
         row[f"final.{key}"] = final
         row[f"best.{key}"] = pick(values) if values else final
     return row
+
+
+def _int_tag(text: str | None) -> int | None:
+    return int(text) if text is not None and text.lstrip("-").isdigit() else None
 
 
 def _ms_to_datetime(ms: int | None) -> datetime | None:
@@ -137,6 +166,8 @@ def _to_table(rows: list[dict]) -> pa.Table:
         "start_time": pa.timestamp("ms", tz="UTC"),
         "end_time": pa.timestamp("ms", tz="UTC"),
         "duration_s": pa.float64(),
+        "confirm_of": pa.int64(),
+        **{column: pa.string() for column in TEXT_TAGS},
     }
     extra = sorted({k for r in rows for k in r} - fixed.keys())
     schema = pa.schema(

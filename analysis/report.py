@@ -1,4 +1,5 @@
-"""The Markdown report of a study: its front, hypervolume, knee and (optionally) a comparison."""
+"""The Markdown report of a study: its front, hypervolume, knee, how sure the front is, the
+confirmed configurations' test figures and (optionally) a comparison."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from analysis.compute import CompareInfo, FrontInfo
+from analysis.confirmed import ConfirmRow, render_table
+from analysis.per_example import PER_EXAMPLE_ARTIFACT, PerImage
+from analysis.uncertainty import FrontUncertainty
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -14,7 +18,15 @@ def _fmt(values: Sequence[float]) -> str:
 
 
 def render(
-    info: FrontInfo, study: str, uri: str, files: Sequence[str], cmp: CompareInfo | None = None
+    info: FrontInfo,
+    study: str,
+    uri: str,
+    files: Sequence[str],
+    cmp: CompareInfo | None = None,
+    *,
+    per: PerImage | None = None,
+    sure: FrontUncertainty | None = None,
+    confirmed: tuple[ConfirmRow, ...] = (),
 ) -> str:
     """Render the report.
 
@@ -24,6 +36,9 @@ def render(
         uri: Tracking URI the runs came from.
         files: Names of the files written beside the report.
         cmp: Comparison with other studies, or None.
+        per: The trials' per-image scores (which trials have them), or None if not loaded.
+        sure: The bootstrap's answers, or None when it could not run.
+        confirmed: The confirm runs (``analysis.confirmed.confirm_table``).
 
     Returns:
         Markdown text.
@@ -68,6 +83,9 @@ def render(
             f"| {info.trial_numbers[i]} | `{info.run_ids[i]}`{star} | {info.groups[i]} "
             f"| {values} | {info.contributions[i]:.4g} | {same} |"
         )
+    if per is not None:
+        lines += _sure_section(info, per, sure)
+    lines += ["", "## Confirmed on test", "", render_table(confirmed)]
     if cmp is not None:
         lines += _compare_section(cmp)
     lines += ["", "## Files", "", *[f"- `{f}`" for f in files], ""]
@@ -98,3 +116,62 @@ def _compare_section(cmp: CompareInfo) -> list[str]:
         f"side does (down to {d.min(initial=0):+.2f})."
     )
     return lines
+
+
+def _trials(info: FrontInfo, run_ids: Sequence[str]) -> str:
+    return ", ".join(f"{info.trial_numbers[info.run_ids.index(r)]}" for r in run_ids)
+
+
+def _sure_section(info: FrontInfo, per: PerImage, sure: FrontUncertainty | None) -> list[str]:
+    lines = ["", "## How sure the front is", ""]
+    reasons: dict[str, list[str]] = {}
+    for run_id, why in per.missing.items():
+        reasons.setdefault(why, []).append(run_id)
+    absent = [f"- {why}: trial {_trials(info, ids)}" for why, ids in sorted(reasons.items())]
+    if absent:
+        lines.append(
+            f"{len(per.missing)} kept trial(s) have no usable per-image scores "
+            f"(`{PER_EXAMPLE_ARTIFACT}`); they are not part of the bootstrap and have no front "
+            "probability:"
+        )
+        lines += ["", *absent, ""]
+    if sure is None:
+        why = "their files share no image" if per.run_ids else "no kept trial has per-image scores"
+        return [*lines, f"Front probability not computed: {why}."]
+    lines.append(
+        f"Method: bootstrap over images, {sure.resamples} resamples (seed {sure.seed}) of the "
+        f"{sure.n_images} evaluation images common to the {len(sure.run_ids)} trials with "
+        "per-image scores; each resample draws the same images for every trial (paired). "
+        "P(front): the fraction of resamples in which the trial is on the first front. Two "
+        "front members are distinguishable when the 95% percentile interval of their paired "
+        "difference excludes 0 for some objective."
+    )
+    if per.most_images > per.n_images:
+        lines.append(f"The files hold up to {per.most_images} images; only shared ones are used.")
+    lines += ["", "| trial | run id | P(front) | not distinguishable from |", "|---:|---|---:|---|"]
+    for run_id in np.array(info.run_ids)[info.on_front]:
+        p = sure.probability_of(run_id)
+        if p is None:
+            lines.append(f"| {_trials(info, [run_id])} | `{run_id}` | - | no per-image scores |")
+            continue
+        k = sure.front.index(run_id)
+        same = [m for j, m in enumerate(sure.front) if j != k and not sure.apart[k, j]]
+        near = f"trial {_trials(info, same)}" if same else "none"
+        lines.append(f"| {_trials(info, [run_id])} | `{run_id}` | {p:.3f} | {near} |")
+    pairs = [(i, j) for i in range(len(sure.front)) for j in range(i + 1, len(sure.front))]
+    apart = sum(bool(sure.apart[i, j]) for i, j in pairs)
+    if not pairs:
+        verdict = "One front member has per-image scores: there is no pair to distinguish."
+    elif apart == len(pairs):
+        verdict = f"All {len(pairs)} pairs of front members are distinguishable."
+    elif apart == 0:
+        verdict = (
+            f"No pair of front members is distinguishable ({len(pairs)} pairs): "
+            "the study cannot rank them."
+        )
+    else:
+        verdict = (
+            f"{apart} of {len(pairs)} pairs of front members are distinguishable; "
+            "the rest are within the noise."
+        )
+    return [*lines, "", f"**{verdict}**"]

@@ -12,6 +12,9 @@ for correct/wrong, or the fraction of the defense's random draws that were corre
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import moocore
 import numpy as np
 
@@ -106,3 +109,61 @@ def distinguishable(
     """
     lo, hi = difference_intervals(per_image, resamples=resamples, seed=seed, level=level)
     return ((lo > 0) | (hi < 0)).any(axis=2)
+
+
+@dataclass(frozen=True)
+class FrontUncertainty:
+    """How sure a study's first front is, from one set of paired resamples of the images.
+
+    Attributes:
+        run_ids: The trials resampled (every kept trial with per-image scores).
+        probability: ``(len(run_ids),)`` fraction of resamples in which each is on the front.
+        front: The point estimate's front members among ``run_ids``.
+        apart: ``(len(front), len(front))`` bool: the pair differs beyond the noise on some
+            objective (:func:`distinguishable`).
+        resamples, seed: The bootstrap's size and seed.
+        n_images: Images resampled.
+    """
+
+    run_ids: tuple[str, ...]
+    probability: np.ndarray
+    front: tuple[str, ...]
+    apart: np.ndarray
+    resamples: int
+    seed: int
+    n_images: int
+
+    def probability_of(self, run_id: str) -> float | None:
+        """A trial's front probability, None when it was not resampled."""
+        if run_id not in self.run_ids:
+            return None
+        return float(self.probability[self.run_ids.index(run_id)])
+
+
+def assess(
+    per_image: np.ndarray,
+    run_ids: Sequence[str],
+    front: Sequence[str],
+    maximise: np.ndarray,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> FrontUncertainty:
+    """Front probability of every trial and distinguishability of the front's members.
+
+    Args:
+        per_image: ``(n_trials, n_objectives, n_images)`` per-image scores of ``run_ids``.
+        run_ids: The trials' ids, in the order of ``per_image``.
+        front: Ids of the point estimate's front members (those not in ``run_ids`` are skipped).
+        maximise: One flag per objective.
+        resamples, seed: See :func:`resampled_objectives` (the same for both answers).
+    """
+    probability = front_probability(per_image, maximise, resamples=resamples, seed=seed)
+    members = [r for r in front if r in run_ids]
+    rows = [list(run_ids).index(r) for r in members]
+    apart = np.zeros((0, 0), bool)
+    if rows:
+        apart = distinguishable(per_image[rows], resamples=resamples, seed=seed)
+    return FrontUncertainty(
+        tuple(run_ids), probability, tuple(members), apart, resamples, seed, per_image.shape[2]
+    )

@@ -250,3 +250,35 @@ def test_front_properties_against_brute_force(case):
         assert contributions[i] == pytest.approx(expected, abs=1e-9)
     assert ranks[knee] == 0
     assert np.all(np.diff(convergence) >= -1e-12) and convergence[-1] == pytest.approx(hv)
+
+
+def test_only_search_trials_make_the_front():
+    # confirm runs carry test-image figures (and their seeds may report the objectives too): even
+    # far above every trial they must not enter the front, its hypervolume or the knee
+    points = [(0.8, 0.2), (0.2, 0.8)]
+    best = {"status": "FINISHED", "stopped": False, "final.clean_acc": 0.99,
+            "final.robust_acc_unseen": 0.99}  # fmt: skip
+    extra = [
+        {**best, "run_id": "confirm", "role": "confirm"},
+        {**best, "run_id": "seed", "role": "confirm_seed"},
+        {**best, "run_id": "untagged", "role": None},
+    ]
+    info = analyse(table(points, extra=extra), MAX2)
+    assert info.run_ids == ("r0", "r1") and info.ranks.tolist() == [0, 0]
+    assert info.hypervolume == pytest.approx(0.8 * 0.2 + 0.2 * 0.6)
+    assert info.excluded == {"role confirm": 1, "role confirm_seed": 1, "no atop.role tag": 1}
+
+
+def test_intervals_and_error_bars():
+    from analysis.draw import error_bars, extent, has_intervals
+
+    rows = table([(0.5, 0.3), (0.6, 0.2)]).to_pylist()
+    rows[0] |= {"final.clean_acc_lo": 0.4, "final.clean_acc_hi": 0.65}
+    info = analyse(pa.Table.from_pylist(rows), MAX2)
+    np.testing.assert_allclose(info.lo, [[0.4, np.nan], [np.nan, np.nan]])
+    np.testing.assert_allclose(info.hi, [[0.65, np.nan], [np.nan, np.nan]])
+    # down to lo, up to hi; 0 where a run logged no interval
+    np.testing.assert_allclose(error_bars(info, 0), [[0.1, 0.0], [0.15, 0.0]])
+    np.testing.assert_allclose(error_bars(info, 1), [[0.0, 0.0], [0.0, 0.0]])
+    assert has_intervals(info, [0]) and not has_intervals(info, [1])
+    assert sorted(extent(info, 0)) == [0.4, 0.5, 0.6, 0.65]  # the axis shows the bars whole

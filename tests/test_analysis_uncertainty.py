@@ -66,3 +66,45 @@ def test_bad_shapes_are_one_line_errors():
         front_probability(np.zeros((2, 2)), MAX2)
     with pytest.raises(AnalysisError, match="3 directions for 2 objectives"):
         front_probability(np.zeros((2, 2, 5)), np.array([True, True, True]))
+
+
+def test_scores_come_from_the_column_that_scored_each_objective():
+    import pyarrow as pa
+
+    from analysis.per_example import UnusableScores, score_source, trial_scores
+    from atop.config import Config, Norm
+    from atop.scoring import seen_attack
+
+    for norm in Norm:  # the seen objective is PGD in the training norm, as the evaluation says
+        cfg = Config().replace(train_norm=norm)
+        assert score_source("robust_acc_seen", {"params.train_norm": norm.value}) == seen_attack(cfg)
+    assert score_source("robust_acc/apgd_dlr_linf", {}) == "apgd_dlr_linf"
+    assert score_source("loss/ce", {}) is None
+    table = pa.table({"index": [5, 3], "clean_correct": [True, False],
+                      "clean_correct_rate": [0.75, 0.25], "unseen_correct": [False, False]})  # fmt: skip
+    index, scores = trial_scores(table, ["clean_acc", "robust_acc_unseen"], [0.5, 0.0], {})
+    assert index.tolist() == [5, 3] and scores.tolist() == [[0.75, 0.25], [0.0, 0.0]]  # rate first
+    with pytest.raises(UnusableScores, match="mean of unseen_correct 0.0000 is not the logged"):
+        trial_scores(table, ["robust_acc_unseen"], [0.1], {})
+    with pytest.raises(UnusableScores, match="no per-image column scores loss/ce"):
+        trial_scores(table, ["loss/ce"], [0.1], {})
+
+
+def test_trials_are_aligned_on_the_images_they_share():
+    from analysis.per_example import align
+
+    found = {
+        "x": (np.array([3, 1, 2]), np.array([[0.3, 0.1, 0.2]])),
+        "y": (np.array([2, 3, 4, 9]), np.array([[2.0, 3.0, 4.0, 9.0]])),
+    }
+    per = align(found, {"z": "no file"}, 1)
+    assert per.run_ids == ("x", "y") and per.n_images == 2 and per.most_images == 4
+    assert per.scores.tolist() == [[[0.2, 0.3]], [[2.0, 3.0]]]  # images 2 and 3, in index order
+    assert per.missing == {"z": "no file"}
+
+
+def test_the_artifact_name_is_the_trainables():
+    from analysis.per_example import PER_EXAMPLE_ARTIFACT
+    from trainables.atop_trainable import PER_EXAMPLE_FILE
+
+    assert PER_EXAMPLE_ARTIFACT == PER_EXAMPLE_FILE
