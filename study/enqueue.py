@@ -85,8 +85,11 @@ def read_enqueue(path: str | Path, space: Space, base: Config) -> list[Reference
         seen[name] = number
         unknown = sorted(str(k) for k in values if k not in known)
         if unknown:
-            raise StudyError(f"{at}: unknown parameter(s) {', '.join(map(repr, unknown))} for space {space.name!r}; "
-                             f"accepted: name, {', '.join(sorted(known))}")
+            # a config field the space holds fixed is set for every trial in the study's `config:`, not here
+            fixed = [k for k in unknown if k in base.to_dict()]
+            hint = f" ({', '.join(fixed)}: not searched; the study's config sets it for every trial)" if fixed else ""
+            raise StudyError(f"{at}: unknown parameter(s) {', '.join(map(repr, unknown))} for space {space.name!r}"
+                             f"{hint}; accepted: name, {', '.join(sorted(known))}")
         params = _check_entry(probes, space, values, at)
         try:
             Config.from_dict({**base.to_dict(), **params})

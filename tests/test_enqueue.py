@@ -110,6 +110,8 @@ BAD = [
     ("paper", ["rt2"], ["entry 1 is str", "accepted: a mapping"]),
     ("paper", [{"rt": "rt2", "lambda_ce": 0.1, "lambda": 0.1}],
      ["entry 1 (ref-1)", "unknown parameter(s) 'lambda'", "accepted: name, lambda_ce, num_masks, rt"]),
+    ("paper", [{"rt": "rt2", "lambda_ce": 0.1, "epochs": 1}],
+     ["unknown parameter(s) 'epochs'", "(epochs: not searched; the study's config sets it"]),
     ("paper", [{"rt": "rt2", "lambda_ce": 0.0}], ["lambda_ce=0.0 is outside space 'paper'", "0.05..0.1"]),
     ("paper", [{"rt": "RT2", "lambda_ce": 0.1}], ["rt='RT2' is outside", "one of rt1, rt2, rt3"]),
     ("paper", [{"rt": "rt3", "lambda_ce": 0.1, "num_masks": 3}], ["num_masks=3 is outside", "one of 2, 4"]),
