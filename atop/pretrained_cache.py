@@ -9,6 +9,9 @@ the cache folder (`$ATOP_CACHE_DIR`, else `~/.cache/atop/pretrained`). A key has
     (`code_fingerprint`), so an edit to them retrains instead of reusing stale weights;
   - for the purifier, the classifier's key (it learns against that classifier's CE);
   - for a classifier given as a file (`PretrainSettings.classifier_checkpoint`), that file's sha256.
+A purifier given as a file (`study/run.py --pretrained DIR`) is keyed by its sha256 and the
+classifier entry it serves (`adopted_purifier_path`). Given files are checked against the config
+(`check_classifier_file`, `check_purifier_file`) and re-saved as atop checkpoints in the cache.
 Entries are written by `atop.io.atomic_write_bytes` / `atop.checkpoint.save_checkpoint`: a unique temporary file
 in the same folder, then `os.replace`. A reader sees the old entry, the new one or none, never half
 of one; two processes filling the same key each write a whole file and the last rename wins.
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from atop.checkpoint import (
     CheckpointError,
@@ -97,10 +101,11 @@ def cache_paths(cfg: Config, settings: Any, train: Split, folder: str | os.PathL
     return (folder / f"classifier-{cfg.classifier}-{clf_key}.pt", folder / f"purifier-{cfg.purifier}-{pur_key}.pt")
 
 
-def checked_file(path: str | os.PathLike) -> Path:
+def checked_file(path: str | os.PathLike, label: str = "classifier_checkpoint", kind: str = "classifier") -> Path:
+    """`path` if it is a file, else a one-line `CheckpointError` naming it as `label`."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"classifier_checkpoint {str(path)!r} does not exist; expected a classifier checkpoint file")
+        raise CheckpointError(f"{label} {str(path)!r} does not exist; expected a {kind} checkpoint file")
     return path
 
 
@@ -113,43 +118,108 @@ def check_entry(path: Path, kind: str) -> None:
         raise CheckpointError(f"cached {kind} {str(path)!r} is unusable ({exc}); delete it to rebuild") from None
 
 
-def import_classifier(source: str | os.PathLike, cfg: Config, out: Path) -> Path:
-    """Check a classifier given as a file and store it as an atop checkpoint at `out`.
+def check_classifier_file(source: str | os.PathLike, cfg: Config, *,
+                          label: str = "classifier_checkpoint") -> nn.Module:
+    """The classifier in a file given by a user, checked against `cfg` (nothing is written).
 
-    Accepted: an atop classifier checkpoint of `cfg.classifier`, or a plain state dict of that
-    model (e.g. RobustBench's WRN-28-10 for `paper-cifar10`; a `state_dict` / `model_state_dict`
-    wrapper and DataParallel's `module.` prefixes are unwrapped).
+    Accepted: an atop classifier checkpoint of `cfg.classifier` for `cfg.dataset` (same number of
+    classes), or a plain state dict that loads strictly into `cfg.classifier` with the dataset's
+    number of classes (e.g. RobustBench's WRN-28-10 for `paper-cifar10`; a `state_dict` /
+    `model_state_dict` wrapper and DataParallel's `module.` prefixes are unwrapped). Loaded with
+    `weights_only=True`: a file that needs pickled code to load is refused, never run.
+
+    Args:
+        label: how messages name the file (the option or setting that gave it).
 
     Raises:
         CheckpointError: one line naming the file and what was expected.
     """
-    path = checked_file(source)
-    expected = f"an atop classifier checkpoint or a state dict of {cfg.classifier} for {cfg.dataset}"
+    path = checked_file(source, label)
+    num_classes = DATASETS[cfg.dataset].num_classes
+    expected = (f"an atop classifier checkpoint or a state dict of {cfg.classifier} for {cfg.dataset} "
+                f"({num_classes} classes)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"classifier_checkpoint {str(path)!r} does not load ({reason}); expected {expected}") from None
+        raise CheckpointError(f"{label} {str(path)!r} does not load ({reason}); expected {expected}") from None
     if isinstance(blob, dict) and "format" in blob:
-        checked = load_checkpoint(path, kind="classifier")
-        name = checked.get("classifier", {}).get("name")
-        if name != cfg.classifier:
-            raise CheckpointError(f"classifier_checkpoint {str(path)!r} holds a {name!r} classifier; expected {expected}")
-        model = build_classifier(checked)
-    else:
-        state = blob
-        for wrapper in ("state_dict", "model_state_dict"):
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"classifier_checkpoint {str(path)!r} holds no state dict; expected {expected}")
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        model = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
         try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            lines = str(exc).splitlines()
-            first = lines[1].strip() if len(lines) > 1 else lines[0]
-            raise CheckpointError(f"classifier_checkpoint {str(path)!r} does not fit {cfg.classifier}: {first[:200]}; "
-                                  f"expected {expected}") from None
-    return save_checkpoint(out, kind="classifier", cfg=cfg, classifier=model)
+            checked = load_checkpoint(path, kind="classifier")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{label}: {exc}; expected {expected}") from None
+        entry, dataset = checked.get("classifier", {}), checked["config"].dataset
+        found = f"a {entry.get('name')!r} classifier with {entry.get('num_classes')} classes for {dataset}"
+        if (entry.get("name"), entry.get("num_classes"), dataset) != (cfg.classifier, num_classes, cfg.dataset):
+            raise CheckpointError(f"{label} {str(path)!r} holds {found}; expected {expected}")
+        return build_classifier(checked)
+    state = blob
+    for wrapper in ("state_dict", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{label} {str(path)!r} holds no state dict; expected {expected}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = CLASSIFIERS[cfg.classifier](num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        first = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{label} {str(path)!r} does not fit {cfg.classifier}: {first[:200]}; "
+                              f"expected {expected}") from None
+    return model
+
+
+def import_classifier(source: str | os.PathLike, cfg: Config, out: Path, *,
+                      label: str = "classifier_checkpoint") -> Path:
+    """Check a classifier given as a file (`check_classifier_file`) and store it as an atop checkpoint at `out`.
+
+    Raises:
+        CheckpointError: one line naming the file and what was expected.
+    """
+    return save_checkpoint(out, kind="classifier", cfg=cfg, classifier=check_classifier_file(source, cfg, label=label))
+
+
+def check_purifier_file(source: str | os.PathLike, cfg: Config, *,
+                        label: str = "purifier") -> tuple[nn.Module, nn.Module]:
+    """The purifier generator and discriminator in a file given by a user, checked against `cfg`.
+
+    Accepted: an atop purifier checkpoint (as `atop.pretrain` writes), or a defense checkpoint (as
+    fine-tuning writes, which holds one), of `cfg.purifier` at `cfg.purifier_width` for
+    `cfg.dataset`, with its discriminator (fine-tuning trains both). No foreign format exists for
+    these models, so plain state dicts are refused.
+
+    Raises:
+        CheckpointError: one line naming the file and what was expected.
+    """
+    path = checked_file(source, label, "purifier")
+    expected = (f"an atop purifier or defense checkpoint of {cfg.purifier} (width {cfg.purifier_width}) for "
+                f"{cfg.dataset}, with its discriminator")
+    try:
+        blob = load_checkpoint(path, kind="purifier")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{label}: {exc}; expected {expected}") from None
+    entry, dataset = blob.get("purifier", {}), blob["config"].dataset
+    if (entry.get("name"), entry.get("width"), dataset) != (cfg.purifier, cfg.purifier_width, cfg.dataset):
+        raise CheckpointError(f"{label} {str(path)!r} holds a {entry.get('name')!r} purifier (width "
+                              f"{entry.get('width')}) for {dataset}; expected {expected}")
+    try:
+        purifier, disc = build_purifier(blob)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{label}: {exc}; expected {expected}") from None
+    if disc is None:
+        raise CheckpointError(f"{label} {str(path)!r} holds no discriminator; expected {expected}")
+    return purifier, disc
+
+
+def adopted_purifier_path(cfg: Config, source: str | os.PathLike, classifier_entry: Path,
+                          folder: str | os.PathLike) -> Path:
+    """Where a purifier given as a file is cached beside `classifier_entry`, the classifier it serves.
+
+    Keyed by the file's sha256 and the classifier entry's name: no pre-training setting shaped it.
+    """
+    key = entry_key({"file": sha256(checked_file(source, "purifier", "purifier")), "classifier": classifier_entry.name,
+                     "purifier": f"{cfg.purifier}-{cfg.purifier_width}-{cfg.dataset}"})
+    return Path(folder) / f"purifier-{cfg.purifier}-{key}.pt"
+

@@ -4,16 +4,50 @@ The files land in the pre-training cache (`--pretrained-cache`, default
 `<storage-path>/.pretrained-cache/`), named by a hash of their settings, training data and code
 (`atop.pretrained_cache.cache_paths`): a resumed study, and every later study with the same
 settings, reuses them without starting a task. Trials receive the bytes through the object store.
+
+`--pretrained DIR` gives the weights instead (`check_pretrained`, `adopt_pretrained`): DIR holds
+  - `classifier.pt` (required): an atop classifier checkpoint of the study's classifier and dataset,
+    or a plain state dict of that architecture (e.g. RobustBench's WRN-28-10 `Standard` for
+    `paper-cifar10`, whose parameter names `atop.models.WideResNet` keeps);
+  - `purifier.pt` (optional): an atop purifier or defense checkpoint of the study's purifier, width
+    and dataset, with its discriminator. Without it the purifier pre-trains against the given
+    classifier, cached as for `pretrain.classifier_checkpoint`.
+Both are loaded with `weights_only=True`, checked against the study's config and re-saved as atop
+checkpoints in the cache under their sha256, so a later change to DIR cannot change a study's weights
+behind its back.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atop.checkpoint import CheckpointError, save_checkpoint
 from atop.config import Config
 from atop.data import Split
 from atop.pretrain import PretrainSettings, ensure_pretrained
-from atop.pretrained_cache import cache_paths, check_entry
+from atop.pretrained_cache import (
+    adopted_purifier_path,
+    cache_paths,
+    check_classifier_file,
+    check_entry,
+    check_purifier_file,
+)
+from study.settings import StudyError
+
+#: the files `--pretrained DIR` takes
+CLASSIFIER_FILE, PURIFIER_FILE = "classifier.pt", "purifier.pt"
+
+
+@dataclass(frozen=True)
+class GivenWeights:
+    """The files of `--pretrained DIR`: the classifier, and the purifier where DIR holds one."""
+
+    classifier: Path
+    purifier: Path | None
 
 
 def _pretrain_task(cfg: dict[str, Any], settings: PretrainSettings, train: Split, use_gpu: bool,
@@ -27,21 +61,115 @@ def _pretrain_task(cfg: dict[str, Any], settings: PretrainSettings, train: Split
                       log=lambda m: print(m, flush=True))
 
 
+def given_weights(folder: str | os.PathLike, settings: PretrainSettings) -> GivenWeights:
+    """The files of `--pretrained DIR` (found, not yet checked), or `StudyError` naming what is missing."""
+    where = f"--pretrained {str(folder)!r}"
+    accepted = (f"a folder with {CLASSIFIER_FILE} (an atop classifier checkpoint or a state dict of the study's "
+                f"classifier) and optionally {PURIFIER_FILE} (an atop purifier or defense checkpoint)")
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise StudyError(f"{where} is not a folder; accepted: {accepted}")
+    clf, pur = path / CLASSIFIER_FILE, path / PURIFIER_FILE
+    if not clf.is_file():
+        alone = f" (its {PURIFIER_FILE} was pre-trained against a classifier, which must come with it)" \
+            if pur.is_file() else ""
+        raise StudyError(f"{where} holds no {CLASSIFIER_FILE}{alone}; accepted: {accepted}")
+    if settings.classifier_checkpoint:
+        raise StudyError(f"{where} and pretrain.classifier_checkpoint {settings.classifier_checkpoint!r} both give a "
+                         "classifier; accepted: one of them")
+    return GivenWeights(clf.resolve(), pur.resolve() if pur.is_file() else None)
+
+
+def check_pretrained(folder: str | os.PathLike, cfg: Config, settings: PretrainSettings) -> GivenWeights:
+    """Find and check the files of `--pretrained DIR` against the study's config; writes nothing.
+
+    Call it before anything starts: a bad DIR is then a one-line error with nothing to clean up.
+
+    Raises:
+        StudyError: one line naming the file and what is accepted (a missing file; a corrupt,
+            foreign or code-carrying file; another architecture, width, number of classes or dataset).
+    """
+    given = given_weights(folder, settings)
+    try:
+        check_classifier_file(given.classifier, cfg, label="--pretrained classifier")
+        if given.purifier is not None:
+            check_purifier_file(given.purifier, cfg, label="--pretrained purifier")
+    except CheckpointError as exc:
+        raise StudyError(str(exc)) from None
+    return given
+
+
+def adopt_pretrained(folder: str | os.PathLike, cfg: Config, settings: PretrainSettings, train: Split,
+                     cache: Path, *, log: Callable[[str], None] = print) -> tuple[Path, Path | None]:
+    """Check the files of `--pretrained DIR` and store them as entries of the cache `cache`.
+
+    Args:
+        train: the pre-training subset, as `cache_paths` takes it (the entries of given files are
+            named by their sha256, not by data).
+
+    Returns:
+        (classifier entry, purifier entry), the purifier None where DIR holds no `purifier.pt`.
+        The classifier entry is the one `cache_paths` names for `classifier_checkpoint` = the
+        given file, so `pretrain_once` finds it when it pre-trains the purifier.
+
+    Raises:
+        StudyError: as `check_pretrained`, or a cache entry of these files is corrupt.
+    """
+    given = given_weights(folder, settings)
+    clf_entry = cache_paths(cfg, _with_classifier(settings, given), train, cache)[0]
+    pur_entry = None if given.purifier is None else adopted_purifier_path(cfg, given.purifier, clf_entry, cache)
+    try:
+        # entries are named by their file's sha256: one already stored was checked then. Both files
+        # are checked before either is stored, so a bad purifier leaves no entry of its classifier.
+        classifier = None if clf_entry.is_file() else \
+            check_classifier_file(given.classifier, cfg, label="--pretrained classifier")
+        purifier = None if pur_entry is None or pur_entry.is_file() else \
+            check_purifier_file(given.purifier, cfg, label="--pretrained purifier")
+        if classifier is None:
+            check_entry(clf_entry, "classifier")
+        else:
+            save_checkpoint(clf_entry, kind="classifier", cfg=cfg, classifier=classifier)
+            log(f"checked {given.classifier} and cached it as {clf_entry}")
+        if purifier is not None:
+            save_checkpoint(pur_entry, kind="purifier", cfg=cfg, purifier=purifier[0], discriminator=purifier[1])
+            log(f"checked {given.purifier} and cached it as {pur_entry}")
+        elif pur_entry is not None:
+            check_entry(pur_entry, "purifier")
+    except CheckpointError as exc:
+        raise StudyError(str(exc)) from None
+    return clf_entry, pur_entry
+
+
+def _with_classifier(settings: PretrainSettings, given: GivenWeights) -> PretrainSettings:
+    return dataclasses.replace(settings, classifier_checkpoint=str(given.classifier))
+
+
 def pretrain_once(cfg: Config, settings: PretrainSettings, train: Split, folder: Path, *, cpus: float,
-                  gpus: float, log=print) -> tuple[Path, Path]:
+                  gpus: float, log=print, pretrained: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Reuse or make the pre-trained classifier and purifier; returns their paths in the cache `folder`.
+
+    Args:
+        pretrained: `--pretrained DIR`: its files are used instead of pre-training (a purifier is
+            pre-trained against its classifier only where DIR holds no `purifier.pt`).
 
     Raises:
         CheckpointError: a cached entry is corrupt (the message says to delete it to rebuild).
+        StudyError: a file of `pretrained` is missing, corrupt, foreign or of another model.
     """
-    import ray
-
+    if pretrained is not None:
+        given = given_weights(pretrained, settings)
+        clf_path, pur_path = adopt_pretrained(pretrained, cfg, settings, train, folder, log=log)
+        if pur_path is not None:
+            return clf_path, pur_path
+        settings = _with_classifier(settings, given)  # names the classifier entry just stored
     clf_path, pur_path = cache_paths(cfg, settings, train, folder)
     if clf_path.is_file() and pur_path.is_file():
         check_entry(clf_path, "classifier")
         check_entry(pur_path, "purifier")
         log(f"reusing pre-trained {clf_path} and {pur_path.name}")
         return clf_path, pur_path
+    import ray
+
     threads = max(1, int(cpus))
     task = ray.remote(num_cpus=cpus, num_gpus=min(1.0, gpus) if gpus > 0 else 0)(_pretrain_task)
     log(f"pre-training the classifier and purifier once for the study ({threads} CPU threads"

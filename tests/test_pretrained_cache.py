@@ -121,6 +121,7 @@ def test_given_classifier_file_is_checked_and_cached(tmp_path):
     ("resnet18", "does not fit small_cnn"),
     ({"epoch": 3}, "holds no state dict"),
     ("atop-resnet18", "holds a 'resnet18' classifier"),
+    ("atop-cifar100", "holds a 'small_cnn' classifier with 100 classes for cifar100"),
 ])
 def test_foreign_classifier_file_is_a_one_line_error(tmp_path, content, expected):
     path = tmp_path / "foreign.pt"
@@ -129,6 +130,9 @@ def test_foreign_classifier_file_is_a_one_line_error(tmp_path, content, expected
     elif content == "atop-resnet18":
         save_checkpoint(path, kind="classifier", cfg=CFG.replace(classifier="resnet18"),
                         classifier=CLASSIFIERS["resnet18"](10))
+    elif content == "atop-cifar100":  # same architecture, another head: refused, not built with 100 classes
+        save_checkpoint(path, kind="classifier", cfg=CFG.replace(dataset="cifar100"),
+                        classifier=CLASSIFIERS["small_cnn"](100))
     elif content == "resnet18":
         torch.save(CLASSIFIERS["resnet18"](10).state_dict(), path)
     else:
