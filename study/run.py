@@ -52,7 +52,8 @@ from atop.data import (
 from atop.evaluate import LEVELS
 from atop.io import atomic_write_text
 from search_spaces import SPACES
-from study.pretrained import pretrain_once
+from study.enqueue import Reference, enqueue_references, read_enqueue
+from study.pretrained import check_pretrained, pretrain_once
 from study.resume import counts, finished_count, settle_interrupted
 from study.settings import (
     NAME_RE,
@@ -68,6 +69,7 @@ from study.settings import (
 from study.tables import pareto_table
 from tracking import mlflow_log
 from tracking.contract import (
+    ATTR_REFERENCE,
     ATTR_RUN_ID,
     DIRECTIONS,
     DRIVER_WALL_S,
@@ -77,6 +79,7 @@ from tracking.contract import (
     OPTUNA_STATE_TAG,
     PARETO_ARTIFACT,
     PRETRAINED_TAG,
+    REFERENCE_TAG,
     SPACE_TAG,
     STOPPED_TAG,
     STUDY_TAG,
@@ -129,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-seeds", type=int, help="new fine-tuning seeds per confirmed configuration (default 2)")
     p.add_argument("--no-confirm", action="store_true", help="skip the confirm stage (the search's figures are "
                    "validation figures only)")
+    p.add_argument("--enqueue", metavar="FILE", help="reference configurations (YAML/JSON list of the space's "
+                   "parameters, each with an optional name) run first and always confirmed (study/enqueue.py)")
+    p.add_argument("--pretrained", metavar="DIR", help="use DIR/classifier.pt (and DIR/purifier.pt if present) "
+                   "instead of pre-training (study/pretrained.py)")
     p.add_argument("--study-name", help="study name (default <preset>-<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the study of --study-name")
     return p
@@ -253,6 +260,8 @@ class StudyPlan:
         val: the validation images every search trial is scored on (`cfg.n_eval` of the train split,
             `atop.data.carve_validation`: the same for every trial, seed and later study).
         test: the whole test split; only the confirm stage scores on it.
+        references: `--enqueue FILE`'s configurations, put at the head of the study (once).
+        pretrained: `--pretrained DIR` (kept in study.json: a resumed study uses the same weights).
         resume: continue the study in `folder` instead of creating it.
     """
 
@@ -266,6 +275,8 @@ class StudyPlan:
     pool: Split
     val: Split
     test: Split
+    references: tuple[Reference, ...] = ()
+    pretrained: str | None = None
     resume: bool = False
 
     @property
@@ -303,8 +314,13 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     if not NAME_RE.match(name):
         raise StudyError(f"--study-name {name!r} is invalid; accepted: letters, digits, '.', '_', '-' (max 100)")
     folder = storage_path / name
+    pretrained = str(Path(args.pretrained).expanduser().resolve()) if args.pretrained else None
     if args.resume:
-        settings, mlflow_uri, data_dir = _resumed_settings(args, name, storage_path, folder / STUDY_FILE)
+        settings, mlflow_uri, data_dir, saved_pretrained = _resumed_settings(args, name, storage_path,
+                                                                             folder / STUDY_FILE)
+        if pretrained and pretrained != saved_pretrained:
+            raise StudyError(f"--resume cannot change --pretrained of study {name!r} (it uses {saved_pretrained})")
+        pretrained = saved_pretrained
     else:
         if folder.exists():
             raise StudyError(f"study folder {str(folder)!r} exists; pass --resume to continue it or another --study-name")
@@ -325,15 +341,21 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     if settings.confirm and n_test > len(test):
         raise StudyError(f"confirm_config n_eval={n_test} test images but the test split has {len(test)}; "
                          f"accepted: 1..{len(test)}")
+    references = read_enqueue(args.enqueue, SPACES[settings.space], cfg) if args.enqueue else []
+    if len(references) > settings.num_trials:
+        raise StudyError(f"--num-trials {settings.num_trials} is below the {len(references)} configurations of "
+                         f"--enqueue {args.enqueue}; accepted: --num-trials >= {len(references)}")
+    if pretrained:
+        check_pretrained(pretrained, cfg, settings.pretrain_settings())
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else storage_path / CACHE_DIR
     return StudyPlan(settings=settings, name=name, folder=folder, pretrained_cache=cache, mlflow_uri=mlflow_uri,
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
-                     resume=bool(args.resume))
+                     references=tuple(references), pretrained=pretrained, resume=bool(args.resume))
 
 
 def _resumed_settings(args: argparse.Namespace, name: str, storage_path: Path,
-                      saved_file: Path) -> tuple[StudySettings, str, str | None]:
-    """(settings, MLflow URI, data dir) of a study to resume: saved ones, some flags over them."""
+                      saved_file: Path) -> tuple[StudySettings, str, str | None, str | None]:
+    """(settings, MLflow URI, data dir, --pretrained) of a study to resume: saved ones, some flags over them."""
     if not saved_file.is_file():
         raise StudyError(f"--resume: no study {name!r} in {storage_path} ({saved_file} is missing)")
     saved = json.loads(saved_file.read_text())
@@ -351,7 +373,8 @@ def _resumed_settings(args: argparse.Namespace, name: str, storage_path: Path,
             raise StudyError(f"--resume cannot change --{flag} of study {name!r}")
     settings = merge(settings, override, "the command line")
     settings.validate()
-    return settings, args.mlflow_uri or saved["mlflow_uri"], args.data_dir or saved.get("data_dir")
+    return (settings, args.mlflow_uri or saved["mlflow_uri"], args.data_dir or saved.get("data_dir"),
+            saved.get("pretrained"))
 
 
 def run(plan: StudyPlan) -> int:
@@ -397,7 +420,7 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     try:
         atomic_write_text(folder / STUDY_FILE, json.dumps(
             {"settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir,
-             "validation": plan.validation_record}, indent=2))
+             "validation": plan.validation_record, "pretrained": plan.pretrained}, indent=2))
         storage = optuna.storages.RDBStorage(plan.optuna_url)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         n_existing = len(optuna.load_study(study_name=name, storage=storage).trials) if plan.resume else 0
@@ -420,6 +443,7 @@ def open_study(plan: StudyPlan) -> OpenStudy:
         raise
     if plan.resume:
         settle_interrupted(study, storage, uri, experiment_id, parent_id)
+    enqueue_references(study, list(plan.references))
     return OpenStudy(study, experiment_id, parent_id, tags)
 
 
@@ -430,7 +454,7 @@ def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
     clf_path, pur_path = pretrain_once(
         cfg, pretrain_settings, subset(plan.pool, pretrain_settings.n_train, seed=cfg.seed),
         plan.pretrained_cache, cpus=min(settings.cpus * settings.max_concurrent, _ray_cpus()),
-        gpus=settings.gpus)
+        gpus=settings.gpus, pretrained=plan.pretrained)
     return StudyContext(
         train=subset(plan.pool, cfg.n_train, seed=cfg.seed), eval_data=plan.val,
         classifier_ckpt=clf_path.read_bytes(), purifier_ckpt=pur_path.read_bytes(), mlflow_uri=plan.mlflow_uri,
@@ -450,8 +474,9 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
     space = SPACES[settings.space]
 
     def new_run(number: int) -> str | None:
+        reference = study.trials[number].user_attrs.get(ATTR_REFERENCE)
         return mlflow_log.create_trial_run(uri, opened.experiment_id, opened.parent_id, number, space.name,
-                                           opened.tags)
+                                           {**opened.tags, **({REFERENCE_TAG: reference} if reference else {})})
 
     def settle_run(number: int, state: Any, summary: TrialSummary) -> None:
         run_id = study.trials[number].user_attrs.get(ATTR_RUN_ID)

@@ -22,8 +22,27 @@ CASES = {
     "no configuration to confirm": (["--confirm-top", "0"], ["--confirm-top", "0", ">= 1", "--no-confirm"]),
     "no confirm seed": (["--confirm-seeds", "0"], ["--confirm-seeds", "0", ">= 1"]),
     "more validation images than the train split": (["--config", "{tmp}/v.yaml"], ["n_eval", "60000"]),
+    "enqueue: unknown parameter": (["--enqueue", "{tmp}/e1.yaml"], ["e1.yaml", "'lamda'", "accepted", "lambda_ce"]),
+    "enqueue: value outside the space": (["--enqueue", "{tmp}/e2.yaml"], ["e2.yaml", "'rt9'", "rt1, rt2, rt3"]),
+    "enqueue: more references than trials": (["--enqueue", "{tmp}/e3.yaml", "--num-trials", "1"],
+                                             ["--num-trials 1", "2 configurations"]),
+    "pretrained: corrupt file": (["--pretrained", "{tmp}/corrupt"], ["corrupt/classifier.pt", "expected"]),
+    "pretrained: foreign state dict": (["--pretrained", "{tmp}/foreign"], ["foreign/classifier.pt", "small_cnn"]),
+    "pretrained: no such folder": (["--pretrained", "{tmp}/absent"], ["absent", "classifier.pt"]),
 }
-FILES = {"v.yaml": "config: {n_eval: 60000}\n"}
+FILES = {"v.yaml": "config: {n_eval: 60000}\n",
+         "e1.yaml": "- {rt: rt2, lambda_ce: 0.1, lamda: 3}\n",
+         "e2.yaml": "- {rt: rt9, lambda_ce: 0.1}\n",
+         "e3.yaml": "- {rt: rt2, lambda_ce: 0.1}\n- {rt: rt1, lambda_ce: 0.1}\n",
+         "corrupt/classifier.pt": "PK\x03\x04 not really a zip",
+         }
+
+
+def _foreign_state_dict(folder) -> None:
+    import torch
+
+    folder.mkdir()
+    torch.save({"foo": torch.zeros(3)}, folder / "classifier.pt")
 
 
 def run_study(args: list[str], storage) -> subprocess.CompletedProcess:
@@ -38,7 +57,9 @@ def run_study(args: list[str], storage) -> subprocess.CompletedProcess:
 def test_bad_input_is_one_line_before_anything_starts(case, tmp_path):
     args, needles = CASES[case]
     for name, text in FILES.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
+    _foreign_state_dict(tmp_path / "foreign")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     storage = tmp_path / "studies"
     storage.mkdir()
