@@ -13,6 +13,7 @@ code (`atop.pretrained_cache`): a study or run with the same ones starts without
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atop.checkpoint import build_classifier, load_checkpoint, save_checkpoint
-from atop.cli import OneLineParser
+from atop.checkpoint import CheckpointError, build_classifier, load_checkpoint, save_checkpoint
+from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, ConfigError, RTType
 from atop.data import DATASETS, DataError, Split, load_split, subset
 from atop.finetune import PurifierTrainer
@@ -273,25 +274,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    try:
-        cfg = Config.from_dict({"dataset": args.dataset, "classifier": args.classifier, "purifier": args.purifier,
-                                "purifier_width": args.width, "seed": args.seed})
-        epochs = {} if args.epochs is None else {f"{args.what}_epochs": args.epochs}
-        settings = PretrainSettings(n_train=args.n_train, **epochs)
-        train = subset(load_split(cfg.dataset, "train", args.data_dir), settings.n_train, seed=cfg.seed)
-        classifier = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
-        if args.what == "classifier":
-            for m in train_classifier(classifier, train, settings, seed=cfg.seed, device=args.device):
-                print(f"epoch {m['epoch']}: loss {m['loss']:.3f} train acc {m['train_acc']:.3f}", flush=True)
-            save_checkpoint(args.out, kind="classifier", cfg=cfg, classifier=classifier)
-        else:
-            purifier, disc = PURIFIERS[cfg.purifier](cfg.purifier_width), PatchDiscriminator()
-            for m in train_purifier(cfg, purifier, disc, classifier, train, settings, device=args.device):
-                print(f"epoch {m['epoch']}: L1 {m['loss_l1']:.4f} D {m['loss_d']:.3f}", flush=True)
-            save_checkpoint(args.out, kind="purifier", cfg=cfg, purifier=purifier, discriminator=disc)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return one_line_errors(lambda: _run(args), (ConfigError, DataError, CheckpointError))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's work: train what `args.what` names and write its checkpoint (atomically)."""
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out!r} is a folder; expected a checkpoint file to write")
+    cfg = Config.from_dict({"dataset": args.dataset, "classifier": args.classifier, "purifier": args.purifier,
+                            "purifier_width": args.width, "seed": args.seed})
+    epochs = {} if args.epochs is None else {f"{args.what}_epochs": args.epochs}
+    settings = PretrainSettings(n_train=args.n_train, **epochs)
+    train = subset(load_split(cfg.dataset, "train", args.data_dir), settings.n_train, seed=cfg.seed)
+    classifier = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
+    if args.what == "classifier":
+        for m in train_classifier(classifier, train, settings, seed=cfg.seed, device=args.device):
+            print(f"epoch {m['epoch']}: loss {m['loss']:.3f} train acc {m['train_acc']:.3f}", flush=True)
+        save_checkpoint(args.out, kind="classifier", cfg=cfg, classifier=classifier)
+    else:
+        purifier, disc = PURIFIERS[cfg.purifier](cfg.purifier_width), PatchDiscriminator()
+        for m in train_purifier(cfg, purifier, disc, classifier, train, settings, device=args.device):
+            print(f"epoch {m['epoch']}: L1 {m['loss_l1']:.4f} D {m['loss_d']:.3f}", flush=True)
+        save_checkpoint(args.out, kind="purifier", cfg=cfg, purifier=purifier, discriminator=disc)
     print(f"wrote {args.out}")
     return 0
 
