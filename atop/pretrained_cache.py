@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,6 @@ from atop.checkpoint import (
     build_classifier,
     build_purifier,
     load_checkpoint,
-    read_torch_file,
     save_checkpoint,
     sha256,
 )
@@ -124,7 +125,11 @@ def import_classifier(source: str | os.PathLike, cfg: Config, out: Path) -> Path
     """
     path = checked_file(source)
     expected = f"an atop classifier checkpoint or a state dict of {cfg.classifier} for {cfg.dataset}"
-    blob = read_torch_file(path, "classifier_checkpoint", expected)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"classifier_checkpoint {str(path)!r} does not load ({reason}); expected {expected}") from None
     if isinstance(blob, dict) and "format" in blob:
         checked = load_checkpoint(path, kind="classifier")
         name = checked.get("classifier", {}).get("name")
