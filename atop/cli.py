@@ -29,8 +29,9 @@ def one_line_errors(body: Callable[[], int], errors: tuple[type[Exception], ...]
         body: the command's work; returns its exit status.
         errors: the library's exception types that mean bad input (their message is the one line).
     """
+    expected: tuple[type[Exception], ...] = (UsageError, *errors)
     try:
         return body()
-    except (UsageError, *errors) as exc:
+    except expected as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -340,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
 
     attacks = {name[len("robust_acc/"):]: {**figure(name), "settings": result.settings[name[len("robust_acc/"):]]}
                for name in result.std if name.startswith("robust_acc/")}
-    report = {
+    report: dict[str, Any] = {
         "description": result.description, "screening": result.screening,
         "checkpoint": str(Path(args.checkpoint).resolve()), "dataset": cfg.dataset, "split": result.split,
         "n_images": result.n_images, "level": result.level.value, "seed": cfg.seed, "device": str(args.device),

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +134,7 @@ def train_classifier(model: nn.Module, train: Split, settings: PretrainSettings,
         outside the timed part) when `test` is given.
     """
     device = torch.device(device)
-    model.to(device, memory_format=settings.memory_format).train()
+    model.to(device).to(memory_format=settings.memory_format).train()
     batch_size = settings.classifier_batch_size or settings.batch_size
     opt = torch.optim.SGD(model.parameters(), lr=settings.classifier_lr, momentum=0.9,
                           weight_decay=settings.classifier_weight_decay, nesterov=True)
@@ -199,7 +200,7 @@ def pretrain_key(cfg: Config, settings: PretrainSettings, what: str) -> str:
     `atop.pretrained_cache.cache_paths` combines it with the data and code fingerprints.
     """
     values = asdict(settings)
-    fields = {"what": what, "dataset": cfg.dataset, "classifier": cfg.classifier, "seed": cfg.seed}
+    fields: dict[str, Any] = {"what": what, "dataset": cfg.dataset, "classifier": cfg.classifier, "seed": cfg.seed}
     if what == "classifier":
         own = _CLASSIFIER_FIELDS if not settings.classifier_checkpoint else ()
         fields["settings"] = {name: values[name] for name in own}

@@ -68,6 +68,9 @@ def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, devic
                                            train=subset(train_full, preset.pretrain.n_train, seed=cfg.seed))
     classifier = build_classifier(load_checkpoint(clf_path, kind="classifier"))
     purifier, disc = build_purifier(load_checkpoint(pur_path, kind="purifier"))
+    if disc is None:  # fine-tuning continues the GAN game that pre-training started
+        raise CheckpointError(f"pre-trained purifier {str(pur_path)!r} holds no discriminator; "
+                              "expected a purifier checkpoint written by atop.pretrain")
 
     started = time.perf_counter()
     baseline_defense = Defense(RandomTransform.from_config(cfg), purifier, classifier, seed=cfg.seed).to(device).eval()
