@@ -282,7 +282,7 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[s
     extra = [n.strip() for n in args.attacks.split(",") if n.strip()]
     unknown = [n for n in extra if n not in ATTACKS]
     if unknown:
-        raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(ATTACKS)}")
+        raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACKS))}")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {str(out)!r} exists and is not an empty folder; pick a new one")

@@ -47,6 +47,15 @@ def test_a_published_folder_follows_the_umask_and_holds_everything(tmp_path, uma
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["a.json"]
 
 
+def test_an_empty_folder_is_replaced(tmp_path):
+    from atop.io import atomic_folder
+
+    (tmp_path / "out").mkdir()
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "a.json").write_text("{}")
+    assert os.listdir(tmp_path) == ["out"] and (tmp_path / "out" / "a.json").read_text() == "{}"
+
+
 def test_a_failed_folder_leaves_nothing_and_a_full_target_is_kept(tmp_path):
     from atop.io import atomic_folder
 
