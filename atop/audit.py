@@ -26,6 +26,7 @@ measures the arrays on a model, reusing whatever `atop.evaluate` already measure
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -158,16 +159,17 @@ def run_audit(model: nn.Module, data: Split, cfg: Config, *, steps: int, eot: in
     measured = dict(measured or {})
     reference = seen_attack(cfg)
     eps = attack_eps(cfg, reference)
-    opts = {"repeats": repeats, "batch_size": batch_size or cfg.batch_size, "device": device, "seed": cfg.seed}
+    score = functools.partial(measure, model, data, repeats=repeats, batch_size=batch_size or cfg.batch_size,
+                              device=device, seed=cfg.seed)
     if "clean" not in measured:
-        measured["clean"] = measure(model, data, None, **opts)
+        measured["clean"] = score(None)
     runs: dict[str, np.ndarray] = {}
     settings: dict[str, dict[str, Any]] = {}
 
     def run(name: str, attack_name: str, eps_: float, **budget: int) -> np.ndarray:
         attack = ATTACKS[attack_name].build(model, eps=eps_, seed=cfg.seed, **ATTACKS[attack_name].budget(**budget))
         settings[name] = attack.settings()
-        return measure(model, data, attack, clean=measured["clean"], **opts)
+        return score(attack, clean=measured["clean"])
 
     base = {"steps": steps, "eot": eot, "queries": queries}
     if reference not in measured:
@@ -187,7 +189,7 @@ def run_audit(model: nn.Module, data: Split, cfg: Config, *, steps: int, eot: in
                "blackbox": np.logical_and.reduce([measured[b] for b in BLACK_BOX]),
                "pgd": measured["pgd_linf"], "bpda": measured["bpda_linf"]}
     diffs = paired_differences(correct, seed=cfg.seed)
-    m = {"reference_attack": reference, "eps": [k * eps for k in EPS_MULTIPLIERS],
+    m: dict[str, Any] = {"reference_attack": reference, "eps": [k * eps for k in EPS_MULTIPLIERS],
          "eps_acc": [float(v.mean()) for v in sweep], "acc": float(sweep[0].mean()),
          "acc_2x_steps": float(correct["more_steps"].mean()), "acc_2x_eot": float(correct["more_eot"].mean()),
          **{f"{k}_acc": float(correct[k].mean()) for k in ("whitebox", "blackbox", "pgd", "bpda")},

@@ -15,7 +15,7 @@ import hashlib
 import io
 import os
 import pickle
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from atop.transforms import RandomTransform
 
 FORMAT, VERSION = "atop-checkpoint", 1
 KINDS = ("classifier", "purifier", "defense")
+#: what a checkpoint argument accepts, for error messages
+ACCEPTED = f"an atop checkpoint file (format={FORMAT!r}, version {VERSION}; see docs/CHECKPOINTS.md)"
 
 
 class CheckpointError(ValueError):
@@ -74,30 +76,70 @@ def load_checkpoint(source: str | os.PathLike | bytes, *, kind: str | None = Non
     Args:
         source: a file path, or the file's bytes (as a study hands pre-trained weights to trials).
         kind: the kind expected ("purifier" also accepts a "defense" file, which holds one).
+
+    Returns:
+        The file's dict, its layout checked (every entry `build_classifier` and `build_purifier`
+        read has the right type), with `config` as a `Config` and `path` the file's name.
     """
     if isinstance(source, bytes):
-        path, stream = Path("<checkpoint bytes>"), io.BytesIO(source)
+        name, blob = "<checkpoint bytes>", read_torch_file(source, "checkpoint", ACCEPTED)
     else:
-        path = stream = Path(source)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        blob = torch.load(stream, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file: {reason}") from None
+        name, blob = str(Path(source)), read_torch_file(Path(source), "checkpoint", ACCEPTED)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not an atop checkpoint (no format={FORMAT!r} entry)")
+        raise CheckpointError(f"{name!r} is not an atop checkpoint (no format={FORMAT!r} entry); accepted: {ACCEPTED}")
     if blob.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint version {blob.get('version')!r}; accepted: {VERSION}")
+        raise CheckpointError(f"{name!r} has checkpoint version {blob.get('version')!r}; accepted: {VERSION}")
+    if blob.get("kind") not in KINDS:
+        raise CheckpointError(f"{name!r} has kind={blob.get('kind')!r}; accepted: {', '.join(KINDS)}")
     if kind is not None and blob["kind"] != kind and not (kind == "purifier" and blob["kind"] == "defense"):
-        raise CheckpointError(f"{str(path)!r} holds a {blob['kind']!r} checkpoint; expected {kind!r}")
+        raise CheckpointError(f"{name!r} holds a {blob['kind']!r} checkpoint; expected {kind!r}")
+    if not isinstance(blob.get("config"), dict):
+        raise CheckpointError(f"{name!r} has no config dict; accepted: {ACCEPTED}")
     try:
         blob["config"] = Config.from_dict(blob["config"])
     except ConfigError as exc:
-        raise CheckpointError(f"{str(path)!r} has an invalid config: {exc}") from None
-    blob["path"] = str(path)
+        raise CheckpointError(f"{name!r} has an invalid config: {exc}") from None
+    _check_layout(blob, name)
+    blob["path"] = name
     return blob
+
+
+def read_torch_file(source: Path | bytes, what: str, accepted: str) -> Any:
+    """`torch.load(..., weights_only=True)` of a file nobody vouched for: no code runs, and any
+    failure is one `CheckpointError` line naming the file and what was expected.
+
+    Args:
+        source: the file, or its bytes.
+        what: what the file was given as, for the message (e.g. "checkpoint", "classifier_checkpoint").
+        accepted: what the argument accepts, for the message ("expected <accepted>").
+    """
+    target: Path | io.BytesIO
+    if isinstance(source, bytes):
+        label, size, target = f"{what} <bytes>", len(source), io.BytesIO(source)
+    else:
+        label, target = f"{what} {str(source)!r}", source
+        if source.is_dir():
+            raise CheckpointError(f"{label} is a folder; expected {accepted}")
+        if not source.is_file():
+            raise CheckpointError(f"{label} does not exist; expected {accepted}")
+        size = source.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{label} is an empty file; expected {accepted}")
+    try:
+        # the weights-only unpickler may warn about the pickle protocol of a foreign file: noise
+        # under a one-line error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(target, map_location="cpu", weights_only=True)
+    except PermissionError as exc:
+        raise CheckpointError(f"{label} cannot be read ({exc.strerror}); expected {accepted}") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load on arbitrary bytes raises any type; all mean "unreadable"
+        # never repeat PyTorch's own message: it advises weights_only=False, i.e. running the file's code
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+            why = "it holds Python objects besides tensors and plain data, which a safe (weights-only) load refuses"
+        else:
+            why = f"it is corrupt, truncated or not a torch file ({type(exc).__name__})"
+        raise CheckpointError(f"{label} does not load: {why}; expected {accepted}") from None
 
 
 def build_classifier(blob: dict[str, Any]) -> nn.Module:
@@ -140,6 +182,42 @@ def sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _check_layout(blob: dict[str, Any], name: str) -> None:
+    """Refuse entries of the wrong type before anything builds a model from them (one line)."""
+
+    def refuse(entry: str, wanted: str) -> CheckpointError:
+        return CheckpointError(f"{name!r}: its {entry} entry is not {wanted}; accepted: {ACCEPTED}")
+
+    def state_dict(entry: str, value: Any) -> None:
+        if not (isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in value.items())):
+            raise refuse(f"{entry} state_dict", "a dict of named tensors")
+
+    cfg: Config = blob["config"]
+    if "classifier" in blob:
+        entry = blob["classifier"]
+        if not isinstance(entry, dict) or entry.get("name") not in CLASSIFIERS:
+            raise refuse("classifier", f"{{name, num_classes, state_dict}} with name in {', '.join(sorted(CLASSIFIERS))}")
+        classes = DATASETS[cfg.dataset].num_classes
+        if entry.get("num_classes") != classes:
+            raise refuse("classifier", f"for {classes} classes (its config's dataset {cfg.dataset!r})")
+        state_dict("classifier", entry.get("state_dict"))
+    elif "classifier_ref" in blob:
+        ref = blob["classifier_ref"]
+        if not (isinstance(ref, dict) and isinstance(ref.get("path"), str) and isinstance(ref.get("sha256"), str)):
+            raise refuse("classifier_ref", "{path, sha256} strings")
+    if "purifier" in blob:
+        entry = blob["purifier"]
+        if not isinstance(entry, dict) or entry.get("name") not in PURIFIERS:
+            raise refuse("purifier", f"{{name, width, state_dict}} with name in {', '.join(sorted(PURIFIERS))}")
+        if entry.get("width") != cfg.purifier_width:
+            raise refuse("purifier", f"of width {cfg.purifier_width} (its config's purifier_width)")
+        state_dict("purifier", entry.get("state_dict"))
+    if "discriminator" in blob:
+        entry = blob["discriminator"]
+        state_dict("discriminator", entry.get("state_dict") if isinstance(entry, dict) else None)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -9,6 +9,10 @@ from typing import NoReturn
 EXIT_BAD_INPUT = 2
 
 
+class UsageError(ValueError):
+    """Bad command-line input found after parsing (a value out of range, an --out in the way)."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad command line as one `error: ...` line (no usage block), exit 2."""
 
@@ -18,15 +22,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def one_line_errors(body: Callable[[], int], errors: tuple[type[Exception], ...]) -> int:
-    """Run a CLI's body; one of the expected `errors` becomes one `error: ...` line on stderr and
-    exit status `EXIT_BAD_INPUT` (anything else is a bug and keeps its traceback).
+    """Run a CLI's body; a `UsageError` or one of the expected `errors` becomes one `error: ...` line
+    on stderr and exit status `EXIT_BAD_INPUT` (anything else is a bug and keeps its traceback).
 
     Args:
         body: the command's work; returns its exit status.
-        errors: the exception types that mean bad input (their message is the one line).
+        errors: the library's exception types that mean bad input (their message is the one line).
     """
+    expected: tuple[type[Exception], ...] = (UsageError, *errors)
     try:
         return body()
-    except errors as exc:
+    except expected as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +36,10 @@ from torch import nn
 
 from atop.attacks import ATTACKS
 from atop.audit import run_audit
-from atop.cli import OneLineParser
+from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, EvalLevel
 from atop.data import Split
+from atop.io import atomic_folder
 from atop.scoring import attack_eps, measure, measure_attack, seen_attack
 from atop.stats import wilson
 
@@ -251,10 +249,6 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
 # --- command line ----------------------------------------------------------------------------
 
 
-class UsageError(ValueError):
-    """Bad command-line input: reported as one `error: ...` line, exit status 2."""
-
-
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m atop.evaluate",
                                 description="Evaluate a fine-tuned defense checkpoint against adaptive attacks.")
@@ -295,7 +289,7 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[s
     extra = [n.strip() for n in args.attacks.split(",") if n.strip()]
     unknown = [n for n in extra if n not in ATTACKS]
     if unknown:
-        raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(ATTACKS)}")
+        raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACKS))}")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {str(out)!r} exists and is not an empty folder; pick a new one")
@@ -312,21 +306,13 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[s
 
 
 def _write(out: Path, report: dict[str, Any], per_example: dict[str, np.ndarray]) -> None:
-    """Write into a temporary sibling folder, then rename: never a half-written --out."""
+    """Fill a temporary sibling folder, then rename it to `out`: never a half-written --out."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_folder(out) as tmp:  # `out` was checked absent or empty in _prepare
         (tmp / "eval.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
         pq.write_table(pa.table({k: np.asarray(v) for k, v in per_example.items()}), tmp / "per_image.parquet")
-        if out.is_dir():
-            out.rmdir()  # checked empty in _prepare
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,11 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     from atop.data import DataError
 
     args = _parser().parse_args(argv)
-    try:
-        defense, data, cfg, extra, out = _prepare(args)
-    except (UsageError, CheckpointError, ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return one_line_errors(lambda: _run(args), (CheckpointError, ConfigError, DataError))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's work: check the inputs, evaluate, write --out, print the figures."""
+    defense, data, cfg, extra, out = _prepare(args)
     budget = level_budget(args.level, **{k: getattr(args, k) for k in _BUDGET_KEYS})
     low = weakened(budget)
     description = describe(budget, len(data), "test")
@@ -360,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
     attacks = {name[len("robust_acc/"):]: {**figure(name), "settings": result.settings[name[len("robust_acc/"):]]}
                for name in result.std if name.startswith("robust_acc/")}
-    report = {
+    report: dict[str, Any] = {
         "description": result.description, "screening": result.screening,
         "checkpoint": str(Path(args.checkpoint).resolve()), "dataset": cfg.dataset, "split": result.split,
         "n_images": result.n_images, "level": result.level.value, "seed": cfg.seed, "device": str(args.device),

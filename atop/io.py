@@ -2,12 +2,16 @@
 
 The data go to a temporary file in the same folder (so `os.replace` is a rename on one file
 system), are flushed to disk, then renamed over `path`; a failure removes the temporary file.
+`atomic_folder` does the same for a folder of several files. What is published gets the mode a
+plain `open()` or `mkdir` would give (the umask decides), not the private mode of a temporary.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -55,3 +59,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """Write `text` to `path` atomically (see `atomic_write`)."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Fill a temporary sibling folder, then publish it as `path` in one rename.
+
+    Usage: `with atomic_folder(out) as tmp: (tmp / "a.json").write_text(...)`. If the block raises,
+    the temporary folder is removed and `path` is untouched.
+
+    Args:
+        path: the folder to create; it must not exist, or be an empty folder (rename replaces
+            only an empty one: anything else raises `OSError` and leaves it as it was).
+
+    Yields:
+        The temporary folder (private, 0700, while it is being filled).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        # mkdtemp makes the folder 0700; publish it as a plain mkdir would (0777 less the umask), so
+        # that a group sharing the results can read them
+        os.chmod(tmp, 0o777 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

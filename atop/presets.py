@@ -59,5 +59,5 @@ PRESETS: dict[str, Preset] = {
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ConfigError(f"preset={name!r} is unknown; accepted: {', '.join(PRESETS)}")
+        raise ConfigError(f"preset={name!r} is unknown; accepted: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]

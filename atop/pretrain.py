@@ -13,6 +13,7 @@ code (`atop.pretrained_cache`): a study or run with the same ones starts without
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -21,13 +22,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atop.checkpoint import build_classifier, load_checkpoint, save_checkpoint
-from atop.cli import OneLineParser
+from atop.checkpoint import CheckpointError, build_classifier, load_checkpoint, save_checkpoint
+from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, ConfigError, RTType
 from atop.data import DATASETS, DataError, Split, load_split, subset
 from atop.finetune import PurifierTrainer
@@ -132,7 +134,7 @@ def train_classifier(model: nn.Module, train: Split, settings: PretrainSettings,
         outside the timed part) when `test` is given.
     """
     device = torch.device(device)
-    model.to(device, memory_format=settings.memory_format).train()
+    model.to(device).to(memory_format=settings.memory_format).train()
     batch_size = settings.classifier_batch_size or settings.batch_size
     opt = torch.optim.SGD(model.parameters(), lr=settings.classifier_lr, momentum=0.9,
                           weight_decay=settings.classifier_weight_decay, nesterov=True)
@@ -198,7 +200,7 @@ def pretrain_key(cfg: Config, settings: PretrainSettings, what: str) -> str:
     `atop.pretrained_cache.cache_paths` combines it with the data and code fingerprints.
     """
     values = asdict(settings)
-    fields = {"what": what, "dataset": cfg.dataset, "classifier": cfg.classifier, "seed": cfg.seed}
+    fields: dict[str, Any] = {"what": what, "dataset": cfg.dataset, "classifier": cfg.classifier, "seed": cfg.seed}
     if what == "classifier":
         own = _CLASSIFIER_FIELDS if not settings.classifier_checkpoint else ()
         fields["settings"] = {name: values[name] for name in own}
@@ -273,25 +275,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    try:
-        cfg = Config.from_dict({"dataset": args.dataset, "classifier": args.classifier, "purifier": args.purifier,
-                                "purifier_width": args.width, "seed": args.seed})
-        epochs = {} if args.epochs is None else {f"{args.what}_epochs": args.epochs}
-        settings = PretrainSettings(n_train=args.n_train, **epochs)
-        train = subset(load_split(cfg.dataset, "train", args.data_dir), settings.n_train, seed=cfg.seed)
-        classifier = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
-        if args.what == "classifier":
-            for m in train_classifier(classifier, train, settings, seed=cfg.seed, device=args.device):
-                print(f"epoch {m['epoch']}: loss {m['loss']:.3f} train acc {m['train_acc']:.3f}", flush=True)
-            save_checkpoint(args.out, kind="classifier", cfg=cfg, classifier=classifier)
-        else:
-            purifier, disc = PURIFIERS[cfg.purifier](cfg.purifier_width), PatchDiscriminator()
-            for m in train_purifier(cfg, purifier, disc, classifier, train, settings, device=args.device):
-                print(f"epoch {m['epoch']}: L1 {m['loss_l1']:.4f} D {m['loss_d']:.3f}", flush=True)
-            save_checkpoint(args.out, kind="purifier", cfg=cfg, purifier=purifier, discriminator=disc)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return one_line_errors(lambda: _run(args), (ConfigError, DataError, CheckpointError))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's work: train what `args.what` names and write its checkpoint (atomically)."""
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out!r} is a folder; expected a checkpoint file to write")
+    cfg = Config.from_dict({"dataset": args.dataset, "classifier": args.classifier, "purifier": args.purifier,
+                            "purifier_width": args.width, "seed": args.seed})
+    epochs = {} if args.epochs is None else {f"{args.what}_epochs": args.epochs}
+    settings = PretrainSettings(n_train=args.n_train, **epochs)
+    train = subset(load_split(cfg.dataset, "train", args.data_dir), settings.n_train, seed=cfg.seed)
+    classifier = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
+    if args.what == "classifier":
+        for m in train_classifier(classifier, train, settings, seed=cfg.seed, device=args.device):
+            print(f"epoch {m['epoch']}: loss {m['loss']:.3f} train acc {m['train_acc']:.3f}", flush=True)
+        save_checkpoint(args.out, kind="classifier", cfg=cfg, classifier=classifier)
+    else:
+        purifier, disc = PURIFIERS[cfg.purifier](cfg.purifier_width), PatchDiscriminator()
+        for m in train_purifier(cfg, purifier, disc, classifier, train, settings, device=args.device):
+            print(f"epoch {m['epoch']}: L1 {m['loss_l1']:.4f} D {m['loss_d']:.3f}", flush=True)
+        save_checkpoint(args.out, kind="purifier", cfg=cfg, purifier=purifier, discriminator=disc)
     print(f"wrote {args.out}")
     return 0
 

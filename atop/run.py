@@ -17,11 +17,10 @@ robustness figure". Without `--level`, an `eval_level` given in `--config` or `-
 """
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,13 @@ from atop.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from atop.cli import OneLineParser
+from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, ConfigError, EvalLevel, read_config_file
 from atop.data import DataError, load_split, subset
 from atop.defense import Defense
 from atop.evaluate import describe, evaluate, level_budget
 from atop.finetune import finetune
+from atop.io import atomic_write_text
 from atop.presets import get_preset
 from atop.pretrain import ensure_pretrained
 from atop.transforms import RandomTransform
@@ -68,6 +68,9 @@ def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, devic
                                            train=subset(train_full, preset.pretrain.n_train, seed=cfg.seed))
     classifier = build_classifier(load_checkpoint(clf_path, kind="classifier"))
     purifier, disc = build_purifier(load_checkpoint(pur_path, kind="purifier"))
+    if disc is None:  # fine-tuning continues the GAN game that pre-training started
+        raise CheckpointError(f"pre-trained purifier {str(pur_path)!r} holds no discriminator; "
+                              "expected a purifier checkpoint written by atop.pretrain")
 
     started = time.perf_counter()
     baseline_defense = Defense(RandomTransform.from_config(cfg), purifier, classifier, seed=cfg.seed).to(device).eval()
@@ -113,7 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="cache of pre-trained weights (default $ATOP_CACHE_DIR or ~/.cache/atop/pretrained)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    return one_line_errors(lambda: _run(args), (ConfigError, DataError, CheckpointError))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's work; a failure of any kind removes the --out folder if this run created it."""
     out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a file; expected a folder to write defense.pt and metrics.json into")
     created = not out.exists()
     try:
         preset = get_preset(args.preset)
@@ -126,12 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         metrics = run(cfg, args.preset, out, data_dir=args.data_dir, device=args.device,
                       pretrained_cache=args.pretrained_cache)
-        _write_json_atomic(out / "metrics.json", metrics)
-    except (ConfigError, DataError, CheckpointError) as exc:
-        if created and out.exists():
-            shutil.rmtree(out)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     except BaseException:
         if created and out.exists():
             shutil.rmtree(out)
@@ -139,13 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"final ({metrics['evaluation']}): {_summary(metrics)}")
     print(f"wrote {out / 'defense.pt'} and {out / 'metrics.json'}")
     return 0
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from atop.attacks import ATTACKS, Attack, AutoAttack
+from atop.attacks import ATTACKS, Attack, AutoAttack, Seedable
 from atop.config import Config, Norm
 from atop.data import Split
 
@@ -25,7 +25,7 @@ def attack_eps(cfg: Config, name: str) -> float:
 
 
 def _reseed(model: nn.Module, seed: int) -> None:
-    if hasattr(model, "reseed"):
+    if isinstance(model, Seedable):
         model.reseed(seed)
 
 
@@ -74,7 +74,10 @@ def measure_attack(model: nn.Module, data: Split, attack: Attack, *, clean: np.n
     Returns:
         Bool array (repeats, N), gated by `clean` as in `measure`.
     """
-    opts = {"clean": clean, "repeats": repeats, "seed": seed, "batch_size": batch_size, "device": device}
+    def score(part: Attack) -> np.ndarray:
+        return measure(model, data, part, clean=clean, repeats=repeats, seed=seed, batch_size=batch_size,
+                       device=device)
+
     if isinstance(attack, AutoAttack):
-        return np.logical_and.reduce([measure(model, data, part, **opts) for part in attack.attacks])
-    return measure(model, data, attack, **opts)
+        return np.logical_and.reduce([score(part) for part in attack.attacks])
+    return score(attack)

@@ -78,3 +78,43 @@ def test_wrong_kind_wrong_model_and_foreign_files(saved, tmp_path):
 def test_atomic_write_leaves_no_temporary_files(saved):
     *_, path = saved
     assert [p.name for p in path.parent.iterdir()] == ["d.pt"]
+
+
+def test_foreign_files_are_refused_without_advising_an_unsafe_load(tmp_path):
+    import datetime
+    import pickle
+
+    files = {"folder.pt": None, "empty.pt": b"", "text.pt": b"hello world\n",
+             "plain.pkl": pickle.dumps({"format": "atop-checkpoint"})}
+    (tmp_path / "folder.pt").mkdir()
+    for name, data in files.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+    torch.save({"when": datetime.date(2024, 1, 1)}, tmp_path / "objects.pt")  # a global the safe load refuses
+    reasons = {"folder.pt": "is a folder", "empty.pt": "empty file", "text.pt": "corrupt",
+               "plain.pkl": "corrupt", "objects.pt": "Python objects"}
+    for name, reason in reasons.items():
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(tmp_path / name)
+        msg = str(info.value)
+        assert name in msg and reason in msg and "atop checkpoint file" in msg and "\n" not in msg, msg
+        assert "weights_only" not in msg and "trust" not in msg, msg
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda b: b["classifier"].update(name="vgg"), "name in"),
+    (lambda b: b["classifier"].update(num_classes=10**9), "for 10 classes"),
+    (lambda b: b["classifier"].update(state_dict={"w": "not a tensor"}), "dict of named tensors"),
+    (lambda b: b["purifier"].update(width=4096), "of width 8"),
+    (lambda b: b.update(discriminator=[1, 2]), "discriminator state_dict"),
+    (lambda b: b.update(classifier_ref={"path": 3}, classifier=None) or b.pop("classifier"), "classifier_ref"),
+    (lambda b: b.update(kind="everything"), "kind='everything'"),
+    (lambda b: b.update(config="rt=rt1"), "no config dict"),
+])
+def test_a_checkpoint_of_the_wrong_layout_is_refused_before_building_models(saved, tmp_path, change, needle):
+    *_, path = saved
+    blob = torch.load(path, weights_only=True)
+    change(blob)
+    torch.save(blob, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=needle):
+        load_defense(tmp_path / "odd.pt")

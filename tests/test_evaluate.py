@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,35 @@ def test_cli_missing_and_corrupt_checkpoint(tmp_path: Path) -> None:
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and message in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_publishes_its_folder_with_the_mode_a_plain_mkdir_gives(checkpoint: Path, tmp_path: Path) -> None:
+    need_data()
+    out = tmp_path / "eval"
+    old = os.umask(0o027)
+    try:
+        assert main(["--checkpoint", str(checkpoint), "--level", "screen", "--n-images", "2", "--out", str(out),
+                     "--data-dir", str(DATA_DIR), "--steps", "1"]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o750  # not mkdtemp's 0700
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {"eval.json": 0o640,
+                                                                         "per_image.parquet": 0o640}
+
+
+def test_cli_refuses_foreign_checkpoint_files_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "folder.pt").mkdir()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    for name, reason in (("folder.pt", "is a folder"), ("empty.pt", "empty file"), ("notes.txt", "corrupt"),
+                         ("plain.pt", "not an atop checkpoint")):
+        out = tmp_path / "eval"
+        assert main(["--checkpoint", str(tmp_path / name), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert name in err and reason in err and ("accepted" in err or "expected" in err), err
+        assert "weights_only" not in err and not out.exists()
 
 
 def test_cli_refuses_a_non_empty_out(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

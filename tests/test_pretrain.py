@@ -58,3 +58,24 @@ def test_purifier_learns_on_real_images(cifar_dir):
     reports = list(train_purifier(cfg, purifier, PatchDiscriminator(8), CLASSIFIERS["small_cnn"](10), train, settings))
     assert reports[-1]["loss_l1"] < reports[0]["loss_l1"]
     assert reports[0]["loss_ce"] > 0  # the CE term of the frozen classifier is on
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["classifier", "--out", "{tmp}"], ["--out", "is a folder"]),
+    (["classifier", "--epochs", "0"], ["classifier_epochs=0", "accepted"]),
+    (["purifier", "--dataset", "mnist"], ["'mnist'", "accepted"]),
+    (["classifier", "--data-dir", "{tmp}/junk"], ["cifar10_train.npz"]),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needles):
+    from atop.pretrain import main
+
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "cifar10_train.npz").write_text("not an npz")
+    out = str(tmp_path / "out.pt")
+    argv = ["--out", out] + [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle.replace("{tmp}", str(tmp_path)) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk"]

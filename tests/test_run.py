@@ -30,3 +30,24 @@ def test_screen_run_labels_its_figures_as_screening(tmp_path: Path) -> None:
         assert metrics[f"{name}_majority"] == metrics[name]  # one draw
         assert f"{name}_majority" in metrics["baseline_before_finetune"]
     assert {"eps", "norm", "eot", "steps", "repeats", "level"} <= set(metrics["attacks"]["pgd_linf"])
+
+
+def test_bad_input_is_one_line_and_leaves_no_out_folder(tmp_path: Path, capsys) -> None:
+    from atop.run import main
+
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "cifar10_train.npz").write_bytes(b"PK\x03\x04 truncated zip")
+    (tmp_path / "bad.yaml").write_text("epochs: [1, 2\n")
+    cases = [(["--out", str(tmp_path / "a-file")], ["a-file", "is a file"]),
+             (["--preset", "huge"], ["'huge'", "accepted"]),
+             (["--set", "rt=rt9"], ["rt9", "rt1"]),
+             (["--config", str(tmp_path / "bad.yaml")], ["bad.yaml"]),
+             (["--preset", "tiny", "--data-dir", str(tmp_path / "junk")], ["cifar10_train.npz"])]
+    for args, needles in cases:
+        out = tmp_path / "run"
+        assert main(["--out", str(out), "--device", "cpu", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert all(n in err for n in needles), err
+        assert not out.exists() and (tmp_path / "a-file").read_text() == "mine"

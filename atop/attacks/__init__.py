@@ -15,7 +15,7 @@ from torch import nn
 
 from atop.attacks.apgd import APGD
 from atop.attacks.autoattack import AutoAttack
-from atop.attacks.base import Attack
+from atop.attacks.base import Attack, Seedable
 from atop.attacks.bpda import BPDA, BPDAWrapper
 from atop.attacks.cw import CW
 from atop.attacks.pgd import FGSM, PGD
@@ -57,4 +57,4 @@ ATTACKS: dict[str, AttackSpec] = {
 BLACK_BOX = ("square_linf",)
 
 __all__ = ["APGD", "ATTACKS", "BLACK_BOX", "BPDA", "CW", "FGSM", "PGD", "Attack", "AttackSpec", "AutoAttack",
-           "BPDAWrapper", "Square"]
+           "BPDAWrapper", "Seedable", "Square"]

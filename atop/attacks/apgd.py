@@ -86,6 +86,7 @@ class APGD(Attack):
                 out = run
             else:
                 out.put(idx, self.select_by_fresh_draws([out.take(idx), run], y[idx]))
+        assert out is not None  # the first pass runs: n_targets >= 1, x is not empty (see `Attack.__call__`)
         return out.x
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> Scored:

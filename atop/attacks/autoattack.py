@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from atop.attacks.apgd import APGD
-from atop.attacks.base import Attack
+from atop.attacks.base import Attack, AttackOptions
 from atop.attacks.square import Square
 from atop.threat import Norm
 
@@ -51,8 +51,8 @@ class AutoAttack(Attack):
         if version not in VERSIONS:
             raise ValueError(f"version={version!r} is unknown; accepted: {', '.join(VERSIONS)}")
         self.version, self.steps, self.queries, self.n_targets = version, steps, queries, n_targets
-        common = {"eps": eps, "norm": self.norm, "eot": self.eot, "eot_batched": self.eot_batched,
-                  "draws": self.draws}
+        common: AttackOptions = {"eps": eps, "norm": self.norm, "eot": self.eot, "eot_batched": self.eot_batched,
+                                 "draws": self.draws}
         if version == "rand":
             self.attacks: list[Attack] = [APGD(model, steps=steps, loss="ce", seed=self.seed, **common),
                                           APGD(model, steps=steps, loss="dlr", seed=self.seed + 1, **common)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypedDict, runtime_checkable
 
 import torch
 from torch import nn
@@ -23,6 +24,27 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels
 
 #: fresh draws of the model that decide, per image, which candidate an attack keeps (`Attack.draws`)
 DRAWS = 10
+
+
+@runtime_checkable
+class Seedable(Protocol):
+    """A random model whose stream can be restarted and read (as `atop.defense.Defense`)."""
+
+    seed: int
+
+    def reseed(self, seed: int) -> None: ...
+
+    def generator(self, device: torch.device) -> torch.Generator: ...
+
+
+class AttackOptions(TypedDict):
+    """The base-class arguments an ensemble hands on to each of its component attacks."""
+
+    eps: float
+    norm: Norm
+    eot: int
+    eot_batched: bool
+    draws: int
 
 
 @dataclass
@@ -110,7 +132,9 @@ class Attack:
             losses = loss_fn(logits, y.repeat(self.eot)).view(self.eot, -1).mean(0)
             grad, = torch.autograd.grad(losses.sum(), x)
             return losses.detach(), grad, logits.detach().view(self.eot, *y.shape, -1).mean(0)
-        total_loss, total_grad, total_logits = 0.0, torch.zeros_like(x), 0.0
+        # 0-d zeros broadcast to the loss's and the logits' shapes on the first addition
+        total_loss, total_logits = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+        total_grad = torch.zeros_like(x)
         for _ in range(self.eot):
             logits = self.model(x)
             losses = loss_fn(logits, y)
@@ -130,26 +154,29 @@ class Attack:
         is simply called `draws` more times. A model whose first two draws are identical is
         deterministic here: one draw decides (saves `draws - 1` forward passes on plain classifiers).
         """
-        seedable = all(hasattr(self.model, a) for a in ("reseed", "generator", "seed"))
-        if seedable:
-            saved_seed, saved_state = self.model.seed, self.model.generator(x.device).get_state()
+        stream = self.model if isinstance(self.model, Seedable) else None
+        if stream is not None:
+            saved_seed, saved_state = stream.seed, stream.generator(x.device).get_state()
         # the settings name the attack (and its seed): two attacks of one evaluation get their own draws
         base = ((1 << 32) + zlib.crc32(repr((self.seed, sorted(self.settings().items()))).encode())) << 16
-        correct, total, first, n = 0.0, 0.0, None, 0
+        # 0-d zeros broadcast to (N,) and (N, classes) on the first addition
+        correct, total = torch.zeros((), device=x.device, dtype=x.dtype), torch.zeros((), device=x.device)
+        first: torch.Tensor | None = None
+        n = 0
         try:
             for m in range(self.draws):
-                if seedable:
-                    self.model.reseed(base + m)
+                if stream is not None:
+                    stream.reseed(base + m)
                 logits = self.model(x)
-                if m == 1 and torch.equal(logits, first):
+                if m == 1 and first is not None and torch.equal(logits, first):
                     break
                 first = logits if m == 0 else None
                 correct = correct + (logits.argmax(1) == y).to(x.dtype)
                 total, n = total + logits, n + 1
         finally:
-            if seedable:
-                self.model.reseed(saved_seed)
-                self.model.generator(x.device).set_state(saved_state)
+            if stream is not None:
+                stream.reseed(saved_seed)
+                stream.generator(x.device).set_state(saved_state)
         return Scored(x.clone(), correct / n, margin(total / n, y))
 
     def select_by_fresh_draws(self, candidates: Sequence[torch.Tensor | Scored], y: torch.Tensor) -> Scored:
@@ -182,8 +209,9 @@ class Attack:
             delta = delta * (self.eps / norms).clamp(max=1.0)
         return (x + delta).clamp(0.0, 1.0)
 
-    def step(self, grad: torch.Tensor, step_size: float) -> torch.Tensor:
-        """Steepest-ascent step of the norm: sign for l-inf, normalised gradient for l2."""
+    def step(self, grad: torch.Tensor, step_size: float | torch.Tensor) -> torch.Tensor:
+        """Steepest-ascent step of the norm: sign for l-inf, normalised gradient for l2 (`step_size`
+        a number, or per image, shaped to broadcast over `grad`)."""
         if self.norm is Norm.LINF:
             return step_size * grad.sign()
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))

@@ -1,11 +1,22 @@
 """BPDA (Athalye, Carlini & Wagner, ICML 2018): the real defense forward, identity backward."""
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch import nn
 
 from atop.attacks.pgd import PGD
 from atop.threat import Norm
+
+
+@runtime_checkable
+class Purifying(Protocol):
+    """A defense made of a purifier and a classifier (as `atop.defense.Defense`)."""
+
+    classifier: nn.Module
+
+    def purify(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class BPDAWrapper(nn.Module):
@@ -21,7 +32,7 @@ class BPDAWrapper(nn.Module):
         self.defense = defense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (hasattr(self.defense, "purify") and hasattr(self.defense, "classifier")):
+        if not isinstance(self.defense, Purifying):
             return self.defense(x)
         purified = self.defense.purify(x)
         return self.defense.classifier(x + (purified - x).detach())

@@ -37,14 +37,13 @@ class _WideBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.equalInOut = cin == cout
-        self.convShortcut = None if self.equalInOut else nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+        self.convShortcut = None if cin == cout else nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.relu1(self.bn1(x))
         out = self.conv2(self.relu2(self.bn2(self.conv1(pre))))
         # An identity shortcut adds the raw input; a projection shortcut sees the activated one.
-        return out + (x if self.equalInOut else self.convShortcut(pre))
+        return out + (x if self.convShortcut is None else self.convShortcut(pre))
 
 
 class _WideGroup(nn.Module):
