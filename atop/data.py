@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ class Split:
     x: torch.Tensor
     y: torch.Tensor
     source: str = ""
-    indices: torch.Tensor | None = None  # None: rows 0..N-1 of `source`
+    indices: torch.Tensor = None  # type: ignore[assignment]  # None given: rows 0..N-1 of `source`
 
     def __post_init__(self) -> None:
         if self.indices is None:
@@ -112,7 +113,7 @@ def load_npz(path: str | os.PathLike) -> Split:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             x, y = arrays["x"], arrays["y"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"cannot read {str(path)!r} as an .npz with arrays x and y: {exc}") from None
     return _as_split(x, y, str(path))
 
@@ -141,6 +142,8 @@ def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = No
         return dataclasses.replace(load_npz(npz), source=split)
     loader = DATASETS[dataset].torchvision_loader
     tried = [str(npz)]
+    if loader is None:
+        raise DataError(f"no {dataset} {split} data in {npz}; provide it there (--data-dir or $ATOP_DATA_DIR)")
     for download in (False, True):
         try:
             data = _as_split(*loader(root, split, download), f"{dataset} {split} from torchvision")

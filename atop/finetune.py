@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +58,9 @@ class PurifierTrainer:
         # NHWC: oneDNN (CPU) and cuDNN (GPU) run 3x3 convolutions faster on it than on NCHW
         # (on the project's CPU: 470 against 200 GFLOP/s in fp32, 880 in bf16).
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.purifier = purifier.to(device, memory_format=self.memory_format).train()
-        self.discriminator = discriminator.to(device, memory_format=self.memory_format).train()
-        self.classifier = freeze(classifier.to(device, memory_format=self.memory_format))
+        self.purifier = purifier.to(device).to(memory_format=self.memory_format).train()
+        self.discriminator = discriminator.to(device).to(memory_format=self.memory_format).train()
+        self.classifier = freeze(classifier.to(device).to(memory_format=self.memory_format))
         betas = (cfg.beta1, cfg.beta2)
         self._g_params = [p for p in self.purifier.parameters() if p.requires_grad]
         self._d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
@@ -130,7 +130,7 @@ class PurifierTrainer:
 
 def _compiled(module: nn.Module) -> nn.Module:
     """`torch.compile` the module (dynamic=False: our batch shapes are fixed but for the last batch)."""
-    return torch.compile(module, dynamic=False)
+    return cast(nn.Module, torch.compile(module, dynamic=False))
 
 
 LOSS_NAMES = ("loss/d", "loss/g_gan", "loss/l1", "loss/ce", "loss/total")

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from atop.checkpoint import (
     build_classifier,
     build_purifier,
     load_checkpoint,
+    read_torch_file,
     save_checkpoint,
     sha256,
 )
@@ -138,11 +137,7 @@ def check_classifier_file(source: str | os.PathLike, cfg: Config, *,
     num_classes = DATASETS[cfg.dataset].num_classes
     expected = (f"an atop classifier checkpoint or a state dict of {cfg.classifier} for {cfg.dataset} "
                 f"({num_classes} classes)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{label} {str(path)!r} does not load ({reason}); expected {expected}") from None
+    blob = read_torch_file(path, label, expected)
     if isinstance(blob, dict) and "format" in blob:
         try:
             checked = load_checkpoint(path, kind="classifier")

@@ -158,13 +158,8 @@ def test_the_evaluate_cli_refuses_a_bad_checkpoint_in_one_line(data: bytes, tmp_
     assert not out.exists()
 
 
-#: known gap, strict (fixing it makes this fail, so the mark goes): atop/data.py's `load_npz` catches
-#: OSError, ValueError, KeyError and BadZipFile only; an empty file raises EOFError and a damaged
-#: compressed member zlib.error. The two `example`s below always hit them.
-NPZ_GAP = "atop.data.load_npz lets EOFError (empty file) and zlib.error (damaged compressed member) escape"
-
-
-@pytest.mark.xfail(reason=NPZ_GAP, strict=True)
+# an empty file raises EOFError and a damaged compressed member zlib.error inside numpy: both examples
+# below hit them
 @PROPERTY
 @example(data=b"")
 @example(data=_flip(GOOD_NPZ[True], [28], 0xFF))
