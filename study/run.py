@@ -51,7 +51,8 @@ from atop.data import (
 )
 from atop.evaluate import LEVELS
 from atop.io import atomic_write_text
-from search_spaces import SPACES
+from search_spaces import SPACES, fingerprint
+from study import optuna_storage
 from study.enqueue import Reference, enqueue_references, read_enqueue
 from study.pretrained import check_pretrained, pretrain_once
 from study.resume import counts, finished_count, settle_interrupted
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="fine-tuning epochs per trial (config key `epochs`)")
     p.add_argument("--seed", type=int, help="seed of the sampler and of every trial (config key `seed`)")
     p.add_argument("--mlflow-uri", help="tracking URI (default sqlite:////<study folder>/mlflow.db)")
+    p.add_argument("--optuna-storage", metavar="URL", help="Optuna's database (default sqlite:///<study folder>/"
+                   "optuna.db; on a cluster e.g. postgresql://user@db/optuna; also $ATOP_OPTUNA_STORAGE)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and Optuna's own INFO logs")
     p.add_argument("--storage-path", default="studies", help="parent folder of study folders (default ./studies)")
     p.add_argument("--pretrained-cache", help="folder of cached pre-trained weights, shared by studies with the "
                    "same pre-training settings, data and code (default <storage-path>/.pretrained-cache)")
@@ -222,18 +226,23 @@ def loopback_ray() -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def init_ray(cpus_per_trial: float, gpus_per_trial: float) -> None:
+def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False) -> None:
+    """Join the cluster of `ray job submit`, or start a local Ray; Ray's own INFO logs only if `verbose`."""
     loopback_ray()
+    import logging
+
     import ray
+
+    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING}
 
     if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
         # A cluster's workers get the raylet's environment, not this driver's: the test-only fault
         # hook (trainables.faults.FAULT_ENV) must travel in the job's runtime env.
         fault = os.environ.get(FAULT_ENV)
-        ray.init(log_to_driver=True, **({"runtime_env": {"env_vars": {FAULT_ENV: fault}}} if fault else {}))
+        ray.init(log_to_driver=True, **quiet, **({"runtime_env": {"env_vars": {FAULT_ENV: fault}}} if fault else {}))
     else:  # embedded: a local Ray bound to 127.0.0.1, workers importing this checkout
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet,
                  runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
     total = ray.cluster_resources()
     if cpus_per_trial > total.get("CPU", 0) or gpus_per_trial > total.get("GPU", 0):
@@ -260,6 +269,7 @@ class StudyPlan:
         val: the validation images every search trial is scored on (`cfg.n_eval` of the train split,
             `atop.data.carve_validation`: the same for every trial, seed and later study).
         test: the whole test split; only the confirm stage scores on it.
+        optuna_storage: the Optuna database URL as used (password included; never printed or saved).
         references: `--enqueue FILE`'s configurations, put at the head of the study (once).
         pretrained: `--pretrained DIR` (kept in study.json: a resumed study uses the same weights).
         resume: continue the study in `folder` instead of creating it.
@@ -275,13 +285,15 @@ class StudyPlan:
     pool: Split
     val: Split
     test: Split
+    optuna_storage: str = ""
     references: tuple[Reference, ...] = ()
     pretrained: str | None = None
     resume: bool = False
+    verbose: bool = False
 
     @property
     def optuna_url(self) -> str:
-        return f"sqlite:///{self.folder / 'optuna.db'}"
+        return self.optuna_storage or f"sqlite:///{self.folder / 'optuna.db'}"
 
     @property
     def spool_dir(self) -> Path:
@@ -315,12 +327,15 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
         raise StudyError(f"--study-name {name!r} is invalid; accepted: letters, digits, '.', '_', '-' (max 100)")
     folder = storage_path / name
     pretrained = str(Path(args.pretrained).expanduser().resolve()) if args.pretrained else None
+    optuna_given = args.optuna_storage or os.environ.get(optuna_storage.ENV)
     if args.resume:
-        settings, mlflow_uri, data_dir, saved_pretrained = _resumed_settings(args, name, storage_path,
-                                                                             folder / STUDY_FILE)
-        if pretrained and pretrained != saved_pretrained:
-            raise StudyError(f"--resume cannot change --pretrained of study {name!r} (it uses {saved_pretrained})")
-        pretrained = saved_pretrained
+        saved = _saved_study(name, storage_path, folder / STUDY_FILE)
+        settings, mlflow_uri, data_dir = _resumed_settings(args, name, saved)
+        if pretrained and pretrained != saved.get("pretrained"):
+            raise StudyError(f"--resume cannot change --pretrained of study {name!r} (it uses {saved.get('pretrained')})")
+        pretrained = saved.get("pretrained")
+        _check_same_space(name, settings.space, saved.get("space_fingerprint"))
+        optuna_given = optuna_given or _saved_optuna_storage(name, saved)
     else:
         if folder.exists():
             raise StudyError(f"study folder {str(folder)!r} exists; pass --resume to continue it or another --study-name")
@@ -329,8 +344,13 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
         data_dir = str(resolve_data_dir(args.data_dir)) if args.data_dir else None
         if args.data_dir:
             data_dir = str(Path(args.data_dir).expanduser().resolve())
+    optuna_url = optuna_storage.resolve(optuna_given) if optuna_given else ""
+    if optuna_url:
+        optuna_storage.check(optuna_url)
     if args.mlflow_uri or args.resume:
         check_mlflow_uri(mlflow_uri)
+    if not args.resume:
+        _check_new_name(name, mlflow_uri if args.mlflow_uri else None, optuna_url or None)
     cfg = settings.base_config()
     train, test = load_data(cfg, data_dir or args.data_dir)
     try:
@@ -350,15 +370,49 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else storage_path / CACHE_DIR
     return StudyPlan(settings=settings, name=name, folder=folder, pretrained_cache=cache, mlflow_uri=mlflow_uri,
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
-                     references=tuple(references), pretrained=pretrained, resume=bool(args.resume))
+                     optuna_storage=optuna_url, references=tuple(references), pretrained=pretrained,
+                     resume=bool(args.resume), verbose=bool(args.verbose))
 
 
-def _resumed_settings(args: argparse.Namespace, name: str, storage_path: Path,
-                      saved_file: Path) -> tuple[StudySettings, str, str | None, str | None]:
-    """(settings, MLflow URI, data dir, --pretrained) of a study to resume: saved ones, some flags over them."""
+def _saved_study(name: str, storage_path: Path, saved_file: Path) -> dict[str, Any]:
+    """The study.json of a study to resume."""
     if not saved_file.is_file():
         raise StudyError(f"--resume: no study {name!r} in {storage_path} ({saved_file} is missing)")
-    saved = json.loads(saved_file.read_text())
+    return json.loads(saved_file.read_text())
+
+
+def _check_same_space(name: str, space: str, saved_fingerprint: str | None) -> None:
+    """Refuse to resume a study whose search space changed since it started (mixed trials)."""
+    now = fingerprint(SPACES[space])
+    if saved_fingerprint and saved_fingerprint != now:
+        raise StudyError(f"--resume: space {space!r} changed since study {name!r} started (fingerprint "
+                         f"{saved_fingerprint}, now {now}); resume with the code it started with, or start a "
+                         "new study")
+
+
+def _saved_optuna_storage(name: str, saved: dict[str, Any]) -> str | None:
+    url = saved.get("optuna_storage")
+    if url and "***" in url:
+        raise StudyError(f"--resume: study {name!r} keeps its trials in {url}; pass --optuna-storage (or "
+                         f"${optuna_storage.ENV}) with the password")
+    return url
+
+
+def _check_new_name(name: str, mlflow_uri: str | None, optuna_url: str | None) -> None:
+    """A new study must not land in an existing MLflow experiment or Optuna study of the same name."""
+    if mlflow_uri and mlflow_log.client(mlflow_uri).get_experiment_by_name(name) is not None:
+        raise StudyError(f"--study-name {name!r}: MLflow at {mlflow_uri} already has an experiment {name!r}; "
+                         "pass --resume to continue it, or another --study-name")
+    if optuna_url:
+        import optuna
+
+        if name in optuna.study.get_all_study_names(storage=optuna_url):
+            raise StudyError(f"--study-name {name!r}: {optuna_storage.public(optuna_url)} already holds an Optuna "
+                             f"study {name!r}; pass --resume to continue it, or another --study-name")
+
+
+def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]) -> tuple[StudySettings, str, str | None]:
+    """(settings, MLflow URI, data dir) of a study to resume: saved ones, some flags over them."""
     settings = StudySettings(**saved["settings"])
     explicit = resolve_settings(args) if (args.preset or args.config) else None
     for key in SHAPING:
@@ -373,8 +427,7 @@ def _resumed_settings(args: argparse.Namespace, name: str, storage_path: Path,
             raise StudyError(f"--resume cannot change --{flag} of study {name!r}")
     settings = merge(settings, override, "the command line")
     settings.validate()
-    return (settings, args.mlflow_uri or saved["mlflow_uri"], args.data_dir or saved.get("data_dir"),
-            saved.get("pretrained"))
+    return settings, args.mlflow_uri or saved["mlflow_uri"], args.data_dir or saved.get("data_dir")
 
 
 def run(plan: StudyPlan) -> int:
@@ -384,7 +437,7 @@ def run(plan: StudyPlan) -> int:
     # a study checkpoints every trial every epoch by design; Tune's sync warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not plan.resume:  # a cluster too small for one trial fails before the study folder exists
-        init_ray(plan.settings.cpus, plan.settings.gpus)
+        init_ray(plan.settings.cpus, plan.settings.gpus, plan.verbose)
     opened = open_study(plan)
     finished = finished_count(opened.study)
     remaining = plan.settings.num_trials - finished
@@ -394,14 +447,14 @@ def run(plan: StudyPlan) -> int:
     ctx = None
     if remaining > 0:  # a resume with nothing left to run starts no Ray
         if plan.resume:
-            init_ray(s.cpus, s.gpus)
+            init_ray(s.cpus, s.gpus, plan.verbose)
         ctx = shared_context(plan, opened)
         search(plan, opened, ctx, remaining)
-    confirmed = None
+    confirmed, confirmed_now = None, False
     if s.confirm:
-        confirmed = confirm(plan, opened, ctx)
+        confirmed, confirmed_now = confirm(plan, opened, ctx)
     settle(plan)
-    report(plan, opened, time.time() - started, confirmed)
+    report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now)
     return 0
 
 
@@ -420,9 +473,11 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     try:
         atomic_write_text(folder / STUDY_FILE, json.dumps(
             {"settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir,
-             "validation": plan.validation_record, "pretrained": plan.pretrained}, indent=2))
+             "validation": plan.validation_record, "pretrained": plan.pretrained,
+             "space_fingerprint": fingerprint(SPACES[settings.space]),
+             "optuna_storage": optuna_storage.public(plan.optuna_url)}, indent=2))
         storage = optuna.storages.RDBStorage(plan.optuna_url)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.INFO if plan.verbose else optuna.logging.WARNING)
         n_existing = len(optuna.load_study(study_name=name, storage=storage).trials) if plan.resume else 0
         study = optuna.create_study(study_name=name, storage=storage, directions=list(DIRECTIONS),
                                     load_if_exists=True, sampler=make_sampler(
@@ -507,8 +562,12 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
     tuner.fit()
 
 
-def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> list[Any]:
-    """Fine-tune the front's configurations again on new seeds and score them on test (`study.confirm`)."""
+def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tuple[list[Any], bool]:
+    """Fine-tune the front's configurations again on new seeds and score them on test (`study.confirm`).
+
+    Returns:
+        (every confirmed configuration's outcome, whether any confirm trial ran now).
+    """
     from ray import tune
 
     from study.confirm import load_state, run_confirm, targets
@@ -518,7 +577,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> lis
     base = s.confirm_base()
     pending = [t for t in targets(opened.study, s.confirm_top) if t.number not in load_state(plan.folder)]
     if pending and ctx is None:  # a resumed study whose search was done: start Ray for the confirm trials
-        init_ray(s.cpus, s.gpus)
+        init_ray(s.cpus, s.gpus, plan.verbose)
         ctx = shared_context(plan, opened)
 
     def fit(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -538,11 +597,12 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> lis
         by_run = {r.config["job"]["run_id"]: (r.metrics or {}) if r.error is None else {} for r in tuner.fit()}
         return [by_run.get(j["run_id"], {}) for j in jobs]
 
-    return run_confirm(study=opened.study, base=plan.cfg, overrides=s.confirm_config, top=s.confirm_top,
-                       seeds=s.confirm_seeds, folder=plan.folder, uri=plan.mlflow_uri,
-                       experiment_id=opened.experiment_id, parent_id=opened.parent_id,
-                       tags=ctx.tags if ctx else opened.tags, fit=fit,
-                       note=eval_level_note(base.eval_level.value, LEVELS[base.eval_level]))
+    confirmed = run_confirm(study=opened.study, base=plan.cfg, overrides=s.confirm_config, top=s.confirm_top,
+                            seeds=s.confirm_seeds, folder=plan.folder, uri=plan.mlflow_uri,
+                            experiment_id=opened.experiment_id, parent_id=opened.parent_id,
+                            tags=ctx.tags if ctx else opened.tags, fit=fit,
+                            note=eval_level_note(base.eval_level.value, LEVELS[base.eval_level]))
+    return confirmed, bool(pending)
 
 
 def settle(plan: StudyPlan) -> None:
@@ -556,9 +616,10 @@ def _say_unsent(plan: StudyPlan, unsent: int) -> None:
               f"python -m tracking upload {plan.spool_dir}/*.jsonl --mlflow-uri {plan.mlflow_uri}", flush=True)
 
 
-def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[Any] | None) -> None:
+def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[Any] | None, ran: bool = True) -> None:
     """Print the Pareto table (validation), the confirm table (test; None: --no-confirm) and the
-    study's whereabouts; log the table and counts to the parent run.
+    study's whereabouts; log the table and counts to the parent run where this driver ran anything
+    (`ran`; a resume with nothing left to run leaves the parent run's figures alone).
 
     The parent run's calls go through a spool like a trial's, so an MLflow server down at the very
     end leaves them in `spool/driver-study.jsonl` (replayed by `python -m tracking upload`).
@@ -579,14 +640,16 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
         print("\nno confirm stage (--no-confirm): the figures above are validation figures, not test figures")
     c = counts(study)
     log = mlflow_log.RunLogger(uri, opened.parent_id, plan.spool_dir / "driver-study.jsonl")
-    log.log_artifact(atomic_write_text(folder / PARETO_ARTIFACT, table + "\n"))
-    log.log_metrics({**{TRIAL_COUNT_METRIC.format(state=k): c[k] for k in ("complete", "pruned", "fail")},
-                     DRIVER_WALL_S: wall_s}, step=0)
+    if ran:
+        log.log_artifact(atomic_write_text(folder / PARETO_ARTIFACT, table + "\n"))
+        log.log_metrics({**{TRIAL_COUNT_METRIC.format(state=k): c[k] for k in ("complete", "pruned", "fail")},
+                         DRIVER_WALL_S: wall_s}, step=0)
     log.set_status("FINISHED")
     _say_unsent(plan, log.pending)
-    print(f"\ntrials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed; driver wall time {wall_s:.0f} s")
+    print(f"\ntrials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed"
+          + (f"; driver wall time {wall_s:.0f} s" if ran else "; nothing left to run (the study's figures unchanged)"))
     print(f"MLflow: {uri}  experiment {name!r}  parent run {opened.parent_id}")
-    print(f"study folder: {folder}  (Optuna: {plan.optuna_url})")
+    print(f"study folder: {folder}  (Optuna: {optuna_storage.public(plan.optuna_url)})")
     if uri.startswith("sqlite:"):
         print(f"browse: mlflow ui --backend-store-uri {uri}")
     print(f"analyse: python -m analysis --mlflow-uri {uri} --experiment {name} --out {folder / 'analysis'}")

@@ -22,6 +22,9 @@ CASES = {
     "no configuration to confirm": (["--confirm-top", "0"], ["--confirm-top", "0", ">= 1", "--no-confirm"]),
     "no confirm seed": (["--confirm-seeds", "0"], ["--confirm-seeds", "0", ">= 1"]),
     "more validation images than the train split": (["--config", "{tmp}/v.yaml"], ["n_eval", "60000"]),
+    "unreachable optuna storage": (["--optuna-storage", f"postgresql://atop@127.0.0.1:{free_port()}/optuna"],
+                                   ["--optuna-storage", "127.0.0.1", "unreachable"]),
+    "optuna storage of another kind": (["--optuna-storage", "redis://127.0.0.1/0"], ["'redis'", "postgresql"]),
     "enqueue: unknown parameter": (["--enqueue", "{tmp}/e1.yaml"], ["e1.yaml", "'lamda'", "accepted", "lambda_ce"]),
     "enqueue: value outside the space": (["--enqueue", "{tmp}/e2.yaml"], ["e2.yaml", "'rt9'", "rt1, rt2, rt3"]),
     "enqueue: more references than trials": (["--enqueue", "{tmp}/e3.yaml", "--num-trials", "1"],
@@ -107,3 +110,26 @@ def test_searched_key_in_config_is_refused(tmp_path):
     (tmp_path / "c.json").write_text('{"config": {"lambda_ce": 0.3}}')
     done = run_study(["--config", str(tmp_path / "c.json"), "--space", "paper"], storage)
     assert done.returncode == 2 and "lambda_ce" in done.stderr and "searched" in done.stderr
+
+
+def test_a_new_study_never_joins_an_existing_experiment_or_a_changed_space(tmp_path):
+    import json
+
+    from tracking import mlflow_log
+
+    storage = tmp_path / "studies"
+    storage.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_log.ensure_experiment(uri, "bad")
+    done = run_study(["--mlflow-uri", uri], storage)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "already has an experiment 'bad'" in done.stderr and "--resume" in done.stderr
+    assert list(storage.iterdir()) == []
+
+    folder = storage / "bad"
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps({"settings": {"space": "tiny"}, "mlflow_uri": uri,
+                                                    "space_fingerprint": "0123456789abcdef"}))
+    done = run_study(["--resume"], storage)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "space 'tiny' changed since study 'bad' started (fingerprint 0123456789abcdef" in done.stderr
