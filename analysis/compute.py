@@ -95,7 +95,8 @@ def exclusion_reason(row: dict, objectives: Sequence[Objective]) -> str | None:
     """Why one run (a row of the runs table) is left out of the fronts, or None if it is kept.
 
     Kept: a search trial run (tag ``atop.role=trial``), FINISHED, not stopped early by the
-    scheduler, with a finite final value of every objective. The study's parent run and the
+    scheduler, meeting every ``--constraint`` (no tag ``atop.infeasible``), with a finite final
+    value of every objective. The study's parent run and the
     confirm stage's runs (roles ``confirm``, ``confirm_seed``: scored on test images) never are.
     """
     role = row.get("role")
@@ -107,6 +108,8 @@ def exclusion_reason(row: dict, objectives: Sequence[Objective]) -> str | None:
         return f"status {row['status']}"
     if row.get("stopped"):
         return "stopped early"
+    if row.get("infeasible"):
+        return f"broke --constraint {row['infeasible']}"
     values = [row.get(f"final.{o.name}") for o in objectives]
     if any(v is None or not np.isfinite(v) for v in values):
         return "missing objective metric"

@@ -7,7 +7,8 @@ Columns of the table (also those of ``runs.parquet``):
   ``atop.space``), ``stopped`` (tag ``atop.stopped`` == ``true``);
 - the confirm stage's tags (null when absent): ``stage`` (``atop.stage``), ``eval_level``
   (``atop.eval_level``), ``confirm_of`` (``atop.confirm_of``, int64), ``confirm_of_run``,
-  ``reference``, ``audit`` (``atop.confirm_of_run``, ``atop.reference``, ``atop.audit``);
+  ``reference``, ``audit`` (``atop.confirm_of_run``, ``atop.reference``, ``atop.audit``),
+  ``infeasible`` (``atop.infeasible``: the ``--constraint`` bounds a trial broke);
 - ``start_time``, ``end_time`` (UTC timestamps, ms), ``duration_s`` (float, null while running);
 - ``params.<name>``: every param any run logged, as the logged string (null when a run lacks it);
 - ``final.<metric>``: the value at the largest step (MLflow's latest value);
@@ -31,6 +32,7 @@ from tracking.contract import (
     CONFIRM_OF_RUN_TAG,
     CONFIRM_OF_TAG,
     EVAL_LEVEL_TAG,
+    INFEASIBLE_TAG,
     REFERENCE_TAG,
     ROLE_TAG,
     SPACE_TAG,
@@ -47,6 +49,7 @@ TEXT_TAGS = {
     "confirm_of_run": CONFIRM_OF_RUN_TAG,
     "reference": REFERENCE_TAG,
     "audit": AUDIT_TAG,
+    "infeasible": INFEASIBLE_TAG,
 }
 from tracking.uri import TrackingURIError, check_tracking_uri
 

@@ -53,6 +53,7 @@ from atop.evaluate import LEVELS
 from atop.io import atomic_write_text
 from search_spaces import SPACES, fingerprint
 from study import optuna_storage
+from study.constraints import infeasible
 from study.enqueue import Reference, enqueue_references, read_enqueue
 from study.pretrained import check_pretrained, pretrain_once
 from study.resume import counts, finished_count, settle_interrupted
@@ -76,6 +77,7 @@ from tracking.contract import (
     DRIVER_WALL_S,
     ERROR_TAG,
     EVAL_LEVEL_TAG,
+    INFEASIBLE_TAG,
     OBJECTIVES,
     OPTUNA_STATE_TAG,
     PARETO_ARTIFACT,
@@ -100,7 +102,7 @@ from trainables.faults import FAULT_ENV
 #: the pre-training cache's folder under --storage-path (a study name cannot start with a dot)
 CACHE_DIR = ".pretrained-cache"
 #: flags that shape the study itself; on --resume they must match what the study was started with
-SHAPING = ("space", "sampler", "population_size", "config", "pretrain")
+SHAPING = ("space", "sampler", "population_size", "config", "pretrain", "constraints")
 #: flags a resumed study may change besides the trial count and resources
 SCHEDULING = ("scheduler", "grace_period", "reduction_factor", "confirm_top", "confirm_seeds")
 STUDY_FILE = "study.json"
@@ -131,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default="studies", help="parent folder of study folders (default ./studies)")
     p.add_argument("--pretrained-cache", help="folder of cached pre-trained weights, shared by studies with the "
                    "same pre-training settings, data and code (default <storage-path>/.pretrained-cache)")
+    p.add_argument("--constraint", action="append", metavar="OBJ>=X", help="a bound a configuration must meet, "
+                   "e.g. clean_acc>=0.7 (repeatable); breaking trials are kept but never on the front")
     p.add_argument("--confirm-top", type=int, help="after the search, confirm up to K Pareto-optimal configurations "
                    "(spread over the front) on test images (default 3)")
     p.add_argument("--confirm-seeds", type=int, help="new fine-tuning seeds per confirmed configuration (default 2)")
@@ -159,6 +163,8 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
         flags["config"] = config
     if args.no_confirm:
         flags["confirm"] = False
+    if args.constraint:
+        flags["constraints"] = list(args.constraint)
     settings = merge(settings, flags, "the command line")
     settings.validate()
     return settings
@@ -422,7 +428,7 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
                                                               "max_failures", *SCHEDULING) if getattr(args, k) is not None}
     if args.no_confirm:
         override["confirm"] = False
-    for flag in ("space", "sampler", "dataset", "epochs", "seed"):
+    for flag in ("space", "sampler", "dataset", "epochs", "seed", "constraint"):
         if getattr(args, flag) is not None:
             raise StudyError(f"--resume cannot change --{flag} of study {name!r}")
     settings = merge(settings, override, "the command line")
@@ -527,6 +533,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
 
     settings, uri, study = plan.settings, plan.mlflow_uri, opened.study
     space = SPACES[settings.space]
+    constraints = settings.parsed_constraints()
 
     def new_run(number: int) -> str | None:
         reference = study.trials[number].user_attrs.get(ATTR_REFERENCE)
@@ -539,6 +546,9 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
             return
         log = mlflow_log.RunLogger(uri, run_id, plan.spool_dir / f"driver-{number:04d}.jsonl")
         extra = {OPTUNA_STATE_TAG: state.name}
+        broken = [str(c) for c in constraints if not summary.failed and c.violation(summary.values) > 0]
+        if broken and state.name == "COMPLETE":
+            extra[INFEASIBLE_TAG] = ",".join(broken)
         if summary.failed:
             extra[ERROR_TAG] = mlflow_log.failure_message(uri, run_id, summary.error)
         if state.name == "PRUNED":
@@ -546,7 +556,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
         log.set_tags(extra)
         log.set_status("FAILED" if state.name == "FAIL" else "FINISHED")
 
-    searcher = AskTellSearcher(study, space, plan.cfg, n_trials, new_run, settle_run)
+    searcher = AskTellSearcher(study, space, plan.cfg, n_trials, new_run, settle_run, constraints)
     trainable = tune.with_resources(tune.with_parameters(train_atop, ctx=ctx),
                                     {"cpu": settings.cpus, "gpu": settings.gpus})
     tuner = tune.Tuner(
@@ -646,6 +656,10 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
                          DRIVER_WALL_S: wall_s}, step=0)
     log.set_status("FINISHED")
     _say_unsent(plan, log.pending)
+    broke = [t.number for t in study.trials if t.state.name == "COMPLETE" and infeasible(t)]
+    if broke:
+        print(f"\n{len(broke)} complete trial(s) broke a --constraint ({', '.join(plan.settings.constraints)}) "
+              f"and are kept off the front: {broke}")
     print(f"\ntrials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed"
           + (f"; driver wall time {wall_s:.0f} s" if ran else "; nothing left to run (the study's figures unchanged)"))
     print(f"MLflow: {uri}  experiment {name!r}  parent run {opened.parent_id}")

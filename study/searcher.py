@@ -8,7 +8,7 @@ config with the Optuna trial number.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +18,7 @@ from ray.tune.search import Searcher
 
 from atop.config import Config, ConfigError
 from search_spaces import Space
+from study.constraints import Constraint
 from tracking.contract import (
     ATTR_ERROR,
     ATTR_INTERVALS,
@@ -44,13 +45,14 @@ class AskTellSearcher(Searcher):
         n_trials: how many trials to ask for in this run of the driver.
         new_run: trial number -> MLflow child run id (created by the driver).
         settle: called once per finished trial with its final Optuna state.
+        constraints: `--constraint`s, set on each COMPLETE trial before it is told.
     """
 
     def __init__(self, study: optuna.Study, space: Space, base: Config, n_trials: int,
-                 new_run: Callable[[int], str | None], settle: Settle):
+                 new_run: Callable[[int], str | None], settle: Settle, constraints: Sequence[Constraint] = ()):
         super().__init__(metric=None, mode=None)
         self.study, self.space, self.base, self.n_trials = study, space, base.to_dict(), n_trials
-        self.new_run, self.settle = new_run, settle
+        self.new_run, self.settle, self.constraints = new_run, settle, tuple(constraints)
         self.asked = 0
         self.live: dict[str, tuple[optuna.Trial, int]] = {}  # tune trial id -> (optuna trial, epochs)
         self.last: dict[str, dict[str, Any]] = {}
@@ -103,6 +105,8 @@ class AskTellSearcher(Searcher):
         else:
             state = TrialState.COMPLETE
             trial.set_user_attr(ATTR_INTERVALS, {k: list(v) for k, v in summary.intervals.items()})
+            for c in self.constraints:  # Optuna keeps a trial with a value > 0 off the front
+                trial.set_constraint(str(c), c.violation(summary.values))
             self.study.tell(trial, list(summary.values))
         number = trial.number
         self.settle(number, state, summary)

@@ -56,6 +56,7 @@ class StudySettings:
     scheduler: str = "none"  # "mo-asha": stop dominated trials at rungs (study/scheduler.py)
     grace_period: int = 1  # mo-asha: first rung, in epochs
     reduction_factor: int = 3  # mo-asha: about 1 in reduction_factor trials passes each rung
+    constraints: list[str] = field(default_factory=list)  # `--constraint`s (study/constraints.py)
     confirm: bool = True  # after the search, confirm its front on test images (study/confirm.py)
     confirm_top: int = 3  # Pareto-optimal configurations to confirm (spread over the front)
     confirm_seeds: int = 2  # new fine-tuning seeds per confirmed configuration
@@ -83,6 +84,7 @@ class StudySettings:
             raise StudyError(f"--gpus {self.gpus!r} is out of range; accepted: a number >= 0")
         self.pretrain_settings()
         self.confirm_base()
+        self.parsed_constraints()
         epochs = self.base_config().epochs
         if self.scheduler == "mo-asha" and self.grace_period >= epochs:
             raise StudyError(f"--grace-period {self.grace_period} leaves no rung before the last epoch ({epochs}); "
@@ -109,6 +111,14 @@ class StudySettings:
             return Config.from_dict({**space.fixed, **self.config})
         except ConfigError as exc:
             raise StudyError(str(exc)) from None
+
+    def parsed_constraints(self) -> tuple[Any, ...]:
+        """`constraints` as `study.constraints.Constraint`s (a bad one: `StudyError`)."""
+        from study.constraints import parse
+
+        if not isinstance(self.constraints, list):
+            raise StudyError(f"constraints {self.constraints!r} is not a list; accepted: a list of OBJECTIVE>=NUMBER")
+        return parse(self.constraints)
 
     def confirm_base(self) -> Config:
         """The config of confirm trials before a trial's params: `base_config()` with `confirm_config`."""

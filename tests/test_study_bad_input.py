@@ -25,6 +25,7 @@ CASES = {
     "unreachable optuna storage": (["--optuna-storage", f"postgresql://atop@127.0.0.1:{free_port()}/optuna"],
                                    ["--optuna-storage", "127.0.0.1", "unreachable"]),
     "optuna storage of another kind": (["--optuna-storage", "redis://127.0.0.1/0"], ["'redis'", "postgresql"]),
+    "constraint on an unknown metric": (["--constraint", "unknown_metric>=1"], ["'unknown_metric'", "clean_acc"]),
     "enqueue: unknown parameter": (["--enqueue", "{tmp}/e1.yaml"], ["e1.yaml", "'lamda'", "accepted", "lambda_ce"]),
     "enqueue: value outside the space": (["--enqueue", "{tmp}/e2.yaml"], ["e2.yaml", "'rt9'", "rt1, rt2, rt3"]),
     "enqueue: more references than trials": (["--enqueue", "{tmp}/e3.yaml", "--num-trials", "1"],

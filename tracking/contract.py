@@ -97,6 +97,8 @@ REFERENCE_TAG: Final = "atop.reference"
 #: on `confirm` runs: the gradient-masking audit's verdict over its seeds ("no flags", "flags: a, b",
 #: or "not audited")
 AUDIT_TAG: Final = "atop.audit"
+#: on a trial that broke a `--constraint`: the bounds it broke (kept, never on the front)
+INFEASIBLE_TAG: Final = "atop.infeasible"
 #: MLflow run statuses that end a run
 TERMINAL_STATUSES: Final = ("FINISHED", "FAILED", "KILLED")
 
