@@ -3,7 +3,8 @@
 Layout (see docs/CHECKPOINTS.md):
     format: "atop-checkpoint", version: 1, kind: "classifier" | "purifier" | "defense"
     config: Config.to_dict()                 (the run that produced the file)
-    classifier: {"name", "num_classes", "state_dict"}  or  classifier_ref: {"path", "sha256"}
+    classifier: {"name", "num_classes", "state_dict"}
+        or classifier_ref: {"sha256", "name", "num_classes", "size"[, "path"]}   (see `classifier_reference`)
     purifier: {"name", "width", "state_dict"}, discriminator: {"state_dict"}   (purifier, defense)
     optimizers: {name: state_dict}, epoch: int, metrics: {name: float}
 Writes go to a temporary file in the same folder and are renamed into place, so a crash mid-write
@@ -16,6 +17,7 @@ import io
 import os
 import pickle
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,9 @@ FORMAT, VERSION = "atop-checkpoint", 1
 KINDS = ("classifier", "purifier", "defense")
 #: what a checkpoint argument accepts, for error messages
 ACCEPTED = f"an atop checkpoint file (format={FORMAT!r}, version {VERSION}; see docs/CHECKPOINTS.md)"
+#: the pre-training cache folder a study keeps in its storage path (study/run.py's CACHE_DIR): a
+#: referenced classifier is looked for in it, in every folder above the checkpoint
+STUDY_CACHE_DIR = ".pretrained-cache"
 
 
 class CheckpointError(ValueError):
@@ -40,15 +45,17 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike, *, kind: str, cfg: Config, classifier: nn.Module | None = None,
-                    classifier_ref: str | os.PathLike | None = None, purifier: nn.Module | None = None,
+                    classifier_ref: str | os.PathLike | Mapping[str, Any] | None = None,
+                    purifier: nn.Module | None = None,
                     discriminator: nn.Module | None = None, optimizers: dict[str, Any] | None = None,
                     epoch: int = 0, metrics: dict[str, float] | None = None) -> Path:
     """Write one checkpoint atomically.
 
     Args:
         kind: "classifier", "purifier" or "defense".
-        classifier_ref: instead of embedding the classifier, point to a classifier checkpoint
-            (stored relative to this file's folder, with its sha256, checked on load).
+        classifier_ref: instead of embedding the classifier, name a classifier checkpoint by its
+            sha256: its file (also kept as a path relative to this file's folder, a hint for loading)
+            or a `classifier_reference` (how a trial that holds the classifier as bytes names it).
     """
     if kind not in KINDS:
         raise CheckpointError(f"kind={kind!r} is unknown; accepted: {', '.join(KINDS)}")
@@ -58,9 +65,12 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, cfg: Config, classifi
     if classifier is not None:
         blob["classifier"] = {"name": cfg.classifier, "num_classes": DATASETS[cfg.dataset].num_classes,
                               "state_dict": _cpu_state(classifier)}
+    elif isinstance(classifier_ref, Mapping):
+        blob["classifier_ref"] = dict(classifier_ref)
     elif classifier_ref is not None:
-        ref = Path(classifier_ref).resolve()
-        blob["classifier_ref"] = {"path": os.path.relpath(ref, path.resolve().parent), "sha256": sha256(ref)}
+        target = Path(classifier_ref).resolve()
+        blob["classifier_ref"] = {**classifier_reference(target),
+                                  "path": os.path.relpath(target, path.resolve().parent)}
     if purifier is not None:
         blob["purifier"] = {"name": cfg.purifier, "width": cfg.purifier_width, "state_dict": _cpu_state(purifier)}
     if discriminator is not None:
@@ -142,18 +152,130 @@ def read_torch_file(source: Path | bytes, what: str, accepted: str) -> Any:
         raise CheckpointError(f"{label} does not load: {why}; expected {accepted}") from None
 
 
-def build_classifier(blob: dict[str, Any]) -> nn.Module:
-    """The classifier of a loaded checkpoint (embedded, or through its checked reference)."""
+def classifier_reference(source: str | os.PathLike | bytes, blob: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a defense checkpoint stores instead of its classifier: {sha256, name, num_classes, size}.
+
+    Args:
+        source: the classifier checkpoint, a file or its bytes (checked to be one).
+        blob: `load_checkpoint(source)`, where the caller has it already (saves a second read).
+    """
+    blob = blob if blob is not None else load_checkpoint(source, kind="classifier")
+    if blob["kind"] != "classifier":
+        raise CheckpointError(f"{blob['path']!r} holds a {blob['kind']!r} checkpoint; expected 'classifier'")
+    if isinstance(source, bytes):
+        digest, size = hashlib.sha256(source).hexdigest(), len(source)
+    else:
+        digest, size = sha256(source), Path(source).stat().st_size
+    entry = blob["classifier"]
+    return {"sha256": digest, "name": entry["name"], "num_classes": entry["num_classes"], "size": size}
+
+
+def build_classifier(blob: dict[str, Any], classifier: str | os.PathLike | bytes | None = None) -> nn.Module:
+    """The classifier of a loaded checkpoint: embedded, or the file its `classifier_ref` names.
+
+    Args:
+        classifier: where a referenced classifier is (a file, its bytes, or a folder to search);
+            default: `find_classifier`'s search beside the checkpoint and in the caches.
+    """
     if "classifier" not in blob and "classifier_ref" in blob:
-        ref = blob["classifier_ref"]
-        target = (Path(blob["path"]).resolve().parent / ref["path"]).resolve()
-        if target.is_file() and sha256(target) != ref["sha256"]:
-            raise CheckpointError(f"classifier {str(target)!r} referenced by {blob['path']!r} has changed (sha256 differs)")
-        return build_classifier(load_checkpoint(target, kind="classifier"))
+        return build_classifier(find_classifier(blob, classifier))
     if "classifier" not in blob:
         raise CheckpointError(f"{blob['path']!r} holds no classifier")
     entry = blob["classifier"]
     return _load_state(CLASSIFIERS[entry["name"]](entry["num_classes"]), entry["state_dict"], blob["path"], "classifier")
+
+
+def find_classifier(blob: dict[str, Any], classifier: str | os.PathLike | bytes | None = None) -> dict[str, Any]:
+    """The classifier checkpoint (loaded, checked) that a checkpoint's `classifier_ref` names by sha256.
+
+    Given `classifier` (a file or bytes: it must be the one; a folder: searched), only there.
+    Otherwise: the reference's relative path, the checkpoint's folder and every folder above it
+    (each also with its `STUDY_CACHE_DIR`, where a study keeps its pre-trained weights), then the
+    pre-training cache (`$ATOP_CACHE_DIR`). Only files of the referenced size are hashed.
+
+    Raises:
+        CheckpointError: no such file, or a given one of another sha256 (one line: the sha256
+            expected and where it looked).
+    """
+    ref, name = blob["classifier_ref"], blob["path"]
+    want = ref["sha256"]
+    details = [str(ref["name"])] if "name" in ref else []
+    details += [f"{ref['num_classes']} classes"] if "num_classes" in ref else []
+    what = f"classifier sha256 {want}" + (f" ({', '.join(details)})" if details else "")
+    if classifier is not None and (isinstance(classifier, bytes) or not Path(classifier).is_dir()):
+        return _given_classifier(classifier, want, f"{name!r} needs the {what}")
+    folders = [Path(classifier)] if classifier is not None else _search_folders(name)
+    hint = None if classifier is not None or "path" not in ref or name.startswith("<") \
+        else (Path(name).resolve().parent / ref["path"]).resolve()
+    changed = ""
+    for candidate in _candidates(hint, folders, ref.get("size"), given=classifier is not None):
+        if sha256(candidate) == want:
+            return load_checkpoint(candidate, kind="classifier")
+        if candidate == hint:
+            changed = f" ({str(hint)!r}, where it was, now has another sha256)"
+    where = _describe(folders, classifier is None)
+    raise CheckpointError(f"{name!r} needs the {what}, not found{changed}; looked in {where}; "
+                          "pass its file (load_defense(..., classifier=FILE); python -m atop.evaluate --classifier FILE)")
+
+
+def _given_classifier(classifier: str | os.PathLike | bytes, want: str, need: str) -> dict[str, Any]:
+    """A classifier file (or bytes) given for a reference: it must be the one, no search."""
+    if isinstance(classifier, bytes):
+        label, digest = "<classifier bytes>", hashlib.sha256(classifier).hexdigest()
+    elif not Path(classifier).is_file():
+        raise CheckpointError(f"classifier {str(classifier)!r} does not exist; {need}")
+    else:
+        label, digest = str(classifier), sha256(classifier)
+    if digest != want:
+        raise CheckpointError(f"classifier {label!r} has sha256 {digest}; {need}")
+    return load_checkpoint(classifier if isinstance(classifier, bytes) else Path(classifier), kind="classifier")
+
+
+def _search_folders(name: str) -> list[Path]:
+    """Where a referenced classifier is looked for when none is given (see `find_classifier`)."""
+    from atop.pretrained_cache import default_cache_dir  # it imports this module
+
+    folders: list[Path] = []
+    if not name.startswith("<"):  # a checkpoint read from bytes has no folder
+        for folder in (start := Path(name).resolve().parent, *start.parents):
+            folders += [folder, folder / STUDY_CACHE_DIR]
+    folders.append(default_cache_dir())
+    return list(dict.fromkeys(folders))
+
+
+def _candidates(hint: Path | None, folders: list[Path], size: int | None, given: bool) -> Iterator[Path]:
+    """The hint, then the `.pt` files of the referenced size in `folders` (of any size in a given
+    folder, for an old reference that records no size; in the default search, hashing every large
+    file above the checkpoint would be too slow)."""
+    seen: set[Path] = set()
+    if hint is not None and hint.is_file():
+        seen.add(hint)
+        yield hint
+    if size is None and not given:
+        return
+    for folder in folders:
+        try:
+            files = sorted(f for f in folder.iterdir() if f.suffix == ".pt")
+        except OSError:  # missing or unreadable folder: nothing there
+            continue
+        for f in files:
+            try:
+                if f not in seen and f.is_file() and size in (None, f.stat().st_size):
+                    seen.add(f)
+                    yield f
+            except OSError:
+                continue
+
+
+def _describe(folders: list[Path], searched: bool) -> str:
+    """Where `find_classifier` looked, in a few words (the folders above the checkpoint are many)."""
+    from atop.pretrained_cache import default_cache_dir
+
+    if not searched or len(folders) == 1:
+        return repr(str(folders[0]))
+    first, cache = folders[0], default_cache_dir()
+    return (f"{str(first)!r}, every folder above it and each one's {STUDY_CACHE_DIR}/, "
+            f"and the pre-training cache {str(cache)!r}")
 
 
 def build_purifier(blob: dict[str, Any]) -> tuple[nn.Module, nn.Module | None]:
@@ -168,11 +290,18 @@ def build_purifier(blob: dict[str, Any]) -> tuple[nn.Module, nn.Module | None]:
     return purifier, disc
 
 
-def load_defense(path: str | os.PathLike, device: str | torch.device = "cpu", seed: int = 0) -> Defense:
-    """The whole defense (RT -> purifier -> classifier) of a fine-tuning checkpoint, in eval mode."""
+def load_defense(path: str | os.PathLike, device: str | torch.device = "cpu", seed: int = 0,
+                 classifier: str | os.PathLike | bytes | None = None) -> Defense:
+    """The whole defense (RT -> purifier -> classifier) of a fine-tuning checkpoint, in eval mode.
+
+    Args:
+        classifier: where the classifier is, for a checkpoint that names it by sha256 (a study's
+            trials do): a file, its bytes or a folder; default: found as `find_classifier` says.
+    """
     blob = load_checkpoint(path, kind="defense")
     purifier, _ = build_purifier(blob)
-    defense = Defense(RandomTransform.from_config(blob["config"]), purifier, build_classifier(blob), seed=seed)
+    defense = Defense(RandomTransform.from_config(blob["config"]), purifier, build_classifier(blob, classifier),
+                      seed=seed)
     return defense.to(device).eval()
 
 
@@ -206,8 +335,11 @@ def _check_layout(blob: dict[str, Any], name: str) -> None:
         state_dict("classifier", entry.get("state_dict"))
     elif "classifier_ref" in blob:
         ref = blob["classifier_ref"]
-        if not (isinstance(ref, dict) and isinstance(ref.get("path"), str) and isinstance(ref.get("sha256"), str)):
-            raise refuse("classifier_ref", "{path, sha256} strings")
+        wanted = {"sha256": str, "path": str, "name": str, "num_classes": int, "size": int}
+        if not (isinstance(ref, dict) and isinstance(ref.get("sha256"), str)
+                and all(isinstance(ref[k], t) for k, t in wanted.items() if k in ref)
+                and ("path" in ref or "size" in ref)):
+            raise refuse("classifier_ref", "{sha256, name, num_classes, size} (or {path, sha256})")
     if "purifier" in blob:
         entry = blob["purifier"]
         if not isinstance(entry, dict) or entry.get("name") not in PURIFIERS:

@@ -253,6 +253,8 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m atop.evaluate",
                                 description="Evaluate a fine-tuned defense checkpoint against adaptive attacks.")
     p.add_argument("--checkpoint", required=True, help="defense checkpoint (kind 'defense')")
+    p.add_argument("--classifier", help="the classifier checkpoint (file or folder) that a study trial's checkpoint "
+                   "names by sha256 (default: searched beside it and in the caches; docs/CHECKPOINTS.md)")
     p.add_argument("--level", default="full", choices=[lv.value for lv in EvalLevel])
     p.add_argument("--n-images", type=int, default=None, help="first N test images (default: the config's n_eval)")
     p.add_argument("--out", required=True, help="folder to create with eval.json and per_image.parquet")
@@ -301,7 +303,7 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[s
     cfg = blob["config"].replace(**changes)
     data = load_split(cfg.dataset, "test", args.data_dir)
     data = subset(data, args.n_images if args.n_images is not None else cfg.n_eval)
-    defense = load_defense(args.checkpoint, device=args.device, seed=cfg.seed)
+    defense = load_defense(args.checkpoint, device=args.device, seed=cfg.seed, classifier=args.classifier)
     return defense, data, cfg, extra, out
 
 

@@ -12,6 +12,13 @@ MLflow run. Failures that a retry cannot fix (NaN loss, bad config, bad checkpoi
 with a result carrying `atop_failed=1` and `atop_error` instead of raising, so Tune does not retry
 them; anything else raises and is retried from the last checkpoint.
 
+Checkpoints and the final `defense.pt` name the frozen classifier by sha256 (`classifier_ref`)
+instead of holding it: the study stores it once, in its pre-training cache, where
+`atop.load_defense` finds it (see docs/CHECKPOINTS.md).
+
+GPUs: a fractional `gpus_per_trial` caps the trial process's CUDA memory to that fraction; asking
+for a GPU on a node without CUDA, and running out of CUDA memory, are permanent failures.
+
 The names exchanged with the driver and MLflow are in `tracking.contract`; the artifacts are made
 by `atop.artifacts`, the test-only fault hook is `trainables.faults`.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +40,7 @@ from atop.checkpoint import (
     CheckpointError,
     build_classifier,
     build_purifier,
+    classifier_reference,
     load_checkpoint,
     save_checkpoint,
 )
@@ -62,8 +71,14 @@ from tracking.contract import (
 from tracking.mlflow_log import RunLogger, quiet_http
 from trainables.faults import FaultPlan
 
-#: errors a retry cannot fix: reported as a failed result, not raised (no Tune retry)
-PERMANENT = (FloatingPointError, ConfigError, CheckpointError)
+
+class DeviceError(RuntimeError):
+    """A trial asked for a GPU on a node where CUDA is not available; one-line message."""
+
+
+#: errors a retry cannot fix: reported as a failed result, not raised (no Tune retry). A CUDA
+#: out-of-memory error comes back on every retry of the same batch size and GPU share.
+PERMANENT = (FloatingPointError, ConfigError, CheckpointError, DeviceError, torch.cuda.OutOfMemoryError)
 DEFENSE_FILE, STATE_FILE = "defense.pt", "trainer_state.pt"
 PER_EXAMPLE_FILE, GRID_FILE = "per_example.parquet", "images.png"
 #: keys of a confirm trial's last result: per-image rates (JSON) and the audit's flags
@@ -100,8 +115,48 @@ def split_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     return Config.from_dict({k: v for k, v in config.items() if k not in TRIAL_KEYS}), reserved
 
 
+def select_device(gpus: float, *, cuda_available: bool) -> torch.device:
+    """CUDA for a trial given a GPU (or a share of one), else the CPU.
+
+    Raises:
+        DeviceError: `gpus > 0` on a node without CUDA (a silent CPU run would be far slower and
+            report a GPU it never had).
+    """
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not cuda_available:
+        raise DeviceError(f"gpus_per_trial={gpus} but CUDA is not available on node {platform.node()!r} "
+                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                          "run the study with --gpus 0 or on GPU nodes")
+    return torch.device("cuda")
+
+
+def memory_fraction(gpus: float) -> float | None:
+    """The share of its GPU's memory a trial may take: its share of the GPU below one GPU, else none
+    (no cap). Ray shares a GPU by bookkeeping only; the cap keeps one trial from starving the others."""
+    return float(gpus) if 0 < gpus < 1 else None
+
+
+def failure_message(exc: BaseException, cfg: Config, gpus: float) -> str:
+    """The one-line `atop_error` of a permanent failure; a CUDA out-of-memory error names the batch
+    size and the GPU share, the two settings that fix it."""
+    if not isinstance(exc, torch.cuda.OutOfMemoryError):
+        return f"{type(exc).__name__}: {exc}"
+    fraction = memory_fraction(gpus)
+    share = f"capped to {fraction:g} of the GPU's memory (gpus_per_trial={gpus})" if fraction is not None \
+        else f"gpus_per_trial={gpus}, no memory cap"
+    asked = re.search(r"Tried to allocate [\d.]+ \w+", str(exc))
+    return (f"OutOfMemoryError: CUDA out of memory at batch_size={cfg.batch_size} ({share})"
+            f"{'; ' + asked.group(0) if asked else ''}; lower batch_size or give each trial more of a GPU (--gpus)")
+
+
 def _device(ctx: StudyContext) -> torch.device:
-    return torch.device("cuda" if ctx.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+    """The trial's device, its CUDA memory capped to its GPU share (see `memory_fraction`)."""
+    device = select_device(ctx.gpus_per_trial, cuda_available=torch.cuda.is_available())
+    fraction = memory_fraction(ctx.gpus_per_trial)
+    if device.type == "cuda" and fraction is not None:
+        torch.cuda.set_per_process_memory_fraction(fraction)
+    return device
 
 
 def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
@@ -112,7 +167,6 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     cfg, reserved = split_config(config)
     number, run_id = int(reserved.get(TRIAL_NUMBER, -1)), reserved.get(RUN_ID)
     torch.set_num_threads(max(1, round(ctx.cpus_per_trial)))
-    device = _device(ctx)
     trial_dir = Path(tune.get_context().get_trial_dir())
     spool = f"trial-{number:04d}" if ctx.stage == Stage.SEARCH.value else f"confirm-{number:04d}-seed{cfg.seed}"
     log = RunLogger(ctx.mlflow_uri, run_id, Path(ctx.spool_dir) / f"{spool}.jsonl") if run_id else None
@@ -120,13 +174,16 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     checkpoint = tune.get_checkpoint()
     state, start_epoch, compute_s = None, 0, 0.0
     try:
-        classifier = build_classifier(load_checkpoint(ctx.classifier_ckpt, kind="classifier"))
+        device = _device(ctx)
+        classifier_blob = load_checkpoint(ctx.classifier_ckpt, kind="classifier")
+        classifier = build_classifier(classifier_blob)
+        classifier_ref = classifier_reference(ctx.classifier_ckpt, classifier_blob)
         purifier, discriminator = build_purifier(load_checkpoint(ctx.purifier_ckpt, kind="purifier"))
         if discriminator is None:
             raise CheckpointError("the pre-trained purifier checkpoint holds no discriminator")
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                state, start_epoch, compute_s = _restore(Path(d))
+                state, start_epoch, compute_s = _restore(Path(d), classifier_ref)
         if log:
             log.set_status("RUNNING")
             if checkpoint is None:
@@ -150,18 +207,19 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             last = {PER_IMAGE_KEY: per_image_payload(report), AUDIT_KEY: audit_flags(report.audit)} \
                 if ctx.stage == Stage.CONFIRM.value and report.epoch == cfg.epochs else {}
             with tempfile.TemporaryDirectory(prefix="atop-ckpt-") as d:
-                _save(Path(d), cfg, report, classifier, purifier, discriminator, metrics[COMPUTE_S])
+                _save(Path(d), cfg, report, classifier_ref, purifier, discriminator, metrics[COMPUTE_S])
                 tune.report({**metrics, **last, EPOCH: report.epoch, TRIAL_NUMBER: number},
                             checkpoint=tune.Checkpoint.from_directory(d))
             faults.at(report.epoch, purifier)
         final = report if cfg.epochs > start_epoch else None
         if log:
-            _final_artifacts(log, number, cfg, ctx, classifier, purifier, discriminator, final, trial_dir, device)
+            _final_artifacts(log, number, cfg, ctx, classifier, classifier_ref, purifier, discriminator, final,
+                             trial_dir, device)
             log.set_status("FINISHED")
             if not log.flush():
                 print(f"MLflow unreachable ({log.last_error}); unsent calls kept in {log.spool}", flush=True)
     except PERMANENT as exc:
-        message = f"{type(exc).__name__}: {exc}"
+        message = failure_message(exc, cfg, ctx.gpus_per_trial)
         if log:
             log.set_tags({ERROR_TAG: message})
             log.set_status("FAILED")
@@ -188,18 +246,28 @@ def _check_sizes(cfg: Config, ctx: StudyContext) -> None:
         raise ConfigError(f"n_eval={cfg.n_eval} but the study shared {len(ctx.eval_data)} evaluation images")
 
 
-def _save(folder: Path, cfg: Config, report: Any, classifier: torch.nn.Module, purifier: torch.nn.Module,
+def _save(folder: Path, cfg: Config, report: Any, classifier_ref: dict[str, Any], purifier: torch.nn.Module,
           discriminator: torch.nn.Module, compute_s: float) -> None:
-    """A Tune checkpoint: a self-contained defense checkpoint plus what resuming needs besides."""
-    save_checkpoint(folder / DEFENSE_FILE, kind="defense", cfg=cfg, classifier=classifier, purifier=purifier,
+    """A Tune checkpoint: a defense checkpoint naming the classifier by sha256 (the study holds it;
+    a copy per epoch per trial would be most of the bytes), plus what resuming needs besides."""
+    save_checkpoint(folder / DEFENSE_FILE, kind="defense", cfg=cfg, classifier_ref=classifier_ref, purifier=purifier,
                     discriminator=discriminator, optimizers=report.state["optimizers"], epoch=report.epoch,
                     metrics=report.metrics)
     extra = {"generator": report.state.get("generator"), "compute_s": compute_s}
     torch.save(extra, folder / STATE_FILE)
 
 
-def _restore(folder: Path) -> tuple[dict[str, Any], int, float]:
+def _restore(folder: Path, classifier_ref: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
+    """(state, epochs done, compute seconds) of a Tune checkpoint made with this trial's classifier.
+
+    Raises:
+        CheckpointError: the checkpoint names another classifier (the study's changed under it).
+    """
     blob = load_checkpoint(folder / DEFENSE_FILE, kind="defense")
+    made_with = blob.get("classifier_ref", {}).get("sha256")
+    if made_with is not None and made_with != classifier_ref["sha256"]:
+        raise CheckpointError(f"Tune checkpoint {blob['path']!r} was made with classifier sha256 {made_with}; "
+                              f"the study now shares sha256 {classifier_ref['sha256']}")
     extra = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     state = {"purifier": blob["purifier"]["state_dict"], "discriminator": blob["discriminator"]["state_dict"],
              "optimizers": blob["optimizers"]}
@@ -227,14 +295,14 @@ def _device_name(device: torch.device) -> str:
 
 
 def _final_artifacts(log: RunLogger, number: int, cfg: Config, ctx: StudyContext, classifier: torch.nn.Module,
-                     purifier: torch.nn.Module, discriminator: torch.nn.Module, final: Any, trial_dir: Path,
-                     device: torch.device) -> None:
-    """Final checkpoint, image grid and per-example results, kept in the trial folder and logged."""
+                     classifier_ref: dict[str, Any], purifier: torch.nn.Module, discriminator: torch.nn.Module,
+                     final: Any, trial_dir: Path, device: torch.device) -> None:
+    """Final checkpoint (naming the classifier by sha256), image grid and per-example results, kept
+    in the trial folder and logged."""
     out = trial_dir / "artifacts"
     out.mkdir(parents=True, exist_ok=True)
-    metrics = final.metrics if final is not None else {}
-    save_checkpoint(out / DEFENSE_FILE, kind="defense", cfg=cfg, classifier=classifier, purifier=purifier,
-                    discriminator=discriminator, epoch=cfg.epochs, metrics=metrics)
+    _save_artifact(out / DEFENSE_FILE, cfg, classifier_ref, purifier, discriminator,
+                   final.metrics if final is not None else {})
     defense = Defense(RandomTransform.from_config(cfg), purifier, classifier, seed=cfg.seed).to(device).eval()
     if final is not None:  # the last epoch's evaluation, at the config's level
         per_example = final.per_example
@@ -244,3 +312,10 @@ def _final_artifacts(log: RunLogger, number: int, cfg: Config, ctx: StudyContext
     image_grid(defense, ctx.eval_data, cfg, out / GRID_FILE, n=ctx.grid_images, device=device)
     for name in (DEFENSE_FILE, PER_EXAMPLE_FILE, GRID_FILE):
         log.log_artifact(out / name)
+
+
+def _save_artifact(path: Path, cfg: Config, classifier_ref: dict[str, Any], purifier: torch.nn.Module,
+                   discriminator: torch.nn.Module, metrics: dict[str, float]) -> Path:
+    """The trial's final `defense.pt`: purifier and discriminator, the classifier by reference."""
+    return save_checkpoint(path, kind="defense", cfg=cfg, classifier_ref=classifier_ref, purifier=purifier,
+                           discriminator=discriminator, epoch=cfg.epochs, metrics=metrics)
