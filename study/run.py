@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: import this checkout's packages (atop, study, ...)
     sys.path.insert(0, str(ROOT))
 
+from atop.checkpoint import STUDY_CACHE_DIR
 from atop.cli import OneLineParser, one_line_errors
 from atop.config import Config
 from atop.data import (
@@ -99,8 +100,9 @@ from tracking.uri import TrackingURIError, check_tracking_uri
 from trainables.atop_trainable import StudyContext
 from trainables.faults import FAULT_ENV
 
-#: the pre-training cache's folder under --storage-path (a study name cannot start with a dot)
-CACHE_DIR = ".pretrained-cache"
+#: the pre-training cache's folder under --storage-path (a study name cannot start with a dot); checkpoints
+#: that name their classifier by sha256 look for it there (`atop.checkpoint`)
+CACHE_DIR = STUDY_CACHE_DIR
 #: flags that shape the study itself; on --resume they must match what the study was started with
 SHAPING = ("space", "sampler", "population_size", "config", "pretrain", "constraints")
 #: flags a resumed study may change besides the trial count and resources
