@@ -182,7 +182,7 @@ class Config:
         _in_range("lr", self.lr, 1e-8, 1.0)
         _in_range("beta1", self.beta1, 0.0, 0.9999)
         _in_range("beta2", self.beta2, 0.0, 0.99999)
-        _in_range("epochs", self.epochs, 1, 100_000)
+        _in_range("epochs", self.epochs, 0, 100_000)  # 0: no fine-tuning, the pre-trained defense evaluated
         _in_range("batch_size", self.batch_size, 1, 65_536)
         _in_range("eval_eps_linf", self.eval_eps_linf, 0.0, 1.0)
         _in_range("eval_eps_l2", self.eval_eps_l2, 0.0, 100.0)

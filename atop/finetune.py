@@ -150,7 +150,8 @@ def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discrimina
     """Fine-tune the purifier with AToP, yielding metrics once per epoch.
 
     Args:
-        cfg: the run's config (`cfg.epochs` is the total, `start_epoch` of them already done).
+        cfg: the run's config (`cfg.epochs` is the total, `start_epoch` of them already done; 0 epochs:
+            no training, one report at epoch 0 scoring the pre-trained defense at `cfg.eval_level`).
         classifier: the pre-trained classifier; frozen here and never updated.
         purifier, discriminator: pre-trained GAN, updated in place.
         train: training images (the caller picks the subset); test: evaluation images.
@@ -172,6 +173,12 @@ def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discrimina
     defense = Defense(transform, trainer.purifier, trainer.classifier, seed=cfg.seed)
     attack = training_attack(cfg, trainer.classifier, defense)
     shuffle = torch.Generator().manual_seed(cfg.seed)
+    if cfg.epochs == 0 and start_epoch == 0:  # no fine-tuning: the pre-trained defense, scored once (a control)
+        defense.eval()
+        started = time.perf_counter()
+        result = evaluate(defense, test, cfg, level=cfg.eval_level, device=device)
+        yield EpochReport(0, {**result.metrics, "epoch_s": time.perf_counter() - started}, trainer.state_dict(),
+                          result.per_example, result.settings, result.rates, result.audit)
     for epoch in range(start_epoch, cfg.epochs):
         shuffle.manual_seed(cfg.seed + epoch)  # the same batches on resume as in an uninterrupted run
         ce_weight = cfg.lambda_ce if epoch >= cfg.ce_warmup_epochs else 0.0

@@ -48,6 +48,19 @@ def test_only_the_purifier_learns(overrides):
         assert reports[0].metrics["ce_weight"] == 0.0 and reports[1].metrics["ce_weight"] == cfg.lambda_ce
 
 
+def test_zero_epochs_scores_the_pretrained_defense_once_and_trains_nothing():
+    cfg = Config.from_dict({**CFG, "epochs": 0})
+    clf, pur, disc = models()
+    pur_before = {k: v.clone() for k, v in pur.state_dict().items()}
+    reports = list(finetune(cfg, clf, pur, disc, tiny_data(), tiny_data(8, seed=1)))
+    assert [r.epoch for r in reports] == [0]
+    assert all(torch.equal(v, pur_before[k]) for k, v in pur.state_dict().items())
+    assert 0.0 <= reports[0].metrics["clean_acc"] <= 1.0 and "loss/gen" not in reports[0].metrics
+    assert set(reports[0].rates) >= {"clean_acc", "robust_acc_seen", "robust_acc_unseen"}
+    with pytest.raises(ValueError, match="epochs=-1"):
+        Config.from_dict({**CFG, "epochs": -1})
+
+
 def test_ce_gradient_reaches_the_purifier_through_the_frozen_classifier():
     cfg = Config.from_dict({**CFG, "gan_weight": 0.0, "l1_weight": 0.0})
     clf, pur, disc = models()

@@ -199,6 +199,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
         faults.at(start_epoch, purifier)
 
         started = time.perf_counter()
+        final = None  # the last epoch's report, if any epoch ran here
         for report in finetune(cfg, classifier, purifier, discriminator, ctx.train, ctx.eval_data, device=device,
                                state=state, start_epoch=start_epoch):
             metrics = {**report.metrics, COMPUTE_S: compute_s + time.perf_counter() - started}
@@ -211,7 +212,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
                 tune.report({**metrics, **last, EPOCH: report.epoch, TRIAL_NUMBER: number},
                             checkpoint=tune.Checkpoint.from_directory(d))
             faults.at(report.epoch, purifier)
-        final = report if cfg.epochs > start_epoch else None
+            final = report
         if log:
             _final_artifacts(log, number, cfg, ctx, classifier, classifier_ref, purifier, discriminator, final,
                              trial_dir, device)
