@@ -452,6 +452,8 @@ def run(plan: StudyPlan) -> int:
     s = plan.settings
     print(f"study {plan.name}: {finished} finished, {max(remaining, 0)} to run "
           f"({s.space} space, {s.sampler} sampler, {s.max_concurrent} at once)", flush=True)
+    for line in where_to_watch(plan, opened):
+        print(line, flush=True)
     ctx = None
     if remaining > 0:  # a resume with nothing left to run starts no Ray
         if plan.resume:
@@ -464,6 +466,23 @@ def run(plan: StudyPlan) -> int:
     settle(plan)
     report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now)
     return 0
+
+
+def where_to_watch(plan: StudyPlan, opened: OpenStudy) -> list[str]:
+    """Lines telling where the running study can be followed: MLflow, the Ray dashboard, the job."""
+    uri = plan.mlflow_uri
+    lines = [f"MLflow experiment: {uri.rstrip('/')}/#/experiments/{opened.experiment_id}"
+             if uri.startswith(("http:", "https:")) else f"MLflow: mlflow ui --backend-store-uri {uri}"]
+    import ray
+
+    if ray.is_initialized() and (dashboard := ray.get_dashboard_url()):
+        lines.append(f"Ray dashboard: http://{dashboard}")
+    submission = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {}).get(
+        "job_submission_id")
+    if submission:  # under `ray job submit`: how to follow and stop this job
+        lines.append(f"Ray job {submission}: follow with `ray job logs -f {submission}`, stop with "
+                     f"`ray job stop {submission}`")
+    return lines
 
 
 def open_study(plan: StudyPlan) -> OpenStudy:

@@ -50,6 +50,7 @@ def test_ray_job_submit_smoke_study(ray_head, mlflow_server, cifar_dir, tmp_path
         jobs.stop_job(job_id)
     assert status == JobStatus.SUCCEEDED, f"job {status}; last log lines:\n{logs[-5000:]}"
     assert "Pareto-optimal trials" in logs and mlflow_server.uri in logs
+    assert f"follow with `ray job logs -f {job_id}`" in logs and "MLflow experiment: http" in logs
     assert "figures at screen level: PGD-10, EOT 2, 1 draw; not final; 64 validation images" in logs
     # the smoke preset's confirm stage: its best configuration, 2 new seeds, 64 test images, said to be screening
     assert "Confirmed on test (2 seeds per config, 64 test images" in logs
