@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=float, help="GPUs per trial (fractions allowed)")
     p.add_argument("--max-failures", type=int, help="retries of a failing trial from its checkpoint")
     p.add_argument("--scheduler", help="early stopping: none (default) or mo-asha (stop dominated trials at rungs)")
-    p.add_argument("--grace-period", type=int, help="mo-asha: first rung, in epochs (default 1)")
+    p.add_argument("--grace-period", type=int, help="mo-asha: first rung, in epochs, after the CE warm-up "
+                   "(default 1)")
     p.add_argument("--reduction-factor", type=int, help="mo-asha: about 1 in N trials passes each rung (default 3)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs per trial (config key `epochs`)")
     p.add_argument("--seed", type=int, help="seed of the sampler and of every trial (config key `seed`)")
@@ -496,14 +497,15 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
         log.set_tags(extra)
         log.set_status("FAILED" if state.name == "FAIL" else "FINISHED")
 
+    scheduler = make_scheduler(settings, plan.cfg.epochs, study)
     searcher = AskTellSearcher(study, space, plan.cfg, n_trials, new_run, settle_run,
-                               replace_pruned=settings.scheduler != "none")
+                               max_trials=scheduler.trials_for(n_trials) if scheduler else None)
     trainable = tune.with_resources(tune.with_parameters(train_atop, ctx=ctx),
                                     {"cpu": settings.cpus, "gpu": settings.gpus})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
-                                    scheduler=make_scheduler(settings, plan.cfg.epochs, study),
+                                    scheduler=scheduler,
                                     num_samples=-1, reuse_actors=False,  # the searcher says when it is done
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(

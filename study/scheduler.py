@@ -160,6 +160,12 @@ class MOASHAScheduler(FIFOScheduler):
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True  # the objectives are fixed; Tune's metric/mode are unused
 
+    def trials_for(self, n: int) -> int:
+        """Trials to start for about `n` to pass every rung: `n * eta ** rungs` (about 1 in eta passes
+        each). The searcher's cap: when ties at a rung stop nearly everything (all trials with the
+        same accuracies), the study still ends."""
+        return math.ceil(n * self.eta ** len(rungs(self.grace_period, self.eta, self.max_t)))
+
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         vector = objective_vector(result, self.objectives)
         if vector is None or self.time_attr not in result:

@@ -7,9 +7,10 @@ FAIL. Each asked trial gets exactly one MLflow child run, made here, whose id tr
 config with the Optuna trial number. Each trial's objective vector at every reported epoch is kept
 in its user attrs (`study.scheduler.ATTR_EPOCH_OBJECTIVES`): MO-ASHA's rung records, rebuilt on resume.
 
-`n_trials` counts trials that end COMPLETE or FAIL (`study.resume.COUNTED_STATES`); with
-`replace_pruned`, a trial a scheduler stops early (PRUNED) is replaced by a new one, so that
-`--num-trials` with MO-ASHA still yields that many trials run to their last epoch.
+`n_trials` counts trials that end COMPLETE or FAIL (`study.resume.COUNTED_STATES`); given
+`max_trials`, a trial a scheduler stops early (PRUNED) is replaced by a new one, so that
+`--num-trials` with MO-ASHA still yields that many trials run to their last epoch, up to a cap
+(`study.scheduler.MOASHAScheduler.trials_for`) that ends a study whose rungs let nothing through.
 """
 from __future__ import annotations
 
@@ -54,18 +55,21 @@ class AskTellSearcher(Searcher):
         n_trials: how many trials should end COMPLETE or FAIL in this run of the driver.
         new_run: trial number -> MLflow child run id (created by the driver).
         settle: called once per finished trial with its final Optuna state.
-        replace_pruned: a scheduler may stop trials early: ask one more trial for each PRUNED one
-            (suggest then answers None, "not now", while the running trials could still fill
-            `n_trials`). Without it the searcher asks exactly `n_trials` trials.
+        max_trials: a scheduler may stop trials early: ask one more trial for each PRUNED one, at
+            most `max_trials` in all (suggest answers None, "not now", while the running trials
+            could still fill `n_trials`). None: ask exactly `n_trials` trials.
+        log: where the line saying the cap ended the search goes.
     """
 
     def __init__(self, study: optuna.Study, space: Space, base: Config, n_trials: int,
-                 new_run: Callable[[int], str | None], settle: Settle, replace_pruned: bool = False):
+                 new_run: Callable[[int], str | None], settle: Settle, max_trials: int | None = None,
+                 log: Callable[[str], None] = print):
         super().__init__(metric=None, mode=None)
         self.study, self.space, self.base, self.n_trials = study, space, base.to_dict(), n_trials
-        self.new_run, self.settle, self.replace_pruned = new_run, settle, replace_pruned
+        self.new_run, self.settle, self.max_trials, self.log = new_run, settle, max_trials, log
         self.counted = 0  # trials asked here that ended COMPLETE or FAIL
         self.pruned = 0
+        self.capped = False  # max_trials reached with fewer than n_trials counted
         self.live: dict[str, tuple[optuna.Trial, int]] = {}  # tune trial id -> (optuna trial, epochs)
         self.last: dict[str, dict[str, Any]] = {}
         self.vectors: dict[str, dict[str, dict[str, Any]]] = {}  # tune trial id -> ATTR_EPOCH_OBJECTIVES
@@ -74,7 +78,7 @@ class AskTellSearcher(Searcher):
         return True  # the space comes from `space`, the objectives are fixed
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        while self.counted + len(self.live) + (0 if self.replace_pruned else self.pruned) < self.n_trials:
+        while self._more():
             trial = self.study.ask()
             params = self.space.suggest(trial)
             try:
@@ -89,9 +93,20 @@ class AskTellSearcher(Searcher):
                 trial.set_user_attr(ATTR_RUN_ID, run_id)
             self.live[trial_id] = (trial, cfg.epochs)
             return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id}
-        if self.replace_pruned and self.counted < self.n_trials:
-            return None  # a running trial may yet be pruned: ask again when one ends
+        if self.max_trials is not None and self.counted < self.n_trials and not self.capped:
+            if self.live:
+                return None  # a running trial may yet be pruned: ask again when one ends
+            self.capped = True
+            self.log(f"search: stopped at the cap of {self.max_trials} trials; {self.counted} of "
+                     f"{self.n_trials} ran to their end, the others were stopped early (PRUNED)")
         return Searcher.FINISHED
+
+    def _more(self) -> bool:
+        """Whether to ask another trial now."""
+        asked = self.counted + len(self.live) + self.pruned
+        if self.max_trials is None:
+            return asked < self.n_trials
+        return self.counted + len(self.live) < self.n_trials and asked < self.max_trials
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self.last[trial_id] = result

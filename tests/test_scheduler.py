@@ -296,8 +296,9 @@ def _driver(study, settings, n_trials, restore=True):
     from study.resume import finished_count
 
     scheduler = make_scheduler(settings, EPOCHS, study if restore else None)
-    searcher = AskTellSearcher(study, SPACES["tiny"], settings.base_config(), n_trials - finished_count(study),
-                               lambda n: None, lambda *a: None, replace_pruned=True)
+    remaining = n_trials - finished_count(study)
+    searcher = AskTellSearcher(study, SPACES["tiny"], settings.base_config(), remaining,
+                               lambda n: None, lambda *a: None, max_trials=scheduler.trials_for(remaining))
     return scheduler, searcher
 
 
@@ -334,3 +335,27 @@ def test_a_study_killed_after_rung_1_and_resumed_stops_the_trials_it_would_have_
         assert _outcome(resumed) == expected
     else:  # rungs that start empty decide otherwise than the whole study did
         assert _outcome(resumed) != expected
+
+
+def test_pruned_trials_are_replaced_up_to_the_cap_and_the_cap_ends_a_study_whose_rungs_pass_nothing():
+    study = optuna.create_study(directions=["maximize"] * 3)
+    base = StudySettings(space="tiny", config={"epochs": 3}).base_config()
+    said = []
+    assert MOASHAScheduler(max_t=3, grace_period=1, reduction_factor=2).trials_for(2) == 8  # rungs 1, 2
+    searcher = AskTellSearcher(study, SPACES["tiny"], base, 2, lambda n: None, lambda *a: None, max_trials=5,
+                               log=said.append)
+    assert searcher.suggest("a") and searcher.suggest("b")
+    assert searcher.suggest("c") is None  # a and b could still fill the 2 trials: wait, not FINISHED
+    searcher.on_trial_complete("a", result=_result(1, 0.1, 0.1, 0.1))  # stopped at rung 1: replaced
+    assert searcher.suggest("c")
+    searcher.on_trial_complete("b", result=_result(3, 0.5, 0.5, 0.5))  # ran to its end: counts
+    searcher.on_trial_complete("c", result=_result(1, 0.1, 0.1, 0.1))
+    assert searcher.suggest("d") and searcher.suggest("e") is None  # 1 counted + 1 running fill the 2
+    searcher.on_trial_complete("d", result=_result(2, 0.1, 0.1, 0.1))
+    assert searcher.suggest("e")  # the 5th and last trial the cap allows
+    assert searcher.suggest("f") is None and not said  # e may still run to its end
+    searcher.on_trial_complete("e", result=_result(1, 0.1, 0.1, 0.1))
+    assert searcher.suggest("f") == "FINISHED"
+    assert said == [("search: stopped at the cap of 5 trials; 1 of 2 ran to their end, the others were "
+                     "stopped early (PRUNED)")]
+    assert [t.state.name for t in study.trials] == ["PRUNED", "COMPLETE", "PRUNED", "PRUNED", "PRUNED"]
