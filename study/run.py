@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help=f"search space: {', '.join(SPACES)}")
     p.add_argument("--sampler", help=f"Optuna sampler: {', '.join(SAMPLERS)} (default nsga2)")
     p.add_argument("--num-trials", type=int, help="trials the study should have that ended COMPLETE or FAIL; "
-                   "trials mo-asha stops early (PRUNED) do not count and are replaced by new ones")
+                   "trials mo-asha stops early (PRUNED) do not count and are replaced by new ones, up to "
+                   "N * reduction-factor**rungs trials in all")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
     p.add_argument("--cpus", type=float, help="CPUs per trial (fractions allowed)")
     p.add_argument("--gpus", type=float, help="GPUs per trial (fractions allowed)")
