@@ -2,8 +2,9 @@
 
 Optuna's RDB storage is the source of truth. A trial left RUNNING by a killed driver is told FAIL
 (user attr `interrupted`), its MLflow run is ended KILLED (tag `atop.interrupted=true`), and its
-parameters are enqueued so the sampler's proposal is still evaluated. Interrupted trials do not
-count towards `--num-trials`; every other finished trial (COMPLETE, PRUNED, FAIL) does.
+parameters are enqueued so the sampler's proposal is still evaluated. `--num-trials` counts trials
+that ended COMPLETE or FAIL (`COUNTED_STATES`); interrupted trials and trials a scheduler stopped
+early (PRUNED: they are replaced by new trials) do not count.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from optuna.trial import TrialState
 from tracking import mlflow_log
 from tracking.contract import ATTR_INTERRUPTED, ATTR_RERUN_OF, INTERRUPTED_TAG, SPACE_TAG
 
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.FAIL)
 MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 
 
@@ -55,7 +56,7 @@ def settle_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage
 
 
 def finished_count(study: optuna.Study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED_STATES)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=COUNTED_STATES)
                if not t.user_attrs.get(ATTR_INTERRUPTED))
 
 

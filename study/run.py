@@ -118,13 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder with <dataset>_<split>.npz (default $ATOP_DATA_DIR)")
     p.add_argument("--space", help=f"search space: {', '.join(SPACES)}")
     p.add_argument("--sampler", help=f"Optuna sampler: {', '.join(SAMPLERS)} (default nsga2)")
-    p.add_argument("--num-trials", type=int, help="finished trials the study should have")
+    p.add_argument("--num-trials", type=int, help="trials the study should have that ended COMPLETE or FAIL; "
+                   "trials mo-asha stops early (PRUNED) do not count and are replaced by new ones, up to "
+                   "N * reduction-factor**rungs trials in all")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
     p.add_argument("--cpus", type=float, help="CPUs per trial (fractions allowed)")
     p.add_argument("--gpus", type=float, help="GPUs per trial (fractions allowed)")
     p.add_argument("--max-failures", type=int, help="retries of a failing trial from its checkpoint")
     p.add_argument("--scheduler", help="early stopping: none (default) or mo-asha (stop dominated trials at rungs)")
-    p.add_argument("--grace-period", type=int, help="mo-asha: first rung, in epochs (default 1)")
+    p.add_argument("--grace-period", type=int, help="mo-asha: first rung, in epochs, after the CE warm-up "
+                   "(default 1)")
     p.add_argument("--reduction-factor", type=int, help="mo-asha: about 1 in N trials passes each rung (default 3)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs per trial (config key `epochs`)")
     p.add_argument("--seed", type=int, help="seed of the sampler and of every trial (config key `seed`)")
@@ -213,13 +216,17 @@ def run_tags() -> dict[str, str]:
             "numpy": numpy.__version__, "host": platform.node()}
 
 
-def make_scheduler(settings: StudySettings, epochs: int):
-    """The Tune scheduler of `--scheduler`: None (run every trial to its last epoch) or MO-ASHA."""
+def make_scheduler(settings: StudySettings, epochs: int, study: Any = None):
+    """The Tune scheduler of `--scheduler`: None (run every trial to its last epoch) or MO-ASHA,
+    its rung records rebuilt from `study`'s stored trials (an `optuna.Study`; None: start empty)."""
     if settings.scheduler == "mo-asha":
         from study.scheduler import MOASHAScheduler
 
-        return MOASHAScheduler(max_t=epochs, grace_period=settings.grace_period,
-                               reduction_factor=settings.reduction_factor)
+        scheduler = MOASHAScheduler(max_t=epochs, grace_period=settings.grace_period,
+                                    reduction_factor=settings.reduction_factor)
+        if study is not None:
+            scheduler.restore_trials(study.get_trials(deepcopy=False))
+        return scheduler
     return None
 
 
@@ -577,14 +584,16 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
         log.set_tags(extra)
         log.set_status("FAILED" if state.name == "FAIL" else "FINISHED")
 
-    searcher = AskTellSearcher(study, space, plan.cfg, n_trials, new_run, settle_run, constraints)
+    scheduler = make_scheduler(settings, plan.cfg.epochs, study)
+    searcher = AskTellSearcher(study, space, plan.cfg, n_trials, new_run, settle_run, constraints,
+                               max_trials=scheduler.trials_for(n_trials) if scheduler else None)
     trainable = tune.with_resources(tune.with_parameters(train_atop, ctx=ctx),
                                     {"cpu": settings.cpus, "gpu": settings.gpus})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
-                                    scheduler=make_scheduler(settings, plan.cfg.epochs),
-                                    num_samples=n_trials, reuse_actors=False,
+                                    scheduler=scheduler,
+                                    num_samples=-1, reuse_actors=False,  # the searcher says when it is done
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(plan.folder), verbose=1,

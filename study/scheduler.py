@@ -13,6 +13,12 @@ A stopped trial reaches the searcher's `on_trial_complete` with a result before 
 so `study.searcher.AskTellSearcher` tells Optuna PRUNED (never COMPLETE with partial values, which
 is what plain ASHA + OptunaSearch does) and the driver tags its MLflow run `atop.stopped=true`.
 
+Rung records survive the driver: the searcher keeps each trial's objective vector at every epoch in
+the Optuna trial's user attribute `ATTR_EPOCH_OBJECTIVES`, and `MOASHAScheduler.restore_trials`
+rebuilds the records from the stored trials when a resumed driver starts. Records are keyed by
+Optuna trial number, so a trial a killed driver left running keeps its rung decisions through the
+trial that reruns its parameters (user attr `rerun_of`).
+
     python study/run.py --preset tiny --scheduler mo-asha --grace-period 1 --reduction-factor 3
 
 `decide` is the whole rule as a pure function; `MOASHAScheduler` is a thin Ray wrapper over it.
@@ -21,14 +27,33 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import moocore
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from tracking.contract import EPOCH, FAILED_KEY, OBJECTIVES
+from tracking.contract import (
+    ATTR_INTERRUPTED,
+    ATTR_RERUN_OF,
+    ATTR_STOPPED_AT,
+    EPOCH,
+    FAILED_KEY,
+    OBJECTIVES,
+    TRIAL_NUMBER,
+)
+
+#: Optuna user attr: {"<epoch>": {"at": unix time seen, "values": [objective, ...]}}, one entry per
+#: reported epoch (written by `study.searcher.AskTellSearcher`, read by `MOASHAScheduler.restore_trials`)
+ATTR_EPOCH_OBJECTIVES = "objectives_by_epoch"
+
+
+def objective_vector(result: Mapping[str, Any], objectives: Sequence[str] = OBJECTIVES) -> list[float] | None:
+    """The result's objective vector, or None for a failure report or a result missing an objective."""
+    if result.get(FAILED_KEY) or EPOCH not in result or any(o not in result for o in objectives):
+        return None
+    return [float(result[o]) for o in objectives]
 
 
 def rungs(grace_period: int, eta: float, max_t: int) -> list[int]:
@@ -127,32 +152,79 @@ class MOASHAScheduler(FIFOScheduler):
                              f"{grace_period} and {reduction_factor}")
         self.max_t, self.grace_period, self.eta = max_t, grace_period, reduction_factor
         self.objectives, self.time_attr = tuple(objectives), time_attr
-        self.records: dict[int, dict[str, list[float]]] = {}  # rung epoch -> trial id -> objective vector
-        self.stopped: dict[str, int] = {}  # trial id -> the rung it was stopped at
+        #: rung epoch -> trial key (Optuna trial number, else Tune trial id) -> objective vector
+        self.records: dict[int, dict[str, list[float]]] = {}
+        self.stopped: dict[str, int] = {}  # trial key -> the rung it was stopped at
         self._supports_buffered_results = False  # one decision per reported epoch
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True  # the objectives are fixed; Tune's metric/mode are unused
 
+    def trials_for(self, n: int) -> int:
+        """Trials to start for about `n` to pass every rung: `n * eta ** rungs` (about 1 in eta passes
+        each). The searcher's cap: when ties at a rung stop nearly everything (all trials with the
+        same accuracies), the study still ends."""
+        return math.ceil(n * self.eta ** len(rungs(self.grace_period, self.eta, self.max_t)))
+
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        if result.get(FAILED_KEY) or self.time_attr not in result or any(o not in result for o in self.objectives):
+        vector = objective_vector(result, self.objectives)
+        if vector is None or self.time_attr not in result:
             return TrialScheduler.CONTINUE
         epoch = int(result[self.time_attr])
-        last = int(getattr(trial, "config", {}).get("epochs") or self.max_t)
+        config = getattr(trial, "config", {})
+        last = int(config.get("epochs") or self.max_t)
+        # the Optuna trial number outlives the Tune trial (a resumed driver makes new Tune trials)
+        key = str(config[TRIAL_NUMBER]) if TRIAL_NUMBER in config else trial.trial_id
         for milestone in reversed(rungs(self.grace_period, self.eta, last)):
             if epoch < milestone:
                 continue
             recorded = self.records.setdefault(milestone, {})
-            if trial.trial_id in recorded:  # already decided here (a restored trial reporting again)
+            if key in recorded:  # already decided here (a restored or rerun trial reporting again)
                 break
-            vector = [float(result[o]) for o in self.objectives]
             keep = decide(list(recorded.values()), vector, self.eta)
-            recorded[trial.trial_id] = vector
+            recorded[key] = vector
             if not keep:
-                self.stopped[trial.trial_id] = milestone
+                self.stopped[key] = milestone
                 return TrialScheduler.STOP
             break
         return TrialScheduler.CONTINUE
+
+    def restore_trials(self, trials: Iterable[Any]) -> None:
+        """Rebuild the rung records from an Optuna study's stored trials (a resumed driver starts here).
+
+        Each trial's vectors at rung epochs (`ATTR_EPOCH_OBJECTIVES`) go into the rungs in the order
+        the searcher saw them. A trial a killed driver interrupted (user attr `interrupted`) hands
+        its records to the trial rerunning its parameters (`rerun_of`, followed through repeated
+        interruptions): the rerun keeps the decisions already made for it instead of meeting a
+        duplicate of itself. PRUNED trials are counted as stopped at `stopped_at_epoch`.
+
+        Args:
+            trials: `optuna.study.Study.get_trials()` (FrozenTrials, any state).
+        """
+        by_number = {t.number: t for t in trials}
+        rerun_by = {t.user_attrs[ATTR_RERUN_OF]: t.number for t in by_number.values() if ATTR_RERUN_OF in t.user_attrs}
+
+        def owner(number: int) -> int | None:
+            """The trial that holds `number`'s decisions: itself, or the rerun of an interrupted trial."""
+            while by_number[number].user_attrs.get(ATTR_INTERRUPTED):
+                if rerun_by.get(number) not in by_number:  # never rerun: its records mean nothing now
+                    return None
+                number = rerun_by[number]
+            return number
+
+        entries: list[tuple[float, int, str, list[float]]] = []
+        for t in by_number.values():
+            if t.state.name == "PRUNED" and ATTR_STOPPED_AT in t.user_attrs:
+                self.stopped[str(t.number)] = int(t.user_attrs[ATTR_STOPPED_AT])
+            key = owner(t.number)
+            if key is None:
+                continue
+            for epoch, entry in t.user_attrs.get(ATTR_EPOCH_OBJECTIVES, {}).items():
+                entries.append((float(entry["at"]), int(epoch), str(key), [float(v) for v in entry["values"]]))
+        milestones = set(rungs(self.grace_period, self.eta, self.max_t))
+        for _, epoch, key, vector in sorted(entries):
+            if epoch in milestones:
+                self.records.setdefault(epoch, {}).setdefault(key, vector)
 
     def debug_string(self) -> str:
         seen = ", ".join(f"epoch {m}: {len(r)}" for m, r in sorted(self.records.items())) or "none yet"

@@ -4,10 +4,17 @@ Ray's `OptunaSearch` writes trial states itself and cannot record PRUNED for a m
 study, and `Tuner.restore` has lost searcher state before; here the driver asks the RDB-stored study
 for each trial and tells it COMPLETE, PRUNED (stopped before its last epoch, e.g. by a scheduler) or
 FAIL. Each asked trial gets exactly one MLflow child run, made here, whose id travels in the Tune
-config with the Optuna trial number.
+config with the Optuna trial number. Each trial's objective vector at every reported epoch is kept
+in its user attrs (`study.scheduler.ATTR_EPOCH_OBJECTIVES`): MO-ASHA's rung records, rebuilt on resume.
+
+`n_trials` counts trials that end COMPLETE or FAIL (`study.resume.COUNTED_STATES`); given
+`max_trials`, a trial a scheduler stops early (PRUNED) is replaced by a new one, so that
+`--num-trials` with MO-ASHA still yields that many trials run to their last epoch, up to a cap
+(`study.scheduler.MOASHAScheduler.trials_for`) that ends a study whose rungs let nothing through.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -19,12 +26,15 @@ from ray.tune.search import Searcher
 from atop.config import Config, ConfigError
 from search_spaces import Space
 from study.constraints import Constraint
+from study.resume import COUNTED_STATES
+from study.scheduler import ATTR_EPOCH_OBJECTIVES, objective_vector
 from tracking.contract import (
     ATTR_ERROR,
     ATTR_INTERVALS,
     ATTR_RUN_ID,
     ATTR_STOPPED_AT,
     COMPUTE_S,
+    EPOCH,
     IMAGES_PER_S,
     RUN_ID,
     TRIAL_NUMBER,
@@ -36,54 +46,94 @@ Settle = Callable[[int, TrialState, TrialSummary], None]
 
 
 class AskTellSearcher(Searcher):
-    """Asks `study` for at most `n_trials` trials, suggests from `space` over `base`, tells results.
+    """Asks `study` for trials until `n_trials` of them end COMPLETE or FAIL; suggests from `space`
+    over `base`, tells results.
 
     Args:
         study: the Optuna study (several objectives, all maximised).
         space: the search space.
         base: the config every trial starts from (`StudySettings.base_config()`).
-        n_trials: how many trials to ask for in this run of the driver.
+        n_trials: how many trials should end COMPLETE or FAIL in this run of the driver.
         new_run: trial number -> MLflow child run id (created by the driver).
         settle: called once per finished trial with its final Optuna state.
+        max_trials: a scheduler may stop trials early: ask one more trial for each PRUNED one, at
+            most `max_trials` in all (suggest answers None, "not now", while the running trials
+            could still fill `n_trials`). None: ask exactly `n_trials` trials.
+        log: where the line saying the cap ended the search goes.
         constraints: `--constraint`s, set on each COMPLETE trial before it is told.
     """
 
     def __init__(self, study: optuna.Study, space: Space, base: Config, n_trials: int,
-                 new_run: Callable[[int], str | None], settle: Settle, constraints: Sequence[Constraint] = ()):
+                 new_run: Callable[[int], str | None], settle: Settle, constraints: Sequence[Constraint] = (),
+                 max_trials: int | None = None, log: Callable[[str], None] = print):
         super().__init__(metric=None, mode=None)
         self.study, self.space, self.base, self.n_trials = study, space, base.to_dict(), n_trials
-        self.new_run, self.settle, self.constraints = new_run, settle, tuple(constraints)
-        self.asked = 0
+        self.new_run, self.settle, self.max_trials, self.log = new_run, settle, max_trials, log
+        self.constraints = tuple(constraints)
+        self.counted = 0  # trials asked here that ended COMPLETE or FAIL
+        self.pruned = 0
+        self.capped = False  # max_trials reached with fewer than n_trials counted
         self.live: dict[str, tuple[optuna.Trial, int]] = {}  # tune trial id -> (optuna trial, epochs)
         self.last: dict[str, dict[str, Any]] = {}
+        self.vectors: dict[str, dict[str, dict[str, Any]]] = {}  # tune trial id -> ATTR_EPOCH_OBJECTIVES
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # the space comes from `space`, the objectives are fixed
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        while self.asked < self.n_trials:
+        while self._more():
             trial = self.study.ask()
-            self.asked += 1
             params = self.space.suggest(trial)
             try:
                 cfg = Config.from_dict({**self.base, **params})
             except ConfigError as exc:  # a suggested combination the config refuses: FAIL, ask again
                 trial.set_user_attr(ATTR_ERROR, str(exc))
                 self.study.tell(trial, state=TrialState.FAIL)
+                self.counted += 1
                 continue
             run_id = self.new_run(trial.number)
             if run_id:
                 trial.set_user_attr(ATTR_RUN_ID, run_id)
             self.live[trial_id] = (trial, cfg.epochs)
             return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id}
+        if self.max_trials is not None and self.counted < self.n_trials and not self.capped:
+            if self.live:
+                return None  # a running trial may yet be pruned: ask again when one ends
+            self.capped = True
+            self.log(f"search: stopped at the cap of {self.max_trials} trials; {self.counted} of "
+                     f"{self.n_trials} ran to their end, the others were stopped early (PRUNED)")
         return Searcher.FINISHED
+
+    def _more(self) -> bool:
+        """Whether to ask another trial now."""
+        asked = self.counted + len(self.live) + self.pruned
+        if self.max_trials is None:
+            return asked < self.n_trials
+        return self.counted + len(self.live) < self.n_trials and asked < self.max_trials
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self.last[trial_id] = result
+        self._record(trial_id, result)
+
+    def _record(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Keep the result's objective vector under its epoch in the Optuna trial (rung records)."""
+        vector = objective_vector(result)
+        if vector is None or trial_id not in self.live:
+            return
+        vectors = self.vectors.setdefault(trial_id, {})
+        epoch = str(int(result[EPOCH]))
+        if vectors.get(epoch, {}).get("values") == vector:  # the final result again, or a retry's repeat
+            return
+        # `at` orders a rung's records on resume as the scheduler met them (its ties are order-sensitive)
+        vectors[epoch] = {"at": time.time(), "values": vector}
+        self.live[trial_id][0].set_user_attr(ATTR_EPOCH_OBJECTIVES, vectors)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id not in self.live:
             return
+        if result:  # a scheduler's STOP reaches the searcher here, never through on_trial_result
+            self._record(trial_id, result)
+        self.vectors.pop(trial_id, None)
         trial, epochs = self.live.pop(trial_id)
         last = result or self.last.pop(trial_id, None)
         self.last.pop(trial_id, None)
@@ -108,6 +158,10 @@ class AskTellSearcher(Searcher):
             for c in self.constraints:  # Optuna keeps a trial with a value > 0 off the front
                 trial.set_constraint(str(c), c.violation(summary.values))
             self.study.tell(trial, list(summary.values))
+        if state in COUNTED_STATES:
+            self.counted += 1
+        else:
+            self.pruned += 1
         number = trial.number
         self.settle(number, state, summary)
 

@@ -22,7 +22,7 @@ import optuna
 from atop.config import Config, ConfigError, read_config_file
 from atop.presets import get_preset
 from atop.pretrain import PretrainSettings
-from search_spaces import SPACES, searched_names
+from search_spaces import SPACES, Space, searched_names
 from study.confirm import CONFIRM_KEYS
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -85,10 +85,23 @@ class StudySettings:
         self.pretrain_settings()
         self.confirm_base()
         self.parsed_constraints()
-        epochs = self.base_config().epochs
-        if self.scheduler == "mo-asha" and self.grace_period >= epochs:
-            raise StudyError(f"--grace-period {self.grace_period} leaves no rung before the last epoch ({epochs}); "
-                             "accepted with --scheduler mo-asha: a grace period < epochs")
+        if self.scheduler == "mo-asha":
+            self._check_grace_period()
+
+    def _check_grace_period(self) -> None:
+        """MO-ASHA's first rung must come after the CE warm-up (before it lambda_ce has had no effect:
+        a rung there ranks purifiers on L_gen alone) and before the last epoch."""
+        base = self.base_config()
+        first = longest_ce_warmup(SPACES[self.space], base) + 1  # reported epochs count from 1
+        accepted = (f"an integer from {first} to {base.epochs - 1}" if first < base.epochs else
+                    f"none with {base.epochs} epochs and {first - 1} CE warm-up epochs (raise --epochs)")
+        if self.grace_period < first:
+            raise StudyError(f"--grace-period {self.grace_period} is at or inside the CE warm-up ({first - 1} "
+                             f"epoch(s), lambda_ce has had no effect yet); accepted with --scheduler mo-asha: "
+                             f"{accepted}")
+        if self.grace_period >= base.epochs:
+            raise StudyError(f"--grace-period {self.grace_period} leaves no rung before the last epoch "
+                             f"({base.epochs}); accepted with --scheduler mo-asha: {accepted}")
 
     def pretrain_settings(self) -> PretrainSettings:
         known = {f.name for f in dataclasses.fields(PretrainSettings)}
@@ -146,6 +159,20 @@ def make_sampler(name: str, seed: int, population_size: int, n_existing: int) ->
     """
     _one_of("--sampler", name, SAMPLERS)
     return SAMPLERS[name](seed + n_existing, population_size)
+
+
+def longest_ce_warmup(space: Space, base: Config) -> int:
+    """The most CE warm-up epochs a trial of `space` can get: `base`'s, or the top of a searched range.
+
+    A searched `ce_warmup_epochs` is read from the distribution a probe trial meets (in-memory
+    study, nothing written); a space that suggested it only under some categorical choice would
+    need a probe per branch (`search_spaces.searched_names`), and none does.
+    """
+    if "ce_warmup_epochs" not in searched_names(space):
+        return base.ce_warmup_epochs
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    space.suggest(probe)
+    return int(probe.distributions["ce_warmup_epochs"].high)
 
 
 def _one_of(flag: str, value: str, accepted: Mapping[str, Any] | tuple[str, ...]) -> None:
