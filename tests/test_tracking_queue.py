@@ -7,6 +7,9 @@ store. Nothing of MLflow is mocked. Every wait is bounded.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,6 +149,29 @@ def test_the_driver_opens_a_trial_run_without_waiting_and_the_trial_logs_under_i
     assert len(client.search_runs([exp], "tags.`optuna.trial_number` = '3'")) == 1
 
 
+def test_calls_return_at_once_while_the_server_hangs_and_flush_is_bounded(tmp_path, monkeypatch):
+    """A server that accepts connections and never answers (hung, or a lost network): each try of
+    the thread waits for MLflow's HTTP timeout, the calls still return at once, and `flush` and
+    `close` return after their own timeout saying what is left. (main's synchronous logger took
+    2 x the HTTP timeout per call here.)"""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # the kernel completes the handshakes; nobody ever reads or answers
+        spool = tmp_path / "spool" / "trial-0000.jsonl"
+        log = RunLogger(f"http://127.0.0.1:{hung.getsockname()[1]}", "0" * 32, spool)
+        took = [_timed(log.log_metrics, {"clean_acc": 0.1}, step=step) for step in range(1, 6)]
+        took.append(_timed(log.set_status, "FINISHED"))
+        assert max(took) < AT_ONCE_S, took
+        started = time.monotonic()
+        assert not log.flush(timeout_s=2)
+        left = log.close(timeout_s=1)  # the thread is inside a try: close does not wait for it
+        waited = time.monotonic() - started
+        assert left == 6 and _spool_ops(spool) == ["metrics"] * 5 + ["status"]
+        assert 2 <= waited < 8, waited
+
+
 def test_replay_applies_status_changes_in_time_order(server, tmp_path):
     """A trial's spool (RUNNING, metrics, FINISHED) replayed after the driver ended the run FAILED:
     the metrics land, both older status changes are skipped as stale, the run stays FAILED."""
@@ -215,9 +241,11 @@ def test_a_call_that_can_never_succeed_is_skipped_and_reported_not_blocking_the_
 
 
 @pytest.mark.slow
-def test_epochs_do_not_stretch_during_a_60_s_outage(server, tmp_path):
-    """A training loop (epochs of fixed length) that logs every epoch: the server is stopped for
-    60 s in the middle; no epoch takes longer, and every epoch's metrics land once afterwards."""
+@pytest.mark.parametrize("outage", ["stopped", "hung"])
+def test_epochs_do_not_stretch_during_a_60_s_outage(server, tmp_path, outage):
+    """A training loop (epochs of fixed length) that logs every epoch: for 60 s in the middle the
+    server is stopped (SIGTERM: connections refused) or hung (SIGSTOP: connections accepted, never
+    answered); no epoch takes longer, and every epoch's metrics land once afterwards."""
     from mlflow import MlflowClient
 
     client = MlflowClient(server.uri)
@@ -235,17 +263,25 @@ def test_epochs_do_not_stretch_during_a_60_s_outage(server, tmp_path):
 
     for _ in range(5):
         epoch("up")
-    server.stop()
+    if outage == "stopped":
+        server.stop()
+    else:
+        os.killpg(server.proc.pid, signal.SIGSTOP)  # the process group we started
     down_at = time.monotonic()
-    while time.monotonic() - down_at < 60:
-        epoch("down")
-    server.start()
+    try:
+        while time.monotonic() - down_at < 60:
+            epoch("down")
+    finally:
+        if outage == "stopped":
+            server.start()
+        else:
+            os.killpg(server.proc.pid, signal.SIGCONT)
     for _ in range(5):
         epoch("up")
     assert log.flush(60), log.last_error
     epochs = len(times["up"]) + len(times["down"])
     worst = {k: max(v) - epoch_s for k, v in times.items()}
-    print(f"\n{epochs} epochs of {epoch_s:.1f} s, {len(times['down'])} during a 60 s outage: worst stretch "
+    print(f"\n{epochs} epochs of {epoch_s:.1f} s, {len(times['down'])} during a 60 s outage ({outage}): worst stretch "
           f"{worst['up'] * 1000:.1f} ms with the server up, {worst['down'] * 1000:.1f} ms with it down")
     assert len(times["down"]) >= 50 and worst["down"] < AT_ONCE_S, worst
     assert [m.step for m in client.get_metric_history(run_id, "clean_acc")] == list(range(1, epochs + 1))

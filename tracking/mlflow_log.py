@@ -65,6 +65,8 @@ from tracking.contract import (
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
 #: how long `flush`/`close` wait by default (a failed try ends the wait sooner)
 FLUSH_S = 30.0
+#: an idle thread waits this long for more calls before it ends
+IDLE_S = 5.0
 #: while a backlog drains, the spool file is rewritten at most this often (a process killed meanwhile
 #: resends at most this much, which replay tolerates)
 SYNC_EVERY_S = 0.5
@@ -232,10 +234,15 @@ def _creates_first(paths: Any) -> list[Path]:
 
 def failure_message(uri: str, run_id: str, reported: str) -> str:
     """The error to tag a FAILED run with: what the trial itself logged when it raised (tag
-    `atop.last_error`, set before each retry) beats the driver's generic "the trial raised"."""
+    `atop.last_error`, set before each retry) beats the driver's generic "the trial raised".
+
+    `run_id` may be a `TrialRunKey.ref`. This asks the server (one call, bounded by MLflow's HTTP
+    timeout and retries); with the server down it returns `reported`."""
     if reported.startswith("the trial raised"):
         try:
-            last = client(uri).get_run(run_id).data.tags.get(LAST_ERROR_TAG)
+            key = TrialRunKey.parse(run_id)
+            found = run_id if key is None else _RESOLVED.get(run_id) or find_trial_run(uri, key)
+            last = client(uri).get_run(found).data.tags.get(LAST_ERROR_TAG) if found else None
         except Exception:  # noqa: BLE001 - MLflow down: the generic message will do
             last = None
         if last:
@@ -433,6 +440,7 @@ class _SpoolQueue:
                 self._start()  # reads the file, this call included
             else:
                 self._pending.append(op)
+                self._cv.notify_all()  # a lingering thread takes it at once
 
     def flush(self, timeout_s: float) -> bool:
         with self._cv:
@@ -483,6 +491,8 @@ class _SpoolQueue:
         delay = RETRY_MIN_S
         while True:
             with self._cv:
+                if not self._pending and not self._stopped:  # linger: calls come in bursts
+                    self._cv.wait_for(lambda: self._pending or self._stopped, timeout=IDLE_S)
                 if self._stopped or not self._pending:
                     self._sync()
                     self._thread = None
