@@ -32,8 +32,9 @@ finds the run already there does nothing, so a trial never gets two runs).
 
 Why not MLflow's own async logging (`log_batch(..., synchronous=False)`,
 `MLFLOW_ENABLE_ASYNC_LOGGING`): it covers metrics, params and tags only (no status change, no
-artifact file, no run creation), sends batches from a pool of 10 threads (no order between calls),
-and on failure only logs the error and drops the batch: nothing is retried or kept for later.
+artifact file, no run creation), sends merged batches from a pool of 10 threads (no order between
+calls), and on failure logs the error and leaves it on the returned future: nothing is retried or
+kept for later (checked in MLflow 3.17, `mlflow/utils/async_logging/async_logging_queue.py`).
 docs/RELIABILITY.md lists what is promised and which test proves it.
 """
 from __future__ import annotations
@@ -549,11 +550,13 @@ def _send(c: Any, uri: str, op: dict[str, Any]) -> None:
             raise _Skip(f"'create' needs a trial run key, not the run id {ref!r}")
         _RESOLVED[ref] = _create_trial_run(uri, key, op["space"], op["tags"], start_ms=op.get("t"))
         return
-    run_id = ref if key is None else _RESOLVED.get(ref) or find_trial_run(uri, key)
-    if run_id is None:
-        raise RunNotCreatedYet(f"trial {key.number}'s run is not created yet (the driver does that)")
-    if key is not None:
-        _RESOLVED[ref] = run_id
+    if key is None:
+        run_id = ref
+    else:
+        found = _RESOLVED.get(ref) or find_trial_run(uri, key)
+        if found is None:
+            raise RunNotCreatedYet(f"trial {key.number}'s run is not created yet (the driver does that)")
+        run_id = _RESOLVED[ref] = found
     if kind == "params":
         items = _params(op["params"])
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
