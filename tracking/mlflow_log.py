@@ -1,4 +1,4 @@
-"""All MLflow traffic of a study goes through here: runs, buffered logging, spool replay.
+"""All MLflow traffic of a study goes through here: runs, background logging, spool replay.
 
 Conventions (names in `tracking.contract`, read by `analysis/`): one experiment per study (name =
 study name); one parent run (tag `atop.role=study`, run name = study name); one child run per
@@ -6,23 +6,47 @@ Optuna trial (tags `mlflow.parentRunId`, `atop.role=trial`, `optuna.trial_number
 params = `Config.to_dict()`; metrics per epoch with step = epoch; early-stopped runs tagged
 `atop.stopped`.
 
-`RunLogger` never lets an MLflow outage stop training: a call that fails is kept in a spool
-(JSON lines next to the trial) and retried before the next call; what is still unsent at the end
-stays in the spool file, which
+Tracking never stalls training. A `RunLogger` call only appends the call to its spool file (JSON
+lines, next to the trial) and returns; a background thread (one per spool file and process) sends
+the calls in order and removes them from the file once the server took them. While the server is
+down the calls wait in the file and the thread retries (backing off to every `RETRY_MAX_S`);
+`flush()` waits, bounded, and says whether anything is left. A call the server refuses for good (a
+4xx: a deleted run, a changed param, an artifact file that is gone) is skipped, reported on stdout
+and in `SPOOL.skipped`, and does not hold up the calls behind it. A status change older than the
+run's current final status (a stale RUNNING or FINISHED replayed after the driver ended the run) is
+skipped as stale: status changes apply in time order. What is unsent when a process ends stays in
+the spool file, which
 
     python -m tracking upload SPOOL.jsonl [...] --mlflow-uri URI
 
 replays later (the study driver itself replays every spool of the study when it ends:
-`flush_spools`, and logs its own end-of-study calls through a `RunLogger` too). While the server is down the driver waits to create a trial's run
-(`create_trial_run`). docs/RELIABILITY.md lists what is promised and which test proves it.
+`flush_spools`). Replaying is at-least-once and harmless when repeated: MLflow stores a metric
+(same key, step, timestamp, value) once, a param or tag with the same value again, and status
+changes are ordered by time.
+
+A run id is made by the server, so a trial's run cannot exist while the server is down. The driver
+therefore does not wait for it: `open_trial_run` queues a "create" call under a `TrialRunKey`
+(experiment, parent run, trial number) and returns at once; the trial logs under the same key, and
+its calls are sent once the driver's thread has created the run (found by its tags; a create that
+finds the run already there does nothing, so a trial never gets two runs).
+
+Why not MLflow's own async logging (`log_batch(..., synchronous=False)`,
+`MLFLOW_ENABLE_ASYNC_LOGGING`): it covers metrics, params and tags only (no status change, no
+artifact file, no run creation), sends merged batches from a pool of 10 threads (no order between
+calls), and on failure logs the error and leaves it on the returned future: nothing is retried or
+kept for later (checked in MLflow 3.17, `mlflow/utils/async_logging/async_logging_queue.py`).
+docs/RELIABILITY.md lists what is promised and which test proves it.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +61,16 @@ from tracking.contract import (
     TRIAL_TAG,
     Role,
 )
+
+#: backoff between two tries while the server is down: doubles from the first to the second
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
+#: how long `flush`/`close` wait by default (a failed try ends the wait sooner)
+FLUSH_S = 30.0
+#: an idle thread waits this long for more calls before it ends
+IDLE_S = 5.0
+#: while a backlog drains, the spool file is rewritten at most this often (a process killed meanwhile
+#: resends at most this much, which replay tolerates)
+SYNC_EVERY_S = 0.5
 
 
 def quiet_http(max_retries: int = 1, timeout_s: int = 30) -> None:
@@ -85,29 +119,75 @@ def trial_runs(uri: str, experiment_id: str, parent_run_id: str) -> dict[int, An
     return {int(r.data.tags[TRIAL_TAG]): r for r in runs if TRIAL_TAG in r.data.tags}
 
 
+@dataclass(frozen=True)
+class TrialRunKey:
+    """Names a trial's child run before the server has made it (and given it a run id).
+
+    Its `ref` (`trial:<experiment_id>:<parent_run_id>:<number>`) goes where a run id would: into a
+    `RunLogger`, a spool file, a Tune config. The run is found by its tags (`mlflow.parentRunId`,
+    `optuna.trial_number`), the latest where several match (as `trial_runs` does).
+    """
+
+    experiment_id: str
+    parent_run_id: str
+    number: int
+
+    PREFIX = "trial:"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.PREFIX}{self.experiment_id}:{self.parent_run_id}:{self.number}"
+
+    @classmethod
+    def parse(cls, ref: str) -> TrialRunKey | None:
+        """The key in `ref`, or None when `ref` is a plain run id."""
+        if not ref.startswith(cls.PREFIX):
+            return None
+        parts = ref[len(cls.PREFIX):].split(":")
+        if len(parts) != 3 or not all(parts) or not parts[2].isdigit():
+            raise ValueError(f"bad trial run reference {ref!r}; expected trial:EXPERIMENT_ID:PARENT_RUN_ID:NUMBER")
+        return cls(parts[0], parts[1], int(parts[2]))
+
+
+class RunNotCreatedYet(RuntimeError):
+    """A call for a `TrialRunKey` whose run the driver has not created yet (tried again later)."""
+
+
+def find_trial_run(uri: str, key: TrialRunKey) -> str | None:
+    """The run id of `key`'s run, None if there is none yet."""
+    found = client(uri).search_runs(
+        [key.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{key.parent_run_id}' and tags.`{TRIAL_TAG}` = '{key.number}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def _create_trial_run(uri: str, key: TrialRunKey, space: str, tags: Mapping[str, str],
+                      start_ms: int | None = None) -> str:
+    """`key`'s run: the existing one, else a new one (so a retried create never makes two)."""
+    found = find_trial_run(uri, key)
+    if found is not None:
+        return found
+    run = client(uri).create_run(
+        key.experiment_id, start_time=start_ms, run_name=f"trial-{key.number:04d}",
+        tags={**tags, PARENT_TAG: key.parent_run_id, ROLE_TAG: Role.TRIAL.value, TRIAL_TAG: str(key.number),
+              SPACE_TAG: space})
+    return run.info.run_id
+
+
 def create_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_number: int, space: str,
                      tags: Mapping[str, str], wait_s: float | None = None) -> str:
-    """One child run per Optuna trial, created by the driver when the trial is asked.
+    """One child run per Optuna trial, made now (blocking: for `--resume`, whose server is up).
 
-    A run id cannot be made offline, so while the server is down this waits (retrying every 10 s,
-    at most `wait_s`, default `$ATOP_MLFLOW_WAIT_S` or 1800 s); running trials keep training and
-    spool meanwhile. Before each retry it looks for a run an earlier, unanswered try made, so a
-    trial never gets two runs.
+    While the server is down this waits (retrying every 10 s, at most `wait_s`, default
+    `$ATOP_MLFLOW_WAIT_S` or 1800 s). A study's driver should not wait: use `open_trial_run`.
     """
     wait_s = float(os.environ.get("ATOP_MLFLOW_WAIT_S", "1800")) if wait_s is None else wait_s
     deadline = time.monotonic() + wait_s
-    attempt = 0
+    key, attempt = TrialRunKey(experiment_id, parent_run_id, trial_number), 0
     while True:
         try:
-            if attempt:
-                found = trial_runs(uri, experiment_id, parent_run_id).get(trial_number)
-                if found is not None:
-                    return found.info.run_id
-            run = client(uri).create_run(
-                experiment_id, run_name=f"trial-{trial_number:04d}",
-                tags={PARENT_TAG: parent_run_id, ROLE_TAG: Role.TRIAL.value, TRIAL_TAG: str(trial_number),
-                      SPACE_TAG: space, **tags})
-            return run.info.run_id
+            return _create_trial_run(uri, key, space, tags)
         except Exception as exc:  # transport or server error: wait for the server
             if time.monotonic() > deadline:
                 raise
@@ -117,17 +197,53 @@ def create_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_num
             time.sleep(10)
 
 
-def flush_spools(folder: str | os.PathLike, uri: str) -> int:
-    """Send every spool file in `folder` (calls left by an outage); returns the calls still unsent."""
-    return sum(upload(path, uri) for path in sorted(Path(folder).glob("*.jsonl")))
+def open_trial_run(uri: str, key: TrialRunKey, spool: str | os.PathLike, space: str,
+                   tags: Mapping[str, str]) -> RunLogger:
+    """Queue the creation of `key`'s run and return its logger at once (never waits on MLflow).
+
+    The run is created by the logger's background thread as soon as the server answers; calls made
+    through the returned logger (the driver's settling tags and status) follow the creation in order.
+    Give the trial `key.ref` in place of a run id: its own `RunLogger(uri, key.ref, ...)` sends once
+    the run exists. `RunLogger.run_id` says the id when it is known.
+
+    Args:
+        uri: tracking URI.
+        key: the trial's key (experiment, parent run, Optuna trial number).
+        spool: the driver's spool file for this trial (e.g. `<study>/spool/driver-0007.jsonl`).
+        space: the search space's name (tag `atop.space`).
+        tags: more tags for the run (git SHA, package versions, ...).
+    """
+    log = RunLogger(uri, key.ref, spool)
+    log._put({"op": "create", "space": space, "tags": {k: str(v)[:5000] for k, v in tags.items()}})
+    return log
+
+
+def flush_spools(folder: str | os.PathLike, uri: str, timeout_s: float = FLUSH_S) -> int:
+    """Send every spool file in `folder` (calls left by an outage); returns the calls still unsent.
+
+    Files holding a run's creation go first, so that the calls of its trial find the run. Files this
+    process is still writing are flushed through their own logger, never sent twice at once.
+    """
+    return sum(upload(path, uri, timeout_s=timeout_s) for path in _creates_first(Path(folder).glob("*.jsonl")))
+
+
+def _creates_first(paths: Any) -> list[Path]:
+    """Spool files by name, those that create a run first (their trials' calls need the run)."""
+    return sorted(sorted(Path(p) for p in paths),
+                  key=lambda p: not any(op.get("op") == "create" for op in _read_spool(p)[0]))
 
 
 def failure_message(uri: str, run_id: str, reported: str) -> str:
     """The error to tag a FAILED run with: what the trial itself logged when it raised (tag
-    `atop.last_error`, set before each retry) beats the driver's generic "the trial raised"."""
+    `atop.last_error`, set before each retry) beats the driver's generic "the trial raised".
+
+    `run_id` may be a `TrialRunKey.ref`. This asks the server (one call, bounded by MLflow's HTTP
+    timeout and retries); with the server down it returns `reported`."""
     if reported.startswith("the trial raised"):
         try:
-            last = client(uri).get_run(run_id).data.tags.get(LAST_ERROR_TAG)
+            key = TrialRunKey.parse(run_id)
+            found = run_id if key is None else _RESOLVED.get(run_id) or find_trial_run(uri, key)
+            last = client(uri).get_run(found).data.tags.get(LAST_ERROR_TAG) if found else None
         except Exception:  # noqa: BLE001 - MLflow down: the generic message will do
             last = None
         if last:
@@ -142,105 +258,363 @@ def _params(values: Mapping[str, Any]):
 
 
 class RunLogger:
-    """Logs to one MLflow run; a failed call is spooled to `spool` and retried before later calls.
+    """Logs to one MLflow run without ever waiting on the server (see the module docstring).
+
+    Every call returns at once: it is appended to `spool` and sent by a background thread, in
+    order. Loggers of one process that share a spool file share its queue and thread.
 
     Args:
         uri: tracking URI.
-        run_id: the (existing) run to log to.
-        spool: JSON-lines file for calls that could not be sent; artifacts are referenced by path
-            (keep them where they are until the spool is empty).
+        run: the run's id, or a `TrialRunKey.ref` for a trial run the driver creates
+            (`open_trial_run`).
+        spool: JSON-lines file holding the calls not sent yet (made when needed, removed when
+            empty); artifacts are referenced by path (keep them where they are until it is gone).
     """
 
-    def __init__(self, uri: str, run_id: str, spool: str | os.PathLike):
-        self.uri, self.run_id, self.spool = uri, run_id, Path(spool)
-        self._client = client(uri)
-        self._pending: list[dict[str, Any]] = []
-        if self.spool.is_file():  # an earlier attempt of this trial left unsent calls
-            self._pending = [json.loads(line) for line in self.spool.read_text().splitlines() if line.strip()]
-        self.last_error: str | None = None
+    def __init__(self, uri: str, run: str, spool: str | os.PathLike):
+        if not run:
+            raise ValueError("RunLogger needs a run id or a TrialRunKey.ref, got an empty string")
+        TrialRunKey.parse(run)  # a malformed key raises here, not later in the thread
+        self.uri, self.run, self.spool = uri, run, Path(spool)
+        self._queue = _SpoolQueue.of(self.spool, uri)
 
-    # --- the calls a trial makes ------------------------------------------------------------
+    # --- the calls a trial makes: each returns at once ----------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._call({"op": "params", "params": {k: str(v) for k, v in params.items()}})
+        self._put({"op": "params", "params": {k: str(v) for k, v in params.items()}})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self._call({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step,
-                    "time": now})
+        self._put({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._call({"op": "tags", "tags": {k: str(v)[:5000] for k, v in tags.items()}})
+        self._put({"op": "tags", "tags": {k: str(v)[:5000] for k, v in tags.items()}})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._call({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+        self._put({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def set_status(self, status: str) -> None:
-        self._call({"op": "status", "status": status})
+        """RUNNING, or a final status (`TERMINAL_STATUSES`); applied only over an older final one."""
+        self._put({"op": "status", "status": status})
 
-    def flush(self) -> bool:
-        """Send what is pending; True when nothing is left unsent."""
-        while self._pending:
-            try:
-                self._send(self._pending[0])
-            except Exception as exc:  # noqa: BLE001 - any transport or server error: keep it spooled
-                self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-                self._write_spool()
-                return False
-            self._pending.pop(0)
-        self._write_spool()
-        return True
+    # --- waiting, bounded ---------------------------------------------------------------------
+    def flush(self, timeout_s: float = FLUSH_S) -> bool:
+        """Send what is pending now; True when nothing is left unsent.
+
+        Waits until the queue is empty, or a try started after this call failed (the server is
+        down: the calls stay in the spool file and the thread keeps retrying), or `timeout_s`.
+        """
+        return self._queue.flush(timeout_s)
+
+    def close(self, timeout_s: float = FLUSH_S) -> int:
+        """`flush`, then stop retrying in this process; returns the calls left in the spool file
+        (sent by the driver's `flush_spools` or `python -m tracking upload`). A later call on a
+        logger of this spool starts the thread again."""
+        return self._queue.close(timeout_s)
 
     @property
     def pending(self) -> int:
         """Calls not sent yet (kept in the spool file)."""
-        return len(self._pending)
+        return self._queue.pending
 
-    # --- internals --------------------------------------------------------------------------
-    def _call(self, op: dict[str, Any]) -> None:
-        self._pending.append(op)
-        self.flush()
+    @property
+    def last_error(self) -> str | None:
+        """The error of the last failed try ("ExceptionName: first line"), None if none failed."""
+        return self._queue.last_error
 
-    def _write_spool(self) -> None:
-        if self._pending:
-            atomic_write_text(self.spool, "".join(json.dumps({**op, "run_id": self.run_id}) + "\n"
-                                                  for op in self._pending))
-        elif self.spool.exists():
-            self.spool.unlink()
+    @property
+    def skipped(self) -> list[str]:
+        """One line per call skipped for good (refused by the server, or a stale status)."""
+        return list(self._queue.skipped)
 
-    def _send(self, op: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, RunTag
+    @property
+    def run_id(self) -> str | None:
+        """The run's id: `run` itself, or the id its key resolved to (None until it is known)."""
+        return self.run if TrialRunKey.parse(self.run) is None else _RESOLVED.get(self.run)
 
-        kind, c, run_id = op["op"], self._client, op.get("run_id", self.run_id)
-        if kind == "params":
-            items = _params(op["params"])
-            for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-                c.log_batch(run_id, params=items[i:i + 100])
-        elif kind == "metrics":
-            items = [Metric(k, v, op["time"], op["step"]) for k, v in op["metrics"].items()]
-            for i in range(0, len(items), 1000):
-                c.log_batch(run_id, metrics=items[i:i + 1000])
-        elif kind == "tags":
-            c.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
-        elif kind == "artifact":
-            c.log_artifact(run_id, op["path"], op["artifact_path"])
-        elif kind == "status":
-            if op["status"] in TERMINAL_STATUSES:
-                c.set_terminated(run_id, op["status"])
+    def _put(self, op: dict[str, Any]) -> None:
+        self._queue.put({**op, "run_id": self.run, "t": int(time.time() * 1000)})
+
+
+#: TrialRunKey.ref -> run id, for every key resolved in this process
+_RESOLVED: dict[str, str] = {}
+
+
+class _Skip(Exception):
+    """A call that can never succeed (or is stale): dropped and reported, not retried."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0][:300] if text else ""
+    return first if isinstance(exc, _Skip) else f"{type(exc).__name__}: {first}"
+
+
+def _permanent(exc: BaseException) -> bool:
+    """True for an error no retry can fix: MLflow's 4xx answers (bad value, no such or deleted
+    run, ...) except 429 (rate limit); transport errors and 5xx are worth retrying."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, _Skip):
+        return True
+    if isinstance(exc, MlflowException):
+        code = exc.get_http_status_code()
+        return 400 <= code < 500 and code not in (408, 429)
+    return False
+
+
+def _read_spool(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(the ops in a spool file, how many lines could not be read: a line cut by a crash)."""
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return [], 0
+    ops, bad = [], 0
+    for line in lines:
+        try:
+            ops.append(json.loads(line))
+        except ValueError:
+            bad += 1
+    return ops, bad
+
+
+#: every spool queue of this process, by resolved spool path (kept: an idle one holds no thread)
+_QUEUES: dict[Path, _SpoolQueue] = {}
+_QUEUES_LOCK = threading.Lock()
+
+
+class _SpoolQueue:
+    """The calls of one spool file in one process, sent in order by a thread of their own.
+
+    The file is the truth: a call is appended to it before `put` returns (write-ahead), the thread
+    removes what the server took, and whenever no thread runs the queue reads the file again (so
+    a spool that `python -m tracking upload` emptied meanwhile is not sent twice). The thread
+    ends when the queue is empty or `close` stops it; an idle queue holds no thread.
+    """
+
+    @classmethod
+    def of(cls, spool: Path, uri: str) -> _SpoolQueue:
+        key = spool.resolve()
+        with _QUEUES_LOCK:
+            queue = _QUEUES.get(key)
+            if queue is None:
+                queue = _QUEUES[key] = cls(key, uri)
+            elif queue.uri != uri:
+                queue.retarget(uri)
+            return queue
+
+    def __init__(self, path: Path, uri: str):
+        self.path, self.uri = path, uri
+        self.skipped_path = path.with_name(path.name + ".skipped")
+        self._cv = threading.Condition()
+        self._pending: list[dict[str, Any]] = []
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._kick = False
+        self._tries = 0  # tries started so far
+        self._failed_try = 0  # the number of the last try that failed
+        self._synced = time.monotonic()
+        self.last_error: str | None = None
+        self.skipped: list[str] = []
+        with self._cv:
+            self._start()  # an earlier process (or attempt of the trial) left these unsent
+
+    def retarget(self, uri: str) -> None:
+        """Send to `uri` from now on; refused while the thread is sending to the old one."""
+        with self._cv:
+            if self._thread is not None:
+                raise ValueError(f"spool {self.path} is being sent to {self.uri}; close its logger before "
+                                 f"sending it to {uri}")
+            self.uri = uri
+
+    @property
+    def pending(self) -> int:
+        with self._cv:
+            self._reload()
+            return len(self._pending)
+
+    def put(self, op: dict[str, Any]) -> None:
+        with self._cv:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:  # write-ahead: a process killed now loses nothing
+                f.write(json.dumps(op) + "\n")
+            if self._thread is None:
+                self._stopped = False
+                self._start()  # reads the file, this call included
             else:
-                c.update_run(run_id, status=op["status"])
+                self._pending.append(op)
+                self._cv.notify_all()  # a lingering thread takes it at once
+
+    def flush(self, timeout_s: float) -> bool:
+        with self._cv:
+            self._stopped = False
+            self._start()
+            if not self._pending:
+                return True
+            started = self._tries
+            self._kick = True
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: not self._pending or self._failed_try > started, timeout=timeout_s)
+            return not self._pending
+
+    def close(self, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        self.flush(timeout_s)
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:  # it ends after the try in progress (bounded by the HTTP timeout)
+            thread.join(max(2.0, deadline - time.monotonic()))
+        with self._cv:
+            if self._thread is None:
+                self._reload()
+            else:
+                self._sync()
+            return len(self._pending)
+
+    def _reload(self) -> None:  # with self._cv held
+        if self._thread is None:
+            self._pending, unreadable = _read_spool(self.path)
+            if unreadable:  # a line cut short by a crash: nothing to send
+                self._report_skip({"op": "?", "run_id": "?"}, f"{unreadable} unreadable line(s) in {self.path}")
+                self._sync()
+
+    # --- the background thread ---------------------------------------------------------------
+    def _start(self) -> None:  # with self._cv held
+        self._reload()
+        if self._thread is None and self._pending and not self._stopped:
+            self._thread = threading.Thread(target=self._work, name=f"mlflow-spool-{self.path.stem}", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        from mlflow import MlflowClient
+
+        mlflow = MlflowClient(tracking_uri=self.uri)
+        delay = RETRY_MIN_S
+        while True:
+            with self._cv:
+                if not self._pending and not self._stopped:  # linger: calls come in bursts
+                    self._cv.wait_for(lambda: self._pending or self._stopped, timeout=IDLE_S)
+                if self._stopped or not self._pending:
+                    self._sync()
+                    self._thread = None
+                    self._cv.notify_all()
+                    return
+                op = self._pending[0]
+                self._tries += 1
+                this_try = self._tries
+            try:
+                _send(mlflow, self.uri, op)
+                error, skip = None, None
+            except Exception as exc:  # noqa: BLE001 - sorted below: skipped for good, or retried
+                error, skip = _one_line(exc), _permanent(exc)
+            with self._cv:
+                if error is None or skip:
+                    self._pending.pop(0)
+                    if skip:
+                        self._report_skip(op, error or "")
+                    delay = RETRY_MIN_S
+                    if not self._pending or time.monotonic() - self._synced > SYNC_EVERY_S:
+                        self._sync()
+                else:
+                    self.last_error, self._failed_try = error, this_try
+                    self._sync()
+                self._cv.notify_all()
+                if error is not None and not skip:
+                    self._cv.wait_for(lambda: self._kick or self._stopped, timeout=delay)
+                    self._kick = False
+                    delay = min(2 * delay, RETRY_MAX_S)
+
+    def _sync(self) -> None:  # with self._cv held: the file holds exactly the pending calls
+        self._synced = time.monotonic()
+        if self._pending:
+            atomic_write_text(self.path, "".join(json.dumps(op) + "\n" for op in self._pending))
         else:
-            raise ValueError(f"unknown spooled op {kind!r}")
+            self.path.unlink(missing_ok=True)
+
+    def _report_skip(self, op: dict[str, Any], why: str) -> None:
+        line = f"MLflow: skipped {op.get('op')!r} call for run {op.get('run_id')}: {why}"
+        self.skipped.append(line)
+        print(line, flush=True)
+        with open(self.skipped_path, "a") as f:
+            f.write(json.dumps({**op, "skipped": why}) + "\n")
 
 
-def upload(spool: str | os.PathLike, uri: str | None = None) -> int:
-    """Replay a spool file left by an outage; returns the number of calls still unsent."""
+def _send(c: Any, uri: str, op: dict[str, Any]) -> None:
+    """Perform one spooled call with client `c`; raises `_Skip` for a call that can never succeed."""
+    from mlflow.entities import Metric, RunTag
+
+    kind, ref = op["op"], op["run_id"]
+    key = TrialRunKey.parse(ref)
+    if kind == "create":
+        if key is None:
+            raise _Skip(f"'create' needs a trial run key, not the run id {ref!r}")
+        _RESOLVED[ref] = _create_trial_run(uri, key, op["space"], op["tags"], start_ms=op.get("t"))
+        return
+    if key is None:
+        run_id = ref
+    else:
+        found = _RESOLVED.get(ref) or find_trial_run(uri, key)
+        if found is None:
+            raise RunNotCreatedYet(f"trial {key.number}'s run is not created yet (the driver does that)")
+        run_id = _RESOLVED[ref] = found
+    if kind == "params":
+        items = _params(op["params"])
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+            c.log_batch(run_id, params=items[i:i + 100])
+    elif kind == "metrics":
+        stamp = op.get("time", op.get("t"))  # "time": spool files written before "t" existed
+        items = [Metric(k, v, stamp, op["step"]) for k, v in op["metrics"].items()]
+        for i in range(0, len(items), 1000):
+            c.log_batch(run_id, metrics=items[i:i + 1000])
+    elif kind == "tags":
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+    elif kind == "artifact":
+        if not Path(op["path"]).is_file():
+            raise _Skip(f"the file {op['path']} is not on this machine (any more)")
+        c.log_artifact(run_id, op["path"], op["artifact_path"])
+    elif kind == "status":
+        _set_status(c, run_id, op["status"], op.get("t"))
+    else:
+        raise _Skip(f"unknown spooled op {kind!r}")
+
+
+def _set_status(c: Any, run_id: str, status: str, t: int | None) -> None:
+    """Apply a status change made at time `t` (ms; None: unknown) unless the run's final status is
+    newer: a stale RUNNING (or an earlier FINISHED) never overwrites a later FINISHED/FAILED/KILLED."""
+    info = c.get_run(run_id).info
+    if info.status in TERMINAL_STATUSES:
+        if t is None or info.end_time is None:
+            stale = status not in TERMINAL_STATUSES
+        else:
+            stale = t <= info.end_time
+        if stale:
+            raise _Skip(f"stale: {status} made at {t} is older than the run's {info.status} at {info.end_time}")
+    if status in TERMINAL_STATUSES:
+        c.set_terminated(run_id, status, end_time=t)
+    else:
+        c.update_run(run_id, status=status)
+
+
+def upload(spool: str | os.PathLike, uri: str, timeout_s: float = FLUSH_S) -> int:
+    """Replay a spool file left by an outage; returns the number of calls still unsent.
+
+    Calls skipped for good are printed and appended to `SPOOL.skipped`."""
     path = Path(spool)
-    ops = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not ops:
+    if not path.exists():  # nothing spooled (a live queue always has its file)
         return 0
-    logger = RunLogger(uri or ops[0].get("uri") or "", ops[0]["run_id"], path)
-    logger.flush()
-    return logger.pending
+    return _SpoolQueue.of(path, uri).close(timeout_s)
+
+
+@atexit.register
+def _flush_at_exit(budget_s: float = 10.0) -> None:
+    """Give what is queued a last, bounded chance to leave (the spool files keep the rest)."""
+    deadline = time.monotonic() + budget_s
+    for queue in list(_QUEUES.values()):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if queue.pending:
+            queue.close(left)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,8 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("spool", nargs="+")
     up.add_argument("--mlflow-uri", required=True)
     args = parser.parse_args(argv)
-    left = sum(upload(s, args.mlflow_uri) for s in args.spool)
-    print(f"{left} call(s) still unsent" if left else "all spooled calls sent")
+    left = sum(upload(p, args.mlflow_uri) for p in _creates_first(args.spool))
+    skipped = sum(len(q.skipped) for q in _QUEUES.values())
+    print(f"{left} call(s) still unsent" if left else "all spooled calls sent", end="")
+    print(f"; {skipped} skipped for good (listed above and in SPOOL.skipped)" if skipped else "")
     return 1 if left else 0
 
 
