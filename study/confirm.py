@@ -266,7 +266,7 @@ def run_confirm(*, study: Any, base: Config, overrides: Mapping[str, Any], top: 
     text = table(confirmed, note)
     logger = mlflow_log.RunLogger(uri, parent_id, folder / "spool" / "driver-confirm.jsonl")
     logger.log_artifact(atomic_write_text(folder / CONFIRM_ARTIFACT, text + "\n"))
-    logger.flush()
+    logger.close()
     return confirmed
 
 
@@ -300,6 +300,6 @@ def _record(target: Target, finished: list[tuple[Job, dict[str, Any]]], uri: str
     log.log_metrics(metrics, step=0)
     log.set_tags({AUDIT_TAG: audit})
     log.set_status("FINISHED" if ok else "FAILED")
-    log.flush()
+    log.close()
     return Confirmed(target.number, target.label, target.params, [j.seed for j, _ in finished], n_images, figures,
                      val, audit, [j.seed for j, r in finished if (j, r) not in ok], run_id)

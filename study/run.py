@@ -685,7 +685,7 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
         log.log_metrics({**{TRIAL_COUNT_METRIC.format(state=k): c[k] for k in ("complete", "pruned", "fail")},
                          DRIVER_WALL_S: wall_s}, step=0)
     log.set_status("FINISHED")
-    _say_unsent(plan, log.pending)
+    _say_unsent(plan, log.close())
     broke = [t.number for t in study.trials if t.state.name == "COMPLETE" and infeasible(t)]
     if broke:
         print(f"\n{len(broke)} complete trial(s) broke a --constraint ({', '.join(plan.settings.constraints)}) "

@@ -122,33 +122,6 @@ def test_resume_settles_interrupted_trials_and_runs(tmp_path):
     assert sorted(runs) == [0, 1] and runs[0].data.tags[ROLE_TAG] == Role.TRIAL.value
 
 
-def test_run_logger_spools_during_an_outage_and_uploads_later(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = mlflow_log.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
-    run_id = mlflow_log.client(uri).create_run(exp).info.run_id
-    log = mlflow_log.RunLogger(uri, run_id, tmp_path / "spool" / "t.jsonl")
-    real_send = log._send
-
-    def down(op):
-        raise ConnectionError("server down")
-
-    monkeypatch.setattr(log, "_send", down)
-    log.log_metrics({"clean_acc": 0.5}, step=1)
-    log.set_tags({"seed": 0})
-    assert (tmp_path / "spool" / "t.jsonl").is_file() and "ConnectionError" in log.last_error
-    monkeypatch.setattr(log, "_send", real_send)
-    log.log_metrics({"clean_acc": 0.6}, step=2)  # back up: the backlog goes first
-    assert not (tmp_path / "spool" / "t.jsonl").exists()
-    hist = mlflow_log.client(uri).get_metric_history(run_id, "clean_acc")
-    assert [(m.step, m.value) for m in hist] == [(1, 0.5), (2, 0.6)]
-    # a spool left behind is replayed by the documented command
-    log2 = mlflow_log.RunLogger(uri, run_id, tmp_path / "spool" / "u.jsonl")
-    monkeypatch.setattr(log2, "_send", down)
-    log2.log_metrics({"robust_acc_seen": 0.1}, step=1)
-    assert mlflow_log.main(["upload", str(tmp_path / "spool" / "u.jsonl"), "--mlflow-uri", uri]) == 0
-    assert mlflow_log.client(uri).get_run(run_id).data.metrics["robust_acc_seen"] == 0.1
-
-
 def test_presets_are_valid_and_smoke_is_small():
     assert {"smoke", "tiny", "paper-cifar10", "paper-cifar100"} <= set(presets())
     for name in presets():

@@ -217,13 +217,14 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             _final_artifacts(log, number, cfg, ctx, classifier, classifier_ref, purifier, discriminator, final,
                              trial_dir, device)
             log.set_status("FINISHED")
-            if not log.flush():
-                print(f"MLflow unreachable ({log.last_error}); unsent calls kept in {log.spool}", flush=True)
+            if left := log.close(timeout_s=10):  # bounded: the driver replays what is left after the trial
+                print(f"MLflow unreachable ({log.last_error}); {left} unsent call(s) kept in {log.spool}", flush=True)
     except PERMANENT as exc:
         message = failure_message(exc, cfg, ctx.gpus_per_trial)
         if log:
             log.set_tags({ERROR_TAG: message})
             log.set_status("FAILED")
+            log.close(timeout_s=10)
         tune.report({FAILED_KEY: 1, ERROR_KEY: message, TRIAL_NUMBER: number})
     except BaseException as exc:
         if log:  # Tune may retry it from the last checkpoint; the driver settles the final status
