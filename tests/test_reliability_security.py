@@ -98,8 +98,12 @@ def test_trial_folders_and_spools_are_named_by_numbers():
 
     trial = SimpleNamespace(config={"optuna_trial_number": 7, "rt": "../../x"}, trial_id="abc_00001")
     assert _trial_name(trial) == "trial-0007-abc_00001"
-    source = (REPO / "trainables" / "atop_trainable.py").read_text()
-    assert 'f"trial-{number:04d}.jsonl"' in source  # the spool file: the trial number, an int
+    from trainables.atop_trainable import spool_file
+
+    assert spool_file("search", 7, 3) == "trial-0007.jsonl"  # the spool file: the trial number, an int
+    assert spool_file("confirm", 7, 3) == "confirm-0007-seed3.jsonl"
+    with pytest.raises(ValueError):
+        spool_file("search", "../../x", 0)  # type: ignore[arg-type]
 
 
 def test_services_are_told_to_bind_loopback():

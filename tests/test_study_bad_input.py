@@ -18,7 +18,7 @@ CASES = {
     "unreachable mlflow": (["--mlflow-uri", f"http://127.0.0.1:{free_port()}"], ["unreachable", "127.0.0.1"]),
     "relative sqlite": (["--mlflow-uri", "sqlite:///mlflow.db"], ["absolute"]),
     "resume of a missing study": (["--resume"], ["no study 'bad'"]),
-    "bad config value": (["--epochs", "0"], ["epochs=0", "accepted"]),
+    "bad config value": (["--epochs", "-1"], ["epochs=-1", "accepted"]),
     "no configuration to confirm": (["--confirm-top", "0"], ["--confirm-top", "0", ">= 1", "--no-confirm"]),
     "no confirm seed": (["--confirm-seeds", "0"], ["--confirm-seeds", "0", ">= 1"]),
     "more validation images than the train split": (["--config", "{tmp}/v.yaml"], ["n_eval", "60000"]),

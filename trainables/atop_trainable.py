@@ -168,8 +168,8 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     number, run_id = int(reserved.get(TRIAL_NUMBER, -1)), reserved.get(RUN_ID)
     torch.set_num_threads(max(1, round(ctx.cpus_per_trial)))
     trial_dir = Path(tune.get_context().get_trial_dir())
-    spool = f"trial-{number:04d}" if ctx.stage == Stage.SEARCH.value else f"confirm-{number:04d}-seed{cfg.seed}"
-    log = RunLogger(ctx.mlflow_uri, run_id, Path(ctx.spool_dir) / f"{spool}.jsonl") if run_id else None
+    log = RunLogger(ctx.mlflow_uri, run_id, Path(ctx.spool_dir) / spool_file(ctx.stage, number, cfg.seed)) \
+        if run_id else None
 
     checkpoint = tune.get_checkpoint()
     state, start_epoch, compute_s = None, 0, 0.0
@@ -231,6 +231,14 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             log.set_tags({LAST_ERROR_TAG: f"{type(exc).__name__}: {exc}"})
             log.flush()
         raise
+
+
+def spool_file(stage: str, number: int, seed: int) -> str:
+    """A trial's MLflow spool file name, made of numbers only (never of a searched value, which could
+    hold a path): `trial-0007.jsonl`, or `confirm-0007-seed2.jsonl` for a confirm trial."""
+    if stage == Stage.SEARCH.value:
+        return f"trial-{int(number):04d}.jsonl"
+    return f"confirm-{int(number):04d}-seed{int(seed)}.jsonl"
 
 
 def confirm_atop(config: dict[str, Any], ctx: StudyContext) -> None:
