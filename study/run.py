@@ -254,11 +254,14 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
         # A cluster's workers get the raylet's environment, not this driver's: the test-only fault
         # hook (trainables.faults.FAULT_ENV) must travel in the job's runtime env.
         fault = os.environ.get(FAULT_ENV)
-        ray.init(log_to_driver=True, **quiet, **({"runtime_env": {"env_vars": {FAULT_ENV: fault}}} if fault else {}))
+        context = ray.init(log_to_driver=True, **quiet,
+                           **({"runtime_env": {"env_vars": {FAULT_ENV: fault}}} if fault else {}))
     else:  # embedded: a local Ray bound to 127.0.0.1, workers importing this checkout
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
+        context = ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet,
+                           runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
+    if getattr(context, "dashboard_url", None):
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     total = ray.cluster_resources()
     if cpus_per_trial > total.get("CPU", 0) or gpus_per_trial > total.get("GPU", 0):
         ray.shutdown()
@@ -476,14 +479,11 @@ def run(plan: StudyPlan) -> int:
 
 
 def where_to_watch(plan: StudyPlan, opened: OpenStudy) -> list[str]:
-    """Lines telling where the running study can be followed: MLflow, the Ray dashboard, the job."""
+    """Lines telling where the running study can be followed: MLflow and, under a job, the job
+    (`init_ray` prints the Ray dashboard's URL where there is one)."""
     uri = plan.mlflow_uri
     lines = [f"MLflow experiment: {uri.rstrip('/')}/#/experiments/{opened.experiment_id}"
              if uri.startswith(("http:", "https:")) else f"MLflow: mlflow ui --backend-store-uri {uri}"]
-    import ray
-
-    if ray.is_initialized() and (dashboard := ray.get_dashboard_url()):
-        lines.append(f"Ray dashboard: http://{dashboard}")
     submission = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {}).get(
         "job_submission_id")
     if submission:  # under `ray job submit`: how to follow and stop this job
