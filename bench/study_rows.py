@@ -165,12 +165,12 @@ def run_study(*, preset: str, num_trials: int, epochs: int, max_concurrent: int,
             sampler.join()
         ray.shutdown()
     study = optuna.load_study(study_name=name, storage=plan.optuna_url)
-    train, test, cfg = plan.train, plan.test, plan.cfg
-    per_image = train.x[0].numel() * train.x.element_size() + train.y.element_size()
+    pool, cfg = plan.pool, plan.cfg
+    per_image = pool.x[0].numel() * pool.x.element_size() + pool.y.element_size()
     result = StudyRun(
         name=name, folder=plan.folder, scheduler=scheduler, max_concurrent=max_concurrent, trials=study.trials,
-        driver_s=driver_s, data_bytes=_nbytes(train) + _nbytes(test),
-        shared_bytes=per_image * ((cfg.n_train or len(train)) + cfg.n_eval), log=out.getvalue())
+        driver_s=driver_s, data_bytes=sum(_nbytes(s) for s in (pool, plan.val, plan.test)),
+        shared_bytes=per_image * ((cfg.n_train or len(pool)) + cfg.n_eval), log=out.getvalue())
     if sampler:
         result.rss_peak, result.uss_peak, result.workers_peak = sampler.rss_peak, sampler.uss_peak, sampler.workers_peak
     _RUNS[key] = result
