@@ -29,6 +29,7 @@ import numpy as np
 from atop.config import Config
 from atop.io import atomic_write_text
 from atop.stats import bootstrap
+from study.tables import columns
 from tracking.contract import (
     ATTR_INTERVALS,
     ATTR_REFERENCE,
@@ -180,13 +181,11 @@ def table(confirmed: Sequence[Confirmed], note: str) -> str:
         aa = c.figures.get(AUTOATTACK)
         cells += [aa.text() if aa else "-", c.audit]
         rows.append(cells)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     seeds = sorted({len(c.seeds) - len(c.failed_seeds) for c in confirmed})
-    lines = [(f"Confirmed on test ({'/'.join(map(str, seeds))} seeds per config, "
+    title = (f"Confirmed on test ({'/'.join(map(str, seeds))} seeds per config, "
              f"{'/'.join(sorted({str(c.n_images) for c in confirmed}))} test images; val: the search's "
-             "validation figure; [95%]: bootstrap over test images and seeds):"),
-             "  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows]
+             "validation figure; [95%]: bootstrap over test images and seeds):")
+    lines = [title, *columns(head, rows)]
     failed = [f"{c.label}: seeds {c.failed_seeds} failed" for c in confirmed if c.failed_seeds]
     return "\n".join([*lines, *failed, f"test figures at {note}"])
 

@@ -48,13 +48,15 @@ def pareto_table(study: Any, note: str | None = None) -> str:
         rows.append([f"{t.number}{f' ({ref})' if ref else ''}", *figures,
                      ",".join(f"~{m}" for m in same[t.number]) or "-",
                      *(_fmt(t.params.get(k, "-")) for k in params), t.user_attrs.get(ATTR_RUN_ID, "-")])
+    title = ("Pareto-optimal trials (all objectives maximised; [95%]: Wilson interval over images; ~N: its "
+             "intervals overlap trial N's on every objective, so the two are not distinguishable):")
+    return "\n".join([title, *columns(head, rows), *tail])
+
+
+def columns(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A text table's lines: the header, a rule, then the rows, each column padded to its widest cell."""
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = [("Pareto-optimal trials (all objectives maximised; [95%]: Wilson interval over images; ~N: its "
-             "intervals overlap trial N's on every objective, so the two are not distinguishable):"),
-             "  ".join(h.ljust(w) for h, w in zip(head, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join([*lines, *tail])
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, ["-" * w for w in widths], *rows]]
 
 
 def _fmt(value: Any) -> str:
