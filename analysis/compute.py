@@ -181,7 +181,9 @@ def front_analysis(
 
 
 def analyse(
-    table: pa.Table, objectives: Sequence[Objective], ref_point: Sequence[float] | None = None
+    table: pa.Table,
+    objectives: Sequence[Objective],
+    ref_point: Sequence[float] | np.ndarray | None = None,
 ) -> FrontInfo:
     """Compute a study's :class:`FrontInfo` from its runs table.
 

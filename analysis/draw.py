@@ -21,7 +21,7 @@ from plotly.subplots import make_subplots
 
 from analysis.compute import CompareInfo, FrontInfo, Objective
 
-PALETTE = plt.get_cmap("tab10").colors
+PALETTE = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
 MARGIN = 0.02
 #: narrowest axis range drawn (accuracy units): a front of near-equal points is not blown up
 MIN_SPAN = 0.05
@@ -253,9 +253,9 @@ def params_png(info: FrontInfo, path: Path, title: str) -> None:
         ticks = np.linspace(0, 1, len(labels)) if hi > lo else [0.5]
         for t, lab in zip(ticks, labels if hi > lo else labels[:1]):
             ax.text(k + 0.04, t, lab, fontsize=7, va="center")
-    scaled = np.column_stack(scaled)
+    columns = np.column_stack(scaled)
     colours = _group_colours(info)
-    for row, group, on_front in zip(scaled, info.groups, info.on_front):
+    for row, group, on_front in zip(columns, info.groups, info.on_front):
         ax.plot(
             range(len(axes)),
             row,

@@ -112,7 +112,8 @@ def load_study(
 
 
 def _search_all(client: MlflowClient, experiment_id: str) -> list[Run]:
-    runs, token = [], None
+    runs: list[Run] = []
+    token = None
     while True:
         page = client.search_runs([experiment_id], max_results=1000, page_token=token)
         runs.extend(page)

@@ -13,7 +13,7 @@ from analysis.per_example import PER_EXAMPLE_ARTIFACT, PerImage
 from analysis.uncertainty import FrontUncertainty
 
 
-def _fmt(values: Sequence[float]) -> str:
+def _fmt(values: Sequence[float] | np.ndarray) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 

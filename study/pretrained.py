@@ -123,14 +123,14 @@ def adopt_pretrained(folder: str | os.PathLike, cfg: Config, settings: PretrainS
         # are checked before either is stored, so a bad purifier leaves no entry of its classifier.
         classifier = None if clf_entry.is_file() else \
             check_classifier_file(given.classifier, cfg, label="--pretrained classifier")
-        purifier = None if pur_entry is None or pur_entry.is_file() else \
+        purifier = None if given.purifier is None or pur_entry is None or pur_entry.is_file() else \
             check_purifier_file(given.purifier, cfg, label="--pretrained purifier")
         if classifier is None:
             check_entry(clf_entry, "classifier")
         else:
             save_checkpoint(clf_entry, kind="classifier", cfg=cfg, classifier=classifier)
             log(f"checked {given.classifier} and cached it as {clf_entry}")
-        if purifier is not None:
+        if purifier is not None and pur_entry is not None:
             save_checkpoint(pur_entry, kind="purifier", cfg=cfg, purifier=purifier[0], discriminator=purifier[1])
             log(f"checked {given.purifier} and cached it as {pur_entry}")
         elif pur_entry is not None:

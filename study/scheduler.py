@@ -222,9 +222,9 @@ class MOASHAScheduler(FIFOScheduler):
             for epoch, entry in t.user_attrs.get(ATTR_EPOCH_OBJECTIVES, {}).items():
                 entries.append((float(entry["at"]), int(epoch), str(key), [float(v) for v in entry["values"]]))
         milestones = set(rungs(self.grace_period, self.eta, self.max_t))
-        for _, epoch, key, vector in sorted(entries):
+        for _, epoch, owner_key, vector in sorted(entries):
             if epoch in milestones:
-                self.records.setdefault(epoch, {}).setdefault(key, vector)
+                self.records.setdefault(epoch, {}).setdefault(owner_key, vector)
 
     def debug_string(self) -> str:
         seen = ", ".join(f"epoch {m}: {len(r)}" for m, r in sorted(self.records.items())) or "none yet"

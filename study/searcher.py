@@ -80,7 +80,8 @@ class AskTellSearcher(Searcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # the space comes from `space`, the objectives are fixed
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Ray's own searchers return Searcher.FINISHED (a str) too; its annotation omits it
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         while self._more():
             trial = self.study.ask()
             params = self.space.suggest(trial)

@@ -562,7 +562,7 @@ def _send(c: Any, uri: str, op: dict[str, Any]) -> None:
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             c.log_batch(run_id, params=items[i:i + 100])
     elif kind == "metrics":
-        stamp = op.get("time", op.get("t"))  # "time": spool files written before "t" existed
+        stamp = int(op["time"] if "time" in op else op["t"])  # "time": spool files written before "t" existed
         items = [Metric(k, v, stamp, op["step"]) for k, v in op["metrics"].items()]
         for i in range(0, len(items), 1000):
             c.log_batch(run_id, metrics=items[i:i + 1000])
