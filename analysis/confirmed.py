@@ -23,7 +23,7 @@ FIGURES = (
 )
 #: hyperparameters shown for each row, where they differ between rows (all of them for one row)
 KEY_PARAMS = (
-    "rt", "mask_ratio", "noise_std", "num_masks", "train_attack", "train_norm", "train_grad_path",
+    "defense", "rt", "mask_ratio", "noise_std", "num_masks", "train_attack", "train_norm", "train_grad_path",
     "train_eot", "lambda_ce", "ce_warmup_epochs", "lr", "epochs",
 )  # fmt: skip
 NO_CONFIRM = (

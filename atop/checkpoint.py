@@ -29,7 +29,6 @@ from atop.data import DATASETS
 from atop.defense import Defense
 from atop.io import atomic_write
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
-from atop.transforms import RandomTransform
 
 FORMAT, VERSION = "atop-checkpoint", 1
 KINDS = ("classifier", "purifier", "defense")
@@ -300,8 +299,8 @@ def load_defense(path: str | os.PathLike, device: str | torch.device = "cpu", se
     """
     blob = load_checkpoint(path, kind="defense")
     purifier, _ = build_purifier(blob)
-    defense = Defense(RandomTransform.from_config(blob["config"]), purifier, build_classifier(blob, classifier),
-                      seed=seed)
+    defense = Defense.from_config(blob["config"], purifier, build_classifier(blob, classifier))
+    defense.reseed(seed)
     return defense.to(device).eval()
 
 

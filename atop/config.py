@@ -34,6 +34,13 @@ class RTType(str, enum.Enum):
     RT3 = "rt3"  # noise, then N disjoint masks, each inpainted, filled pixels combined
 
 
+class DefenseKind(str, enum.Enum):
+    """What stands in front of the classifier."""
+
+    FULL = "full"  # RT -> purifier -> classifier: what AToP fine-tunes
+    CLASSIFIER = "classifier"  # the classifier alone: a baseline to score, never fine-tuned (epochs 0)
+
+
 class TrainAttack(str, enum.Enum):
     FGSM = "fgsm"
     PGD = "pgd"
@@ -77,6 +84,7 @@ class Config:
     classifier: str = "small_cnn"
     purifier: str = "unet"
     purifier_width: int = 16
+    defense: DefenseKind = DefenseKind.FULL
     # random transform
     rt: RTType = RTType.RT2
     mask_ratio: float = 0.25  # fraction of blocks removed (RT1/RT2)
@@ -186,6 +194,9 @@ class Config:
         _in_range("batch_size", self.batch_size, 1, 65_536)
         _in_range("eval_eps_linf", self.eval_eps_linf, 0.0, 1.0)
         _in_range("eval_eps_l2", self.eval_eps_l2, 0.0, 100.0)
+        if self.defense is DefenseKind.CLASSIFIER and self.epochs != 0:
+            raise ConfigError(f"epochs={self.epochs} with defense='classifier' (the classifier alone has nothing "
+                              "to fine-tune); accepted: epochs=0, or defense='full'")
         if self.train_norm is Norm.LINF and self.train_eps > 1.0:
             raise ConfigError(f"train_eps={self.train_eps} is above 1 for linf on [0,1] images; accepted: 0..1")
 

@@ -2,23 +2,34 @@
 
 Input: images float in [0,1], NCHW. Output: logits. Every call draws fresh randomness from the
 module's own seedable `torch.Generator`, so an attack that differentiates `forward` attacks the whole
-stochastic defense, and EOT is just averaging over calls.
+stochastic defense, and EOT is just averaging over calls. `Config.defense = classifier` makes the
+same module the classifier alone (no transform, no purifier): the baseline a study scores beside it.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from atop.config import Config, DefenseKind
 from atop.transforms import RandomTransform
 
 
 class Defense(nn.Module):
-    def __init__(self, transform: RandomTransform, purifier: nn.Module, classifier: nn.Module, seed: int = 0):
+    def __init__(self, transform: RandomTransform, purifier: nn.Module, classifier: nn.Module, seed: int = 0,
+                 classifier_alone: bool = False):
         super().__init__()
         self.transform, self.purifier, self.classifier = transform, purifier, classifier
         freeze(classifier)
         self.seed = seed
+        self.classifier_alone = classifier_alone
         self._generator: torch.Generator | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, purifier: nn.Module, classifier: nn.Module,
+                    transform: RandomTransform | None = None) -> Defense:
+        """The defense `cfg` describes (its RT, `cfg.defense`, seeded with `cfg.seed`) around these models."""
+        return cls(transform or RandomTransform.from_config(cfg), purifier, classifier, seed=cfg.seed,
+                   classifier_alone=cfg.defense is DefenseKind.CLASSIFIER)
 
     def reseed(self, seed: int) -> None:
         """Restart the random transforms' stream (reproducible evaluations)."""
@@ -30,7 +41,10 @@ class Defense(nn.Module):
         return self._generator
 
     def purify(self, x: torch.Tensor) -> torch.Tensor:
-        """t(x) -> g -> combined: the purified images in [0,1], same shape as `x`."""
+        """t(x) -> g -> combined: the purified images in [0,1], same shape as `x` (`x` itself for the
+        classifier alone)."""
+        if self.classifier_alone:
+            return x
         views, holes = self.transform(x, self.generator(x.device))
         return self.transform.combine(self.purifier(views, holes), holes)
 

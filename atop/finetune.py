@@ -170,7 +170,7 @@ def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discrimina
     if state is not None:
         trainer.load_state_dict(state)
     transform = RandomTransform.from_config(cfg)
-    defense = Defense(transform, trainer.purifier, trainer.classifier, seed=cfg.seed)
+    defense = Defense.from_config(cfg, trainer.purifier, trainer.classifier, transform)
     attack = training_attack(cfg, trainer.classifier, defense)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     if cfg.epochs == 0 and start_epoch == 0:  # no fine-tuning: the pre-trained defense, scored once (a control)

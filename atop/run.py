@@ -43,7 +43,6 @@ from atop.finetune import finetune
 from atop.io import atomic_write_text
 from atop.presets import get_preset
 from atop.pretrain import ensure_pretrained
-from atop.transforms import RandomTransform
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -73,7 +72,7 @@ def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, devic
                               "expected a purifier checkpoint written by atop.pretrain")
 
     started = time.perf_counter()
-    baseline_defense = Defense(RandomTransform.from_config(cfg), purifier, classifier, seed=cfg.seed).to(device).eval()
+    baseline_defense = Defense.from_config(cfg, purifier, classifier).to(device).eval()
     baseline = evaluate(baseline_defense, test, cfg, device=device, split="test")
     log(f"before fine-tuning ({baseline.description}): {_summary(baseline.metrics)}")
     report = None

@@ -78,7 +78,7 @@ class OursStep:
         classifier, purifier, discriminator = (copy.deepcopy(m) for m in models)
         self.trainer = PurifierTrainer(cfg, purifier, discriminator, classifier, device)
         self.transform = RandomTransform.from_config(cfg)
-        defense = Defense(self.transform, self.trainer.purifier, self.trainer.classifier, seed=cfg.seed)
+        defense = Defense.from_config(cfg, self.trainer.purifier, self.trainer.classifier, self.transform)
         self.attack = training_attack(cfg, self.trainer.classifier, defense)
         self.channels_last, self.ce_weight = cfg.channels_last, cfg.lambda_ce
 

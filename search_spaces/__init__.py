@@ -18,7 +18,7 @@ from typing import Any
 
 import optuna
 
-from search_spaces import paper, tiny, wide
+from search_spaces import paper, reproduce, tiny, wide
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,18 @@ def _space(name: str, module: ModuleType) -> Space:
 
 
 #: name -> space; `study/run.py --space NAME` picks one
-SPACES: dict[str, Space] = {name: _space(name, m) for name, m in (("paper", paper), ("wide", wide), ("tiny", tiny))}
+SPACES: dict[str, Space] = {name: _space(name, m) for name, m in
+                             (("paper", paper), ("wide", wide), ("tiny", tiny), ("reproduce", reproduce))}
+
+
+def config_values(space: Space, params: dict[str, Any]) -> dict[str, Any]:
+    """The config fields a trial with these Optuna parameters runs with: the space run on them.
+
+    Most spaces name their parameters after config fields and return them unchanged; a space may
+    also map one parameter to several fields (`reproduce`'s `arm`), so whoever turns a finished
+    trial's `params` back into a config (the confirm stage, `--enqueue` checks) goes through here.
+    """
+    return space.suggest(optuna.trial.FixedTrial(params))
 
 
 def distributions(space: Space) -> dict[str, list[str]]:
@@ -83,4 +94,4 @@ def fingerprint(space: Space) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-__all__ = ["SPACES", "Space", "distributions", "fingerprint", "searched_names"]
+__all__ = ["SPACES", "Space", "config_values", "distributions", "fingerprint", "searched_names"]

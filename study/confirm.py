@@ -29,6 +29,7 @@ import numpy as np
 from atop.config import Config
 from atop.io import atomic_write_text
 from atop.stats import bootstrap
+from search_spaces import Space, config_values
 from study.tables import columns
 from tracking.contract import (
     ATTR_INTERVALS,
@@ -136,9 +137,10 @@ def targets(study: Any, top: int) -> list[Target]:
             for t in sorted([*picked, *refs], key=lambda t: t.number)]
 
 
-def confirm_config(base: Config, target: Target, overrides: Mapping[str, Any], seed: int) -> Config:
-    """A confirm trial's config: the search trial's, scored per `overrides` (`CONFIRM_KEYS`), new seed."""
-    return Config.from_dict({**base.to_dict(), **target.params, **overrides, "seed": seed})
+def confirm_config(base: Config, space: Space, target: Target, overrides: Mapping[str, Any], seed: int) -> Config:
+    """A confirm trial's config: the search trial's (its params through `space`), scored per
+    `overrides` (`CONFIRM_KEYS`), with a new seed."""
+    return Config.from_dict({**base.to_dict(), **config_values(space, target.params), **overrides, "seed": seed})
 
 
 def aggregate(per_seed: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, Figure]:
@@ -210,7 +212,7 @@ def load_state(folder: Path) -> dict[int, Confirmed]:
     return {int(k): Confirmed.from_dict(v) for k, v in json.loads(path.read_text()).items()}
 
 
-def run_confirm(*, study: Any, base: Config, overrides: Mapping[str, Any], top: int, seeds: int, folder: Path,
+def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[str, Any], top: int, seeds: int, folder: Path,
                 uri: str, experiment_id: str, parent_id: str, tags: Mapping[str, str],
                 fit: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], note: str,
                 log=print) -> list[Confirmed]:
@@ -218,6 +220,7 @@ def run_confirm(*, study: Any, base: Config, overrides: Mapping[str, Any], top: 
 
     Args:
         study: the Optuna study after the search.
+        space: the study's search space (turns a trial's params into config fields).
         base: the config every search trial started from; `overrides`: the study's `confirm_config`.
         top, seeds: `--confirm-top`, `--confirm-seeds`.
         folder: the study folder (`confirm.json` records what is done, so a resumed driver skips it).
@@ -239,7 +242,7 @@ def run_confirm(*, study: Any, base: Config, overrides: Mapping[str, Any], top: 
         jobs: list[Job] = []
         parents: dict[int, str] = {}
         for t in todo:
-            cfg0 = confirm_config(base, t, overrides, base.seed)
+            cfg0 = confirm_config(base, space, t, overrides, base.seed)
             link = {CONFIRM_OF_TAG: str(t.number), CONFIRM_OF_RUN_TAG: t.run_id or "",
                     STAGE_TAG: Stage.CONFIRM.value, EVAL_SPLIT_TAG: EvalSplit.TEST.value,
                     EVAL_LEVEL_TAG: cfg0.eval_level.value, **({REFERENCE_TAG: t.reference} if t.reference else {})}
@@ -248,12 +251,14 @@ def run_confirm(*, study: Any, base: Config, overrides: Mapping[str, Any], top: 
             parents[t.number] = parent.info.run_id
             mlflow_log.RunLogger(uri, parent.info.run_id, folder / "spool" / f"confirm-{t.number:04d}.jsonl") \
                 .log_params({k: v for k, v in cfg0.to_dict().items() if k != "seed"})
-            for k in range(1, seeds + 1):
+            # Seeds are fine-tuning seeds: a configuration that fine-tunes nothing (epochs 0, e.g. a
+            # no-FT control) gets one; its scoring draws are fresh either way.
+            for k in range(1, (seeds if cfg0.epochs > 0 else 1) + 1):
                 seed = base.seed + k
                 run = client.create_run(experiment_id, run_name=f"confirm-{t.number:04d}-seed{seed}",
                                         tags={**tags, **link, PARENT_TAG: parent.info.run_id,
                                               ROLE_TAG: Role.CONFIRM_SEED.value, CONFIRM_SEED_TAG: str(seed)})
-                cfg = confirm_config(base, t, overrides, seed)
+                cfg = confirm_config(base, space, t, overrides, seed)
                 jobs.append(Job(t.number, seed, run.info.run_id, cfg.to_dict()))
         results = fit([{"number": j.number, "seed": j.seed, "run_id": j.run_id, "config": j.config} for j in jobs])
         for t in todo:

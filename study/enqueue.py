@@ -30,7 +30,7 @@ from optuna.distributions import (
 )
 
 from atop.config import Config, ConfigError
-from search_spaces import Space, searched_names
+from search_spaces import Space, config_values, searched_names
 from study.settings import NAME_RE, StudyError
 from tracking.contract import ATTR_REFERENCE
 
@@ -65,7 +65,15 @@ def read_enqueue(path: str | Path, space: Space, base: Config) -> list[Reference
         StudyError: one line naming the file, the entry and the bad key or value.
     """
     where = f"--enqueue {str(path)!r}"
-    entries = _read_list(Path(path), where)
+    return check_references(_read_list(Path(path), where), space, base, where)
+
+
+def check_references(entries: list[Any], space: Space, base: Config, where: str) -> list[Reference]:
+    """`entries` (mappings as in an `--enqueue` file) as references, checked like `read_enqueue`'s;
+    `where` names their source in error messages (a file, or a settings file's `references:`)."""
+    if not isinstance(entries, list):
+        raise StudyError(f"{where} holds {type(entries).__name__}, not a list; accepted: a list of mappings, "
+                         "one per reference configuration")
     known = searched_names(space)
     probes = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     refs: list[Reference] = []
@@ -92,7 +100,7 @@ def read_enqueue(path: str | Path, space: Space, base: Config) -> list[Reference
                              f"{hint}; accepted: name, {', '.join(sorted(known))}")
         params = _check_entry(probes, space, values, at)
         try:
-            Config.from_dict({**base.to_dict(), **params})
+            Config.from_dict({**base.to_dict(), **config_values(space, params)})
         except ConfigError as exc:
             raise StudyError(f"{at}: the study's config with these values is invalid: {exc}") from None
         refs.append(Reference(name, params))
@@ -204,10 +212,10 @@ def _inside(dist: BaseDistribution, value: Any) -> Any:
         accepted = f"an integer in {dist.low}..{dist.high}" + (f" in steps of {dist.step}" if dist.step != 1 else "")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
             raise _Outside(accepted)
-        number = int(value)
-        if not dist.low <= number <= dist.high or (number - dist.low) % dist.step:
+        integer = int(value)
+        if not dist.low <= integer <= dist.high or (integer - dist.low) % dist.step:
             raise _Outside(accepted)
-        return number
+        return integer
     if isinstance(dist, FloatDistribution):
         accepted = f"a number in {dist.low!r}..{dist.high!r}" + (f" in steps of {dist.step!r}" if dist.step else "")
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -230,4 +238,4 @@ def _show(choice: Any) -> str:
     return str(choice).lower() if isinstance(choice, bool) or choice is None else str(choice)
 
 
-__all__ = ["Reference", "enqueue_references", "read_enqueue"]
+__all__ = ["Reference", "check_references", "enqueue_references", "read_enqueue"]

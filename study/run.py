@@ -55,7 +55,7 @@ from atop.io import atomic_write_text
 from search_spaces import SPACES, fingerprint
 from study import optuna_storage
 from study.constraints import infeasible
-from study.enqueue import Reference, enqueue_references, read_enqueue
+from study.enqueue import Reference, check_references, enqueue_references, read_enqueue
 from study.pretrained import check_pretrained, pretrain_once
 from study.resume import counts, finished_count, settle_interrupted
 from study.settings import (
@@ -104,7 +104,7 @@ from trainables.faults import FAULT_ENV
 #: that name their classifier by sha256 look for it there (`atop.checkpoint`)
 CACHE_DIR = STUDY_CACHE_DIR
 #: flags that shape the study itself; on --resume they must match what the study was started with
-SHAPING = ("space", "sampler", "population_size", "config", "pretrain", "constraints")
+SHAPING = ("space", "sampler", "population_size", "config", "pretrain", "constraints", "references")
 #: flags a resumed study may change besides the trial count and resources
 SCHEDULING = ("scheduler", "grace_period", "reduction_factor", "confirm_top", "confirm_seeds")
 STUDY_FILE = "study.json"
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. clean_acc>=0.7 (repeatable); breaking trials are kept but never on the front")
     p.add_argument("--confirm-top", type=int, help="after the search, confirm up to K Pareto-optimal configurations "
                    "(spread over the front) on test images (default 3)")
-    p.add_argument("--confirm-seeds", type=int, help="new fine-tuning seeds per confirmed configuration (default 2)")
+    p.add_argument("--confirm-seeds", type=int, help="new fine-tuning seeds per confirmed configuration (default 2; "
+                   "one for a configuration that fine-tunes nothing, epochs 0)")
     p.add_argument("--no-confirm", action="store_true", help="skip the confirm stage (the search's figures are "
                    "validation figures only)")
     p.add_argument("--enqueue", metavar="FILE", help="reference configurations (YAML/JSON list of the space's "
@@ -379,10 +380,7 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     if settings.confirm and n_test > len(test):
         raise StudyError(f"confirm_config n_eval={n_test} test images but the test split has {len(test)}; "
                          f"accepted: 1..{len(test)}")
-    references = read_enqueue(args.enqueue, SPACES[settings.space], cfg) if args.enqueue else []
-    if len(references) > settings.num_trials:
-        raise StudyError(f"--num-trials {settings.num_trials} is below the {len(references)} configurations of "
-                         f"--enqueue {args.enqueue}; accepted: --num-trials >= {len(references)}")
+    references = _references(settings, cfg, args.enqueue)
     if pretrained:
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else storage_path / CACHE_DIR
@@ -390,6 +388,23 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
                      optuna_storage=optuna_url, references=tuple(references), pretrained=pretrained,
                      resume=bool(args.resume), verbose=bool(args.verbose))
+
+
+def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> list[Reference]:
+    """The settings' `references`, then `--enqueue FILE`'s, checked against the space and `cfg`."""
+    space = SPACES[settings.space]
+    refs = check_references(settings.references, space, cfg, "references") if settings.references else []
+    if enqueue:
+        refs += read_enqueue(enqueue, space, cfg)
+    names = [r.name for r in refs]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise StudyError(f"--enqueue {enqueue}: reference name(s) {', '.join(twice)} are already the settings' "
+                         "references; accepted: names not used there")
+    if len(refs) > settings.num_trials:
+        raise StudyError(f"--num-trials {settings.num_trials} is below the {len(refs)} reference configurations "
+                         f"(settings and --enqueue); accepted: --num-trials >= {len(refs)}")
+    return refs
 
 
 def _saved_study(name: str, storage_path: Path, saved_file: Path) -> dict[str, Any]:
@@ -637,7 +652,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
         by_run = {r.config["job"]["run_id"]: (r.metrics or {}) if r.error is None else {} for r in tuner.fit()}
         return [by_run.get(j["run_id"], {}) for j in jobs]
 
-    confirmed = run_confirm(study=opened.study, base=plan.cfg, overrides=s.confirm_config, top=s.confirm_top,
+    confirmed = run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config, top=s.confirm_top,
                             seeds=s.confirm_seeds, folder=plan.folder, uri=plan.mlflow_uri,
                             experiment_id=opened.experiment_id, parent_id=opened.parent_id,
                             tags=ctx.tags if ctx else opened.tags, fit=fit,

@@ -57,6 +57,8 @@ class StudySettings:
     grace_period: int = 1  # mo-asha: first rung, in epochs
     reduction_factor: int = 3  # mo-asha: about 1 in reduction_factor trials passes each rung
     constraints: list[str] = field(default_factory=list)  # `--constraint`s (study/constraints.py)
+    #: reference configurations run first and always confirmed, as `--enqueue FILE`'s entries (study/enqueue.py)
+    references: list[dict[str, Any]] = field(default_factory=list)
     confirm: bool = True  # after the search, confirm its front on test images (study/confirm.py)
     confirm_top: int = 3  # Pareto-optimal configurations to confirm (spread over the front)
     confirm_seeds: int = 2  # new fine-tuning seeds per confirmed configuration
@@ -172,7 +174,9 @@ def longest_ce_warmup(space: Space, base: Config) -> int:
         return base.ce_warmup_epochs
     probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     space.suggest(probe)
-    return int(probe.distributions["ce_warmup_epochs"].high)
+    dist = probe.distributions["ce_warmup_epochs"]
+    assert isinstance(dist, optuna.distributions.IntDistribution), dist  # an epoch count
+    return dist.high
 
 
 def _one_of(flag: str, value: str, accepted: Mapping[str, Any] | tuple[str, ...]) -> None:

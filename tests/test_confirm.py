@@ -6,6 +6,7 @@ import optuna
 import pytest
 
 from atop.config import Config
+from search_spaces import SPACES
 from study.confirm import (
     Confirmed,
     Figure,
@@ -56,9 +57,21 @@ def test_targets_are_spread_front_members_plus_every_reference():
 
 def test_a_confirm_config_is_the_search_trials_with_a_new_seed_and_the_confirm_scoring():
     base = Config(seed=7, n_eval=64, epochs=2)
-    t = Target(3, "r", {"lambda_ce": 0.4}, (0.5, 0.2, 0.1), {})
-    cfg = confirm_config(base, t, {"eval_level": "light", "n_eval": 100}, seed=9)
-    assert (cfg.lambda_ce, cfg.seed, cfg.n_eval, cfg.eval_level.value, cfg.epochs) == (0.4, 9, 100, "light", 2)
+    t = Target(3, "r", {"rt": "rt3", "lambda_ce": 0.08, "num_masks": 2}, (0.5, 0.2, 0.1), {})
+    cfg = confirm_config(base, SPACES["paper"], t, {"eval_level": "light", "n_eval": 100}, seed=9)
+    assert (cfg.lambda_ce, cfg.num_masks, cfg.seed, cfg.n_eval, cfg.eval_level.value, cfg.epochs) == \
+        (0.08, 2, 9, 100, "light", 2)
+
+
+def test_a_confirm_config_maps_a_spaces_parameters_to_config_fields():
+    # reproduce's one parameter, `arm`, names a whole configuration: the confirm trial must run that
+    base = Config(seed=7, n_eval=64, epochs=2)
+    t = Target(0, "r", {"arm": "rt2-atop-pgd-eot"}, (0.5, 0.2, 0.1), {})
+    cfg = confirm_config(base, SPACES["reproduce"], t, {}, seed=8)
+    assert (cfg.train_attack.value, cfg.train_grad_path.value, cfg.train_eot, cfg.epochs) == ("pgd", "defense", 2, 2)
+    alone = confirm_config(base, SPACES["reproduce"], Target(1, "c", {"arm": "classifier-alone"}, (0, 0, 0), {}),
+                           {}, seed=8)
+    assert (alone.defense.value, alone.epochs) == ("classifier", 0)
 
 
 def test_figures_over_seeds_have_the_seed_mean_its_spread_and_an_interval_over_images_and_seeds():

@@ -107,3 +107,18 @@ def test_defense_is_one_module_with_fresh_seedable_randomness():
     assert torch.equal(defense.purify(x), a)
     defense.train()
     assert not defense.classifier.training and defense.purifier.training
+
+
+def test_the_classifier_alone_is_a_deterministic_defense_with_nothing_to_fine_tune():
+    cfg = Config.from_dict({**CFG, "defense": "classifier", "epochs": 0})
+    clf, pur, disc = models()
+    defense = Defense.from_config(cfg, pur, clf).eval()
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.equal(defense(x), clf(x)) and torch.equal(defense(x), defense(x))
+    report = next(finetune(cfg, clf, pur, disc, tiny_data(), tiny_data(8, seed=1)))
+    # no randomness: every scoring draw agrees, so the clean accuracy is the classifier's on these images
+    x_eval = tiny_data(8, seed=1).x.float() / 255
+    assert report.metrics["clean_acc"] == pytest.approx(
+        (clf(x_eval).argmax(1) == tiny_data(8, seed=1).y).float().mean().item())
+    with pytest.raises(ValueError, match="epochs=2 with defense='classifier'.*accepted: epochs=0"):
+        Config.from_dict({**CFG, "defense": "classifier"})

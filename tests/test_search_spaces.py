@@ -8,7 +8,8 @@ import pytest
 
 from atop.config import Config, RTType
 from atop.transforms import TRANSFORMS
-from search_spaces import SPACES, Space, searched_names
+from search_spaces import SPACES, Space, config_values, searched_names
+from search_spaces.reproduce import ARMS
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 
@@ -27,7 +28,23 @@ def _sampled(space: str, n: int = 200) -> list[dict]:
 def test_every_suggested_name_and_fixed_key_is_a_config_field(space):
     names = {k for params in _sampled(space) for k in params} | set(SPACES[space].fixed)
     assert names <= CONFIG_FIELDS, names - CONFIG_FIELDS
-    assert searched_names(SPACES[space]) == {k for params in _sampled(space) for k in params}
+    # the searching spaces name their Optuna parameters after the fields; reproduce's one `arm` sets many
+    expected = {"arm"} if space == "reproduce" else {k for params in _sampled(space) for k in params}
+    assert searched_names(SPACES[space]) == expected
+
+
+def test_reproduce_arms_are_the_papers_claims_and_their_controls():
+    arms = {arm: Config.from_dict({**SPACES["reproduce"].fixed, "epochs": 3,
+                                   **config_values(SPACES["reproduce"], {"arm": arm})}) for arm in ARMS}
+    assert (arms["classifier-alone"].defense.value, arms["classifier-alone"].epochs) == ("classifier", 0)
+    assert [arms[f"rt{k}-no-ft"].rt.value for k in (1, 2, 3)] == ["rt1", "rt2", "rt3"]
+    assert all(arms[f"rt{k}-no-ft"].epochs == 0 for k in (1, 2, 3))
+    control, fgsm, pgd = arms["rt2-ft-lambda0"], arms["rt2-atop-fgsm"], arms["rt2-atop-pgd-eot"]
+    # the lambda=0 control differs from the authors' AToP in the CE weight only
+    assert {k for k, v in control.to_dict().items() if fgsm.to_dict()[k] != v} == {"lambda_ce"}
+    assert (control.lambda_ce, fgsm.lambda_ce, fgsm.epochs) == (0.0, 0.1, 3)
+    assert (fgsm.train_attack.value, fgsm.train_grad_path.value) == ("fgsm", "classifier")
+    assert (pgd.train_attack.value, pgd.train_grad_path.value, pgd.train_eot) == ("pgd", "defense", 2)
 
 
 @pytest.mark.parametrize("space", list(SPACES))

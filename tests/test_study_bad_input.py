@@ -29,7 +29,7 @@ CASES = {
     "enqueue: unknown parameter": (["--enqueue", "{tmp}/e1.yaml"], ["e1.yaml", "'lamda'", "accepted", "lambda_ce"]),
     "enqueue: value outside the space": (["--enqueue", "{tmp}/e2.yaml"], ["e2.yaml", "'rt9'", "rt1, rt2, rt3"]),
     "enqueue: more references than trials": (["--enqueue", "{tmp}/e3.yaml", "--num-trials", "1"],
-                                             ["--num-trials 1", "2 configurations"]),
+                                             ["--num-trials 1", "2 reference configurations"]),
     "pretrained: corrupt file": (["--pretrained", "{tmp}/corrupt"], ["corrupt/classifier.pt", "expected"]),
     "pretrained: foreign state dict": (["--pretrained", "{tmp}/foreign"], ["foreign/classifier.pt", "small_cnn"]),
     "pretrained: no such folder": (["--pretrained", "{tmp}/absent"], ["absent", "classifier.pt"]),

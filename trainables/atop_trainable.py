@@ -49,7 +49,6 @@ from atop.data import Split
 from atop.defense import Defense
 from atop.evaluate import evaluate
 from atop.finetune import finetune
-from atop.transforms import RandomTransform
 from tracking.contract import (
     COMPUTE_S,
     EPOCH,
@@ -313,7 +312,7 @@ def _final_artifacts(log: RunLogger, number: int, cfg: Config, ctx: StudyContext
     out.mkdir(parents=True, exist_ok=True)
     _save_artifact(out / DEFENSE_FILE, cfg, classifier_ref, purifier, discriminator,
                    final.metrics if final is not None else {})
-    defense = Defense(RandomTransform.from_config(cfg), purifier, classifier, seed=cfg.seed).to(device).eval()
+    defense = Defense.from_config(cfg, purifier, classifier).to(device).eval()
     if final is not None:  # the last epoch's evaluation, at the config's level
         per_example = final.per_example
     else:  # resumed after its last epoch: nothing ran here, evaluate the restored purifier
