@@ -2,11 +2,13 @@
 
     python -m analysis --mlflow-uri sqlite:////abs/path/mlflow.db --experiment NAME --out DIR \
         [--objectives clean_acc robust_acc_seen robust_acc_unseen] [--ref-point 0 0 0] \
-        [--compare OTHER ...] [--resamples 1000] [--log-to-mlflow] [--table]
+        [--compare OTHER ...] [--resamples 1000] [--log-to-mlflow] [--table] [--claims]
 
 Writes into DIR: runs.parquet, pareto.parquet, front_pairs.png, front_3d.png, convergence.png,
 params.png, compare.png (with --compare), figures.html and report.md (see docs/ANALYSIS.md).
 ``--table`` prints the confirm stage's results table (one row per confirm run; --out optional).
+``--claims`` prints the paper's two claims' verdicts from the reference arms' paired differences
+(``analysis.claims``; --out optional).
 Bad input prints one line ``error: ...`` to stderr, exits 2 and leaves no DIR behind.
 """
 
@@ -23,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.claims import assess_claims, load_arms, render_claims
 from analysis.compute import (
     FrontInfo,
     Objective,
@@ -52,7 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--mlflow-uri", required=True, help="tracking URI: http(s)://, sqlite:///, file:"
     )
     p.add_argument("--experiment", required=True, help="the study's MLflow experiment name")
-    p.add_argument("--out", type=Path, help="output directory (required unless --table)")
+    p.add_argument(
+        "--out", type=Path, help="output directory (required unless --table or --claims)"
+    )
     p.add_argument(
         "--objectives",
         nargs="+",
@@ -92,9 +97,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "95%% intervals, seed spread, validation figure, val-to-test gap, audit verdict); "
         "--out is then optional",
     )
+    p.add_argument(
+        "--claims",
+        action="store_true",
+        help="print the verdicts of the paper's two claims from paired differences between the "
+        "reference arms of a reproduce study (test images, 95%% bootstrap intervals over images "
+        "and seeds); --out is then optional",
+    )
     args = p.parse_args(argv)
-    if args.out is None and not args.table:
-        p.error("one of --out DIR or --table is required")
+    if args.out is None and not (args.table or args.claims):
+        p.error("one of --out DIR, --table or --claims is required")
     if args.resamples < MIN_RESAMPLES:
         p.error(f"--resamples {args.resamples}: accepted: an integer >= {MIN_RESAMPLES}")
     return args
@@ -189,10 +201,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         study = None
-        if args.table:
+        if args.table or args.claims:
             minimise = [o.name for o in map(Objective.parse, args.objectives) if not o.maximise]
             study = load_study(args.mlflow_uri, args.experiment, minimise)
+        if args.table:
             print(render_table(confirm_table(study.table)))
+        if args.claims:
+            print(render_claims(assess_claims(*load_arms(args.mlflow_uri, study.table))))
         if args.out is not None:
             print(f"wrote {run(args, study)}")
         return 0

@@ -8,6 +8,7 @@ Columns of the table (also those of ``runs.parquet``):
 - the confirm stage's tags (null when absent): ``stage`` (``atop.stage``), ``eval_level``
   (``atop.eval_level``), ``confirm_of`` (``atop.confirm_of``, int64), ``confirm_of_run``,
   ``reference``, ``audit`` (``atop.confirm_of_run``, ``atop.reference``, ``atop.audit``),
+  ``parent_run_id`` (``mlflow.parentRunId``: a ``confirm_seed`` run's ``confirm`` run),
   ``infeasible`` (``atop.infeasible``: the ``--constraint`` bounds a trial broke);
 - ``start_time``, ``end_time`` (UTC timestamps, ms), ``duration_s`` (float, null while running);
 - ``params.<name>``: every param any run logged, as the logged string (null when a run lacks it);
@@ -33,6 +34,7 @@ from tracking.contract import (
     CONFIRM_OF_TAG,
     EVAL_LEVEL_TAG,
     INFEASIBLE_TAG,
+    PARENT_TAG,
     REFERENCE_TAG,
     ROLE_TAG,
     SPACE_TAG,
@@ -50,6 +52,7 @@ TEXT_TAGS = {
     "reference": REFERENCE_TAG,
     "audit": AUDIT_TAG,
     "infeasible": INFEASIBLE_TAG,
+    "parent_run_id": PARENT_TAG,
 }
 from tracking.uri import TrackingURIError, check_tracking_uri
 

@@ -119,19 +119,36 @@ def load_per_image(uri: str, info: FrontInfo, runs: pa.Table) -> PerImage:
     missing: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="per-example-") as tmp:
         for k, run_id in enumerate(info.run_ids):
-            if PER_EXAMPLE_ARTIFACT not in {
-                Path(f.path).name for f in client.list_artifacts(run_id)
-            }:
-                missing[run_id] = f"no {PER_EXAMPLE_ARTIFACT} logged"
-                continue
-            path = client.download_artifacts(run_id, PER_EXAMPLE_ARTIFACT, str(Path(tmp) / run_id))
             try:
-                found[run_id] = trial_scores(
-                    pq.read_table(path), names, info.points[k], params[run_id]
+                found[run_id] = run_scores(
+                    client, run_id, names, info.points[k], params[run_id], Path(tmp)
                 )
-            except (UnusableScores, pa.ArrowException) as exc:
-                missing[run_id] = str(exc).splitlines()[0]
+            except UnusableScores as exc:
+                missing[run_id] = str(exc)
     return align(found, missing, len(names))
+
+
+def run_scores(
+    client: MlflowClient,
+    run_id: str,
+    objectives: Sequence[str],
+    logged: Sequence[float],
+    params: Mapping,
+    folder: Path,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Download one run's ``per_example.parquet`` into ``folder`` and score it (:func:`trial_scores`).
+
+    Raises:
+        UnusableScores: the run logged no such file, the file cannot be read, or
+            :func:`trial_scores` refuses it; the message is one line.
+    """
+    if PER_EXAMPLE_ARTIFACT not in {Path(f.path).name for f in client.list_artifacts(run_id)}:
+        raise UnusableScores(f"no {PER_EXAMPLE_ARTIFACT} logged")
+    path = client.download_artifacts(run_id, PER_EXAMPLE_ARTIFACT, str(folder / run_id))
+    try:
+        return trial_scores(pq.read_table(path), objectives, logged, params)
+    except (UnusableScores, pa.ArrowException) as exc:
+        raise UnusableScores(str(exc).splitlines()[0]) from None
 
 
 def align(

@@ -258,7 +258,7 @@ def test_help_documents_the_table(capsys):
     "argv, message",
     [
         (["--resamples", "50", "--table"], "--resamples 50: accepted: an integer >= 200"),
-        ([], "one of --out DIR or --table is required"),
+        ([], "one of --out DIR, --table or --claims is required"),
     ],
 )
 def test_bad_flags(store, capsys, argv, message):

@@ -69,6 +69,19 @@ class EvalSplit(str, enum.Enum):
     TEST = "test"
 
 
+class Arm(str, enum.Enum):
+    """Value of `REFERENCE_TAG` on the `reproduce` study's named reference configurations (its arms,
+    `search_spaces/reproduce.py`), which `analysis/claims.py` compares to test the paper's claims."""
+
+    CLASSIFIER_ALONE = "classifier-alone"  # no RT, no purifier
+    RT1_NO_FT = "rt1-no-ft"  # RT + the pre-trained purifier, not fine-tuned
+    RT2_NO_FT = "rt2-no-ft"
+    RT3_NO_FT = "rt3-no-ft"
+    RT2_FT_LAMBDA0 = "rt2-ft-lambda0"  # fine-tuned with the CE term off: the control
+    RT2_ATOP_FGSM = "rt2-atop-fgsm"  # AToP with the authors' training attack (FGSM, classifier)
+    RT2_ATOP_PGD_EOT = "rt2-atop-pgd-eot"  # AToP with PGD-EOT through the whole defense
+
+
 # --- MLflow tags ------------------------------------------------------------------------------
 ROLE_TAG: Final = "atop.role"
 TRIAL_TAG: Final = "optuna.trial_number"
