@@ -22,19 +22,24 @@ import optuna
 
 from atop.config import DefenseKind, GradPath, RTType, TrainAttack
 from search_spaces.paper import FIXED as PAPER_FIXED
+from tracking.contract import Arm
 
 FIXED: dict[str, Any] = dict(PAPER_FIXED)
 
 _NO_FT = {"epochs": 0}
 _RT2 = {"rt": RTType.RT2.value}
-#: arm name -> the config fields it sets over `FIXED` and the preset
+#: arm name (`tracking.contract.Arm`: analysis/claims.py compares arms by these names) -> the config
+#: fields it sets over `FIXED` and the preset
 ARMS: dict[str, dict[str, Any]] = {
-    "classifier-alone": {"defense": DefenseKind.CLASSIFIER.value, **_NO_FT},
-    **{f"{rt.value}-no-ft": {"rt": rt.value, **_NO_FT} for rt in (RTType.RT1, RTType.RT2, RTType.RT3)},
-    "rt2-ft-lambda0": {**_RT2, "lambda_ce": 0.0},
-    "rt2-atop-fgsm": {**_RT2, "lambda_ce": 0.1},
-    "rt2-atop-pgd-eot": {**_RT2, "lambda_ce": 0.1, "train_attack": TrainAttack.PGD.value, "train_steps": 5,
-                         "train_random_start": True, "train_grad_path": GradPath.DEFENSE.value, "train_eot": 2},
+    Arm.CLASSIFIER_ALONE.value: {"defense": DefenseKind.CLASSIFIER.value, **_NO_FT},
+    Arm.RT1_NO_FT.value: {"rt": RTType.RT1.value, **_NO_FT},
+    Arm.RT2_NO_FT.value: {**_RT2, **_NO_FT},
+    Arm.RT3_NO_FT.value: {"rt": RTType.RT3.value, **_NO_FT},
+    Arm.RT2_FT_LAMBDA0.value: {**_RT2, "lambda_ce": 0.0},
+    Arm.RT2_ATOP_FGSM.value: {**_RT2, "lambda_ce": 0.1},
+    Arm.RT2_ATOP_PGD_EOT.value: {**_RT2, "lambda_ce": 0.1, "train_attack": TrainAttack.PGD.value, "train_steps": 5,
+                                 "train_random_start": True, "train_grad_path": GradPath.DEFENSE.value,
+                                 "train_eot": 2},
 }
 
 

@@ -54,3 +54,10 @@ def test_reproduce_arms_are_searched_confirmed_and_tabled(cifar_dir, tmp_path):
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert sorted(row.split(" | ")[0].strip("| ") for row in rows) == sorted(ARMS)
     assert any("defense=classifier" in row for row in rows)
+
+    claims = subprocess.run([sys.executable, "-m", "analysis", "--mlflow-uri", uri, "--experiment", name, "--claims"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert claims.returncode == 0, claims.stderr[-2000:]
+    # the three arms give (a) atop-pgd-eot vs no-ft and (b) rt2-no-ft vs the classifier alone; the rest is missing
+    assert "rt2-atop-pgd-eot - rt2-no-ft" in claims.stdout and "rt2-no-ft - classifier-alone" in claims.stdout
+    assert "rt2-ft-lambda0" in claims.stdout  # named as missing, not silently skipped

@@ -10,6 +10,7 @@ from atop.config import Config, RTType
 from atop.transforms import TRANSFORMS
 from search_spaces import SPACES, Space, config_values, searched_names
 from search_spaces.reproduce import ARMS
+from tracking.contract import Arm
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 
@@ -31,6 +32,10 @@ def test_every_suggested_name_and_fixed_key_is_a_config_field(space):
     # the searching spaces name their Optuna parameters after the fields; reproduce's one `arm` sets many
     expected = {"arm"} if space == "reproduce" else {k for params in _sampled(space) for k in params}
     assert searched_names(SPACES[space]) == expected
+
+
+def test_reproduce_arms_are_named_as_the_claims_analysis_reads_them():
+    assert list(ARMS) == [arm.value for arm in Arm]
 
 
 def test_reproduce_arms_are_the_papers_claims_and_their_controls():
