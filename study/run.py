@@ -13,9 +13,12 @@ Resume a study (after a crash or to extend it):
 
     python study/run.py --study-name NAME --resume [--num-trials N]
 
-The study folder `<storage-path>/<study-name>/` holds optuna.db (the source of truth), mlflow.db
-(default tracking store), spool/ and the Ray Tune results. Pre-trained weights are cached beside it in
-`<storage-path>/.pretrained-cache/` (`--pretrained-cache`) for every study with the same settings.
+The study folder `<storage-path>/<study-name>/` holds study.json, optuna.db (the source of truth),
+mlflow.db (default tracking store), spool/ and the Ray Tune results. `--storage-path` may be an
+object store, `s3://BUCKET/PATH` (study/storage.py): then Optuna and MLflow live in the servers
+given by `--optuna-storage` and `--mlflow-uri`, and spools stay local to each process. Pre-trained
+weights are cached beside the study folders in `<storage-path>/.pretrained-cache/`
+(`--pretrained-cache`) for every study with the same settings.
 Bad input prints one line `error: ...` to stderr and exits 2 before anything is created. See docs/STUDY.md.
 """
 from __future__ import annotations
