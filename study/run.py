@@ -73,7 +73,7 @@ from study.settings import (
     presets,
     read_file,
 )
-from study.storage import Storage, local_folder, refuse_local_stores
+from study.storage import Storage, leave_job_working_dir, local_folder, refuse_local_stores
 from study.storage import parse as parse_storage
 from study.tables import pareto_table
 from tracking import mlflow_log
@@ -473,6 +473,7 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
 def run(plan: StudyPlan) -> int:
     """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code."""
     started = time.time()
+    leave_job_working_dir()
     quiet_http(max_retries=2, timeout_s=30)
     # a study checkpoints every trial every epoch by design; Tune's sync warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,15 @@ def refuse_local_stores(storage: Storage, optuna_storage: str | None, mlflow_uri
     if not mlflow_uri:
         raise StudyError(f"--storage-path {storage.where()!r} is an object store, where the default sqlite "
                          "mlflow.db cannot live; pass --mlflow-uri (a tracking server, e.g. http://mlflow:5000)")
+
+
+def leave_job_working_dir() -> None:
+    """Under `ray job submit`, move the driver out of the job's working dir (into the temp folder).
+
+    Ray's runtime-env agent deletes a job's unpacked working dir once no worker process references
+    it, which can happen while the driver still runs in it (Ray 2.60: "Unused uris ... working_dir"
+    in runtime_env_agent.log after the trials ended); Tune then fails on an object-store path, whose
+    `os.path.relpath` calls `os.getcwd()`. Call it once the command line's paths are resolved.
+    """
+    if submitted():
+        os.chdir(tempfile.gettempdir())

@@ -86,7 +86,7 @@ def test_json_files_round_trip_on_a_local_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_bucket_must_exist_and_the_endpoint_may_come_from_the_environment(tmp_path, monkeypatch):
+def test_the_bucket_must_exist_and_the_endpoint_may_come_from_the_environment(tmp_path, monkeypatch, capsys):
     with s3(tmp_path) as endpoint:
         for k, v in s3_env(endpoint).items():
             monkeypatch.setenv(k, v)
@@ -94,6 +94,10 @@ def test_the_bucket_must_exist_and_the_endpoint_may_come_from_the_environment(tm
         parse("s3://there/studies").check()
         with pytest.raises(StudyError, match="bucket 'absent' does not exist; create it first"):
             parse("s3://absent/studies").check()
+        sqlite = f"sqlite:///{tmp_path / 'x.db'}"
+        assert main(["--storage-path", "s3://absent/s", "--optuna-storage", sqlite, "--mlflow-uri", sqlite]) == 2
+        assert "error: --storage-path 's3://absent/s': bucket 'absent' does not exist" in capsys.readouterr().err
+        assert not (tmp_path / "x.db").exists()  # refused before any store was opened
         with pytest.raises(StudyError, match="'s3://there/x' is unreachable"):
             parse("s3://there/x?endpoint_override=127.0.0.1:9&scheme=http").check()
 
