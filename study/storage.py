@@ -114,9 +114,10 @@ class Storage:
         try:
             found = self.fs.get_file_info(bucket).type != pafs.FileType.NotFound
         except OSError as exc:
-            raise StudyError(f"--storage-path {self.where()!r} is unreachable ({_first_line(exc)}); check the "
-                             "endpoint and credentials ($AWS_ENDPOINT_URL or ?endpoint_override=, "
-                             "$AWS_ACCESS_KEY_ID)") from None
+            hint = ("the endpoint and credentials ($AWS_ENDPOINT_URL or ?endpoint_override=, $AWS_ACCESS_KEY_ID)"
+                    if self.scheme == "s3" else "the credentials")
+            raise StudyError(f"--storage-path {self.where()!r} is unreachable ({_first_line(exc)}); check "
+                             f"{hint}") from None
         if not found:
             raise StudyError(f"--storage-path {self.where()!r}: bucket {bucket!r} does not exist; create it "
                              "first (the study creates folders, never buckets)")
@@ -128,7 +129,8 @@ def submitted() -> bool:
 
 
 def parse(value: str, *, job: bool | None = None) -> Storage:
-    """`--storage-path VALUE` as a `Storage`; creates and contacts nothing (see `Storage.check`).
+    """`--storage-path VALUE` as a `Storage`; creates nothing (pyarrow may look up an S3 bucket's
+    region, or cloud credentials, unless the URI or environment names them; `Storage.check` contacts).
 
     Args:
         value: a URI (`s3://`, `gs://`, `file://`, with pyarrow's query options), an absolute path,
