@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -54,6 +54,9 @@ from tracking.contract import (
     Role,
     Stage,
 )
+
+if TYPE_CHECKING:  # study.storage imports study.settings, which imports this module's CONFIRM_KEYS
+    from study.storage import Storage
 
 #: Config keys a study's `confirm_config` may set: how confirm trials are scored, not what they train
 CONFIRM_KEYS = ("eval_level", "n_eval")
@@ -204,16 +207,16 @@ class Job:
     config: dict[str, Any]
 
 
-def load_state(folder: Path) -> dict[int, Confirmed]:
-    """The configurations an earlier driver already confirmed (`confirm.json`), by trial number."""
-    path = folder / STATE_FILE
-    if not path.is_file():
+def load_state(store: Storage) -> dict[int, Confirmed]:
+    """The configurations an earlier driver already confirmed (`confirm.json` in the study folder
+    `store`), by trial number."""
+    if not store.exists(STATE_FILE):
         return {}
-    return {int(k): Confirmed.from_dict(v) for k, v in json.loads(path.read_text()).items()}
+    return {int(k): Confirmed.from_dict(v) for k, v in store.read_json(STATE_FILE).items()}
 
 
-def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[str, Any], top: int, seeds: int, folder: Path,
-                uri: str, experiment_id: str, parent_id: str, tags: Mapping[str, str],
+def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[str, Any], top: int, seeds: int,
+                folder: Path, store: Storage, uri: str, experiment_id: str, parent_id: str, tags: Mapping[str, str],
                 fit: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], note: str,
                 log=print) -> list[Confirmed]:
     """Confirm the study's targets not yet confirmed; returns every target's outcome, in order.
@@ -223,7 +226,9 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
         space: the study's search space (turns a trial's params into config fields).
         base: the config every search trial started from; `overrides`: the study's `confirm_config`.
         top, seeds: `--confirm-top`, `--confirm-seeds`.
-        folder: the study folder (`confirm.json` records what is done, so a resumed driver skips it).
+        folder: the driver's local study folder (spools, the table logged as an artifact).
+        store: the study folder on its storage (`confirm.json` records what is done, so a resumed
+            driver skips it).
         uri, experiment_id, parent_id, tags: where and with which tags to record MLflow runs.
         fit: runs the jobs' Tune configs (dicts with `job`) as Ray Tune trials; returns each one's
             last result (or {} when it failed), in order.
@@ -232,7 +237,7 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
     from tracking import mlflow_log
 
     chosen = targets(study, top)
-    done = load_state(folder)
+    done = load_state(store)
     todo = [t for t in chosen if t.number not in done]
     log(f"confirm: {len(chosen)} configuration(s) x {seeds} seed(s) on test images "
         f"({len(chosen) - len(todo)} already confirmed)")
@@ -264,7 +269,7 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
         for t in todo:
             done[t.number] = _record(t, [(j, r) for j, r in zip(jobs, results) if j.number == t.number],
                                      uri, parents[t.number], folder)
-        atomic_write_text(folder / STATE_FILE, json.dumps({str(k): asdict(v) for k, v in done.items()}, indent=1))
+        store.write_json(STATE_FILE, {str(k): asdict(v) for k, v in done.items()})
         log(f"confirm: {len(jobs)} trial(s) in {time.time() - started:.0f} s")
     confirmed = [done[t.number] for t in chosen if t.number in done]
     text = table(confirmed, note)

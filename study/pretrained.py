@@ -28,6 +28,7 @@ from typing import Any
 from atop.checkpoint import CheckpointError, save_checkpoint
 from atop.config import Config
 from atop.data import Split
+from atop.io import atomic_write_bytes
 from atop.pretrain import PretrainSettings, ensure_pretrained
 from atop.pretrained_cache import (
     adopted_purifier_path,
@@ -51,14 +52,16 @@ class GivenWeights:
 
 
 def _pretrain_task(cfg: dict[str, Any], settings: PretrainSettings, train: Split, use_gpu: bool,
-                   threads: int, folder: str) -> None:
+                   threads: int, folder: str) -> tuple[bytes, bytes]:
+    """Pre-train what the cache `folder` lacks; returns the classifier's and purifier's files."""
     import torch
 
     torch.set_num_threads(threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     # the cache folder itself: a classifier already there is reused when only the purifier is missing
-    ensure_pretrained(Config.from_dict(cfg), settings, folder, train=train, device=device,
-                      log=lambda m: print(m, flush=True))
+    clf_path, pur_path = ensure_pretrained(Config.from_dict(cfg), settings, folder, train=train, device=device,
+                                           log=lambda m: print(m, flush=True))
+    return Path(clf_path).read_bytes(), Path(pur_path).read_bytes()
 
 
 def given_weights(folder: str | os.PathLike, settings: PretrainSettings) -> GivenWeights:
@@ -174,5 +177,10 @@ def pretrain_once(cfg: Config, settings: PretrainSettings, train: Split, folder:
     task = ray.remote(num_cpus=cpus, num_gpus=min(1.0, gpus) if gpus > 0 else 0)(_pretrain_task)
     log(f"pre-training the classifier and purifier once for the study ({threads} CPU threads"
         f"{', 1 GPU' if gpus > 0 else ''})")
-    ray.get(task.remote(cfg.to_dict(), settings, train, gpus > 0, threads, str(folder)))
+    files = ray.get(task.remote(cfg.to_dict(), settings, train, gpus > 0, threads, str(folder)))
+    # the task may have run on another node, whose copy of `folder` is not this driver's (a local
+    # cache, as with an object-store --storage-path): keep the files here too
+    for path, data in zip((clf_path, pur_path), files):
+        if not path.is_file():
+            atomic_write_bytes(path, data)
     return clf_path, pur_path

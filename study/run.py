@@ -13,9 +13,12 @@ Resume a study (after a crash or to extend it):
 
     python study/run.py --study-name NAME --resume [--num-trials N]
 
-The study folder `<storage-path>/<study-name>/` holds optuna.db (the source of truth), mlflow.db
-(default tracking store), spool/ and the Ray Tune results. Pre-trained weights are cached beside it in
-`<storage-path>/.pretrained-cache/` (`--pretrained-cache`) for every study with the same settings.
+The study folder `<storage-path>/<study-name>/` holds study.json, optuna.db (the source of truth),
+mlflow.db (default tracking store), spool/ and the Ray Tune results. `--storage-path` may be an
+object store, `s3://BUCKET/PATH` (study/storage.py): then Optuna and MLflow live in the servers
+given by `--optuna-storage` and `--mlflow-uri`, and spools stay local to each process. Pre-trained
+weights are cached beside the study folders in `<storage-path>/.pretrained-cache/`
+(`--pretrained-cache`) for every study with the same settings.
 Bad input prints one line `error: ...` to stderr and exits 2 before anything is created. See docs/STUDY.md.
 """
 from __future__ import annotations
@@ -52,6 +55,7 @@ from atop.data import (
 )
 from atop.evaluate import LEVELS
 from atop.io import atomic_write_text
+from atop.pretrained_cache import default_cache_dir
 from search_spaces import SPACES, fingerprint
 from study import optuna_storage
 from study.constraints import infeasible
@@ -69,6 +73,8 @@ from study.settings import (
     presets,
     read_file,
 )
+from study.storage import Storage, leave_job_working_dir, local_folder, refuse_local_stores
+from study.storage import parse as parse_storage
 from study.tables import pareto_table
 from tracking import mlflow_log
 from tracking.contract import (
@@ -135,9 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optuna-storage", metavar="URL", help="Optuna's database (default sqlite:///<study folder>/"
                    "optuna.db; on a cluster e.g. postgresql://user@db/optuna; also $ATOP_OPTUNA_STORAGE)")
     p.add_argument("--verbose", action="store_true", help="show Ray's and Optuna's own INFO logs")
-    p.add_argument("--storage-path", default="studies", help="parent folder of study folders (default ./studies)")
+    p.add_argument("--storage-path", default="studies", help="where study folders go: s3://BUCKET/PATH, "
+                   "gs://BUCKET/PATH, file:///PATH or a path (default ./studies; a relative path is refused under "
+                   "`ray job submit`). An S3-compatible server: ?endpoint_override=HOST:PORT&scheme=http or "
+                   "$AWS_ENDPOINT_URL. On an object store, pass --optuna-storage and --mlflow-uri too "
+                   "(study/storage.py)")
     p.add_argument("--pretrained-cache", help="folder of cached pre-trained weights, shared by studies with the "
-                   "same pre-training settings, data and code (default <storage-path>/.pretrained-cache)")
+                   "same pre-training settings, data and code (default <storage-path>/.pretrained-cache; with an "
+                   "object store, $ATOP_CACHE_DIR or ~/.cache/atop/pretrained on the driver's node)")
     p.add_argument("--constraint", action="append", metavar="OBJ>=X", help="a bound a configuration must meet, "
                    "e.g. clean_acc>=0.7 (repeatable); breaking trials are kept but never on the front")
     p.add_argument("--confirm-top", type=int, help="after the search, confirm up to K Pareto-optimal configurations "
@@ -279,7 +290,10 @@ class StudyPlan:
     Attributes:
         settings: the resolved study settings (preset, file, flags; or the saved ones on resume).
         name: the study name (Optuna study, MLflow experiment and folder name).
-        folder: `<storage-path>/<name>`: optuna.db, study.json, spool/, Tune results.
+        folder: the driver's local study folder: spool/, files logged as artifacts, and on a local
+            `--storage-path` everything else too (it is then `store`'s folder).
+        store: `<storage-path>/<name>` (`study.storage`): study.json, confirm.json, Tune's experiments
+            and checkpoints; optuna.db and mlflow.db by default (a local `--storage-path` only).
         pretrained_cache: the pre-training cache (`atop.pretrained_cache`), shared across studies.
         mlflow_uri: the tracking URI (checked when given or on resume).
         data_dir: the data folder as resolved (None: `$ATOP_DATA_DIR` or atop's default).
@@ -297,6 +311,7 @@ class StudyPlan:
     settings: StudySettings
     name: str
     folder: Path
+    store: Storage
     pretrained_cache: Path
     mlflow_uri: str
     data_dir: str | None
@@ -340,15 +355,19 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     """Resolve and check all input (settings, name, folder, MLflow URI, data); creates nothing."""
     if args.resume and not args.study_name:
         raise StudyError("--resume needs --study-name NAME (the study to continue)")
-    storage_path = Path(args.storage_path).expanduser().resolve()
+    storage = parse_storage(args.storage_path)
     name = args.study_name or f"{args.preset or 'smoke'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not NAME_RE.match(name):
         raise StudyError(f"--study-name {name!r} is invalid; accepted: letters, digits, '.', '_', '-' (max 100)")
-    folder = storage_path / name
+    store = storage.at(name)
+    folder = local_folder(store)
     pretrained = str(Path(args.pretrained).expanduser().resolve()) if args.pretrained else None
     optuna_given = args.optuna_storage or os.environ.get(optuna_storage.ENV)
+    if not args.resume:  # a resumed study reuses the stores it started with (study.json)
+        refuse_local_stores(storage, optuna_given, args.mlflow_uri)
+    storage.check()
     if args.resume:
-        saved = _saved_study(name, storage_path, folder / STUDY_FILE)
+        saved = _saved_study(name, store)
         settings, mlflow_uri, data_dir = _resumed_settings(args, name, saved)
         if pretrained and pretrained != saved.get("pretrained"):
             raise StudyError(f"--resume cannot change --pretrained of study {name!r} (it uses {saved.get('pretrained')})")
@@ -356,8 +375,9 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
         _check_same_space(name, settings.space, saved.get("space_fingerprint"))
         optuna_given = optuna_given or _saved_optuna_storage(name, saved)
     else:
-        if folder.exists():
-            raise StudyError(f"study folder {str(folder)!r} exists; pass --resume to continue it or another --study-name")
+        if store.exists():
+            raise StudyError(f"study folder {store.where()!r} exists; pass --resume to continue it or another "
+                             "--study-name")
         settings = resolve_settings(args)
         mlflow_uri = args.mlflow_uri or f"sqlite:///{folder / 'mlflow.db'}"
         data_dir = str(resolve_data_dir(args.data_dir)) if args.data_dir else None
@@ -383,8 +403,10 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     references = _references(settings, cfg, args.enqueue)
     if pretrained:
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
-    cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else storage_path / CACHE_DIR
-    return StudyPlan(settings=settings, name=name, folder=folder, pretrained_cache=cache, mlflow_uri=mlflow_uri,
+    cache = (Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache
+             else default_cache_dir() if storage.remote else Path(storage.path(CACHE_DIR)))
+    return StudyPlan(settings=settings, name=name, folder=folder, store=store, pretrained_cache=cache,
+                     mlflow_uri=mlflow_uri,
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
                      optuna_storage=optuna_url, references=tuple(references), pretrained=pretrained,
                      resume=bool(args.resume), verbose=bool(args.verbose))
@@ -407,11 +429,11 @@ def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> li
     return refs
 
 
-def _saved_study(name: str, storage_path: Path, saved_file: Path) -> dict[str, Any]:
+def _saved_study(name: str, store: Storage) -> dict[str, Any]:
     """The study.json of a study to resume."""
-    if not saved_file.is_file():
-        raise StudyError(f"--resume: no study {name!r} in {storage_path} ({saved_file} is missing)")
-    return json.loads(saved_file.read_text())
+    if not store.exists(STUDY_FILE):
+        raise StudyError(f"--resume: no study {name!r} at {store.where()!r} ({STUDY_FILE} is missing)")
+    return store.read_json(STUDY_FILE)
 
 
 def _check_same_space(name: str, space: str, saved_fingerprint: str | None) -> None:
@@ -466,6 +488,7 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
 def run(plan: StudyPlan) -> int:
     """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code."""
     started = time.time()
+    leave_job_working_dir()
     quiet_http(max_retries=2, timeout_s=30)
     # a study checkpoints every trial every epoch by design; Tune's sync warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -517,14 +540,15 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     import optuna
 
     settings, folder, uri, name = plan.settings, plan.folder, plan.mlflow_uri, plan.name
-    created = not folder.exists()
+    created = not plan.store.exists()
+    plan.store.make()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        atomic_write_text(folder / STUDY_FILE, json.dumps(
-            {"settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir,
-             "validation": plan.validation_record, "pretrained": plan.pretrained,
-             "space_fingerprint": fingerprint(SPACES[settings.space]),
-             "optuna_storage": optuna_storage.public(plan.optuna_url)}, indent=2))
+        plan.store.write_json(STUDY_FILE, {
+            "settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir,
+            "validation": plan.validation_record, "pretrained": plan.pretrained,
+            "space_fingerprint": fingerprint(SPACES[settings.space]),
+            "optuna_storage": optuna_storage.public(plan.optuna_url)})
         storage = optuna.storages.RDBStorage(plan.optuna_url)
         optuna.logging.set_verbosity(optuna.logging.INFO if plan.verbose else optuna.logging.WARNING)
         n_existing = len(optuna.load_study(study_name=name, storage=storage).trials) if plan.resume else 0
@@ -538,11 +562,12 @@ def open_study(plan: StudyPlan) -> OpenStudy:
         tags = run_tags()
         parent_id = mlflow_log.ensure_parent_run(uri, experiment_id, name, {
             "preset": settings.to_dict(), "space": settings.space, "sampler": settings.sampler,
-            "num_trials": settings.num_trials, "study_folder": str(folder),
+            "num_trials": settings.num_trials, "study_folder": plan.store.where(),
             "validation": json.dumps(plan.validation_record)},
             {**tags, SPACE_TAG: settings.space, EVAL_LEVEL_TAG: plan.cfg.eval_level.value})
     except Exception:
         if created and not plan.resume:
+            plan.store.remove()
             shutil.rmtree(folder, ignore_errors=True)
         raise
     if plan.resume:
@@ -611,7 +636,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
                                     num_samples=-1, reuse_actors=False,  # the searcher says when it is done
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(plan.folder), verbose=1,
+            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     tuner.fit()
@@ -630,7 +655,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
 
     s = plan.settings
     base = s.confirm_base()
-    pending = [t for t in targets(opened.study, s.confirm_top) if t.number not in load_state(plan.folder)]
+    pending = [t for t in targets(opened.study, s.confirm_top) if t.number not in load_state(plan.store)]
     if pending and ctx is None:  # a resumed study whose search was done: start Ray for the confirm trials
         init_ray(s.cpus, s.gpus, plan.verbose)
         ctx = shared_context(plan, opened)
@@ -646,14 +671,15 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
             tune_config=tune.TuneConfig(max_concurrent_trials=s.max_concurrent, reuse_actors=False,
                                         trial_name_creator=_confirm_name, trial_dirname_creator=_confirm_name),
             run_config=tune.RunConfig(
-                name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(plan.folder), verbose=1,
+                name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         by_run = {r.config["job"]["run_id"]: (r.metrics or {}) if r.error is None else {} for r in tuner.fit()}
         return [by_run.get(j["run_id"], {}) for j in jobs]
 
-    confirmed = run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config, top=s.confirm_top,
-                            seeds=s.confirm_seeds, folder=plan.folder, uri=plan.mlflow_uri,
+    confirmed = run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config,
+                            top=s.confirm_top, seeds=s.confirm_seeds, folder=plan.folder, store=plan.store,
+                            uri=plan.mlflow_uri,
                             experiment_id=opened.experiment_id, parent_id=opened.parent_id,
                             tags=ctx.tags if ctx else opened.tags, fit=fit,
                             note=eval_level_note(base.eval_level.value, LEVELS[base.eval_level]))
@@ -690,7 +716,7 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
         base = plan.settings.confirm_base()
         print("\n" + confirm_table(confirmed, eval_level_note(base.eval_level.value, LEVELS[base.eval_level])),
               flush=True)
-        print(f"(kept in {folder / STATE_FILE})")
+        print(f"(kept in {plan.store.where(STATE_FILE)})")
     else:
         print("\nno confirm stage (--no-confirm): the figures above are validation figures, not test figures")
     c = counts(study)
@@ -708,7 +734,8 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
     print(f"\ntrials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed"
           + (f"; driver wall time {wall_s:.0f} s" if ran else "; nothing left to run (the study's figures unchanged)"))
     print(f"MLflow: {uri}  experiment {name!r}  parent run {opened.parent_id}")
-    print(f"study folder: {folder}  (Optuna: {optuna_storage.public(plan.optuna_url)})")
+    print(f"study folder: {plan.store.where()}  (Optuna: {optuna_storage.public(plan.optuna_url)})"
+          + (f"; this driver's spools in {plan.spool_dir}" if plan.store.remote else ""))
     if uri.startswith("sqlite:"):
         print(f"browse: mlflow ui --backend-store-uri {uri}")
     print(f"analyse: python -m analysis --mlflow-uri {uri} --experiment {name} --out {folder / 'analysis'}")

@@ -147,10 +147,12 @@ def _plan(tmp_path, uri):
 
     from atop.data import Split
     from study.run import StudyPlan
+    from study.storage import parse
 
     settings = StudySettings(space="tiny", config={"epochs": 1})
     split = Split(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64))
-    return StudyPlan(settings=settings, name="s", folder=tmp_path / "s", pretrained_cache=tmp_path / ".pretrained-cache",
+    return StudyPlan(settings=settings, name="s", folder=tmp_path / "s", store=parse(str(tmp_path)).at("s"),
+                     pretrained_cache=tmp_path / ".pretrained-cache",
                      mlflow_uri=uri, data_dir=None,
                      cfg=settings.base_config(), pool=split, val=split, test=split)
 
