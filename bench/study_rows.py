@@ -1,4 +1,5 @@
-"""Study-level bench rows: efficiency and overhead, memory per concurrent trial, time to hypervolume.
+"""Study-level bench rows: efficiency and overhead, trial start-up (reused vs fresh workers), memory per
+concurrent trial against a bare torch worker, time to hypervolume.
 
 Each row runs small real studies in this process (`study.run.prepare` -> `StudyPlan` -> `study.run.run`: Ray
 started in-process, MLflow sqlite, real CIFAR-10 from `--data-dir` or $ATOP_DATA_DIR) and returns
@@ -206,6 +207,38 @@ def worker_floor() -> dict[str, float]:
     return {"rss": info.rss, "uss": info.uss, "pss": info.pss}
 
 
+def _imports_only(config: dict[str, Any]) -> None:
+    """A Tune trial that imports what `train_atop` imports (torch, atop, tracking, mlflow) and reports."""
+    from mlflow import MlflowClient  # noqa: F401 - a trial's logger thread imports it
+    from ray import tune
+
+    import trainables.atop_trainable  # noqa: F401 - the import is what is measured
+
+    tune.report({"done": 1})
+
+
+def startup_seconds(*, trials: int, reuse: bool) -> float:
+    """Seconds per trial of `trials` `_imports_only` trials, one at a time, in a local Ray of its own."""
+    import ray
+    from ray import tune
+
+    from study.run import ROOT, loopback_ray
+
+    loopback_ray()
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        with tempfile.TemporaryDirectory(prefix="atop-bench-startup-") as d:
+            started = time.perf_counter()
+            tune.Tuner(_imports_only, param_space={"i": tune.grid_search(list(range(trials)))},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
+                       run_config=tune.RunConfig(storage_path=d, verbose=0)).fit()
+            return (time.perf_counter() - started) / trials
+    finally:
+        ray.shutdown()
+
+
 def _nbytes(split: Any) -> int:
     return int(sum(t.numel() * t.element_size() for t in (split.x, split.y)))
 
@@ -243,6 +276,21 @@ def efficiency_rows(ctx: Context) -> list[Result]:
                ratio=overhead / (sum(compute) / len(r.trials)),
                extra={"lifetime_s": lifetimes}),
     ]
+
+
+def startup_rows(ctx: Context) -> list[Result]:
+    """Trial start-up, reused workers against a fresh worker per trial, interleaved (median of 2)."""
+    trials = 5
+    fresh, reused = [], []
+    for _ in range(2):
+        fresh.append(startup_seconds(trials=trials, reuse=False))
+        reused.append(startup_seconds(trials=trials, reuse=True))
+    ours, base = float(np.median(reused)), float(np.median(fresh))
+    warm = (trials * ours - base) / (trials - 1)  # the first trial of a reused worker starts it: `base`
+    return [Result("study trial start-up (reused/fresh)", ours, base, "s/trial", 2,
+                   f"{trials} trials that only import what train_atop imports, 1 at a time; a reused worker's "
+                   f"later trials start in ~{warm:.2f} s", ratio=ours / base,
+                   extra={"reused_s": reused, "fresh_s": fresh})]
 
 
 def memory_rows(ctx: Context) -> list[Result]:
@@ -317,7 +365,7 @@ def study_rows(ctx: Context) -> list[Result]:
     if not (ctx.data_dir or os.environ.get("ATOP_DATA_DIR")):
         return [Result("study rows", float("nan"), float("nan"), "-", 0,
                        "skipped: the study rows need real CIFAR-10 (--data-dir or $ATOP_DATA_DIR)")]
-    return [*efficiency_rows(ctx), *memory_rows(ctx), *time_to_hypervolume_rows(ctx)]
+    return [*efficiency_rows(ctx), *startup_rows(ctx), *memory_rows(ctx), *time_to_hypervolume_rows(ctx)]
 
 
 # Registration with `python -m bench` (the package imports this module to register it).
