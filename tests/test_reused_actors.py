@@ -93,3 +93,29 @@ def test_a_reused_actor_reports_what_fresh_actors_report(tmp_path):
         for k in keys:
             assert list(history_a[k]) == pytest.approx(list(history_b[k]), rel=1e-6, abs=1e-9), k
     assert reused[0].metrics["loss/total"] != reused[1].metrics["loss/total"]  # the configs did differ
+
+
+def test_release_freed_memory_returns_a_finished_trials_heap():
+    import threading
+
+    import psutil
+
+    from trainables.atop_trainable import _MALLOC_TRIM, release_freed_memory
+
+    if _MALLOC_TRIM is None:
+        pytest.skip("this C library has no malloc_trim (not glibc)")
+    kept: list = []
+
+    def trial() -> None:  # on a thread of its own, as Ray runs each trial: 100 kB chunks, every 10th kept
+        chunks = [bytearray(100_000) for _ in range(3000)]
+        kept.extend(chunks[::10])
+
+    worker = threading.Thread(target=trial)
+    worker.start()
+    worker.join()
+    me = psutil.Process()
+    before = me.memory_full_info().uss
+    release_freed_memory()
+    freed = before - me.memory_full_info().uss
+    assert freed > 100 * 2**20, f"{freed / 2**20:.0f} MB"  # ~270 MB of holes between the kept chunks
+    assert len(kept) == 300

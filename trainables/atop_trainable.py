@@ -30,6 +30,9 @@ by `atop.artifacts`, the test-only fault hook is `trainables.faults`.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import json
 import platform
@@ -163,6 +166,30 @@ def pretrained(ctx: StudyContext) -> Pretrained:
     return _PRETRAINED[key]
 
 
+def _libc_malloc_trim() -> Any:
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap earlier trials of this worker freed back to the OS.
+
+    glibc keeps freed memory in its arenas, and each trial runs on a new thread (Ray's function
+    trainable), so a reused worker's footprint grew trial after trial (USS ~1.0 GB after its first
+    smoke trial, ~1.8 GB during its third, measured); `malloc_trim(0)` returns the free pages.
+    """
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def split_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """(typed config, reserved trial keys); unknown keys raise `ConfigError`."""
     reserved = {k: config[k] for k in TRIAL_KEYS if k in config}
@@ -222,6 +249,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     number, run_id = int(reserved.get(TRIAL_NUMBER, -1)), reserved.get(RUN_ID)
     torch.set_num_threads(max(1, round(ctx.cpus_per_trial)))
     # a reused worker ran other trials before this one: nothing may depend on what they left behind
+    release_freed_memory()
     torch.manual_seed(cfg.seed)
     if cfg.compile:  # compiled code of earlier trials' modules would fill dynamo's cache, then run eager
         torch._dynamo.reset()
