@@ -1,4 +1,5 @@
-"""Study-level bench rows: efficiency and overhead, memory per concurrent trial, time to hypervolume.
+"""Study-level bench rows: efficiency and overhead, trial start-up (reused vs fresh workers), memory per
+concurrent trial against a bare torch worker, time to hypervolume.
 
 Each row runs small real studies in this process (`study.run.prepare` -> `StudyPlan` -> `study.run.run`: Ray
 started in-process, MLflow sqlite, real CIFAR-10 from `--data-dir` or $ATOP_DATA_DIR) and returns
@@ -53,7 +54,8 @@ class StudyRun:
     data_bytes: int  # train + test images and labels as the driver loaded them
     shared_bytes: int  # the subsets every trial receives (n_train + n_eval)
     rss_peak: float = float("nan")  # largest sum of trial-worker RSS seen at once, bytes
-    uss_peak: float = float("nan")
+    uss_peak: float = float("nan")  # their USS and PSS at that moment
+    pss_peak: float = float("nan")
     workers_peak: int = 0  # most trial workers alive at once
     log: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -87,14 +89,14 @@ class _MemorySampler(threading.Thread):
     def __init__(self, period_s: float = 0.5):
         super().__init__(daemon=True)
         self.period_s, self.stop = period_s, threading.Event()
-        self.rss_peak, self.uss_peak, self.workers_peak = 0.0, 0.0, 0
+        self.rss_peak, self.uss_peak, self.pss_peak, self.workers_peak = 0.0, 0.0, 0.0, 0
 
     def run(self) -> None:
         import psutil
 
         me = psutil.Process()
         while not self.stop.wait(self.period_s):
-            rss = uss = 0.0
+            rss = uss = pss = 0.0
             n = 0
             for p in me.children(recursive=True):
                 try:
@@ -104,9 +106,9 @@ class _MemorySampler(threading.Thread):
                     info = p.memory_full_info()
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-                rss, uss, n = rss + info.rss, uss + info.uss, n + 1
+                rss, uss, pss, n = rss + info.rss, uss + info.uss, pss + info.pss, n + 1
             if rss > self.rss_peak:
-                self.rss_peak, self.uss_peak = rss, uss
+                self.rss_peak, self.uss_peak, self.pss_peak = rss, uss, pss
             self.workers_peak = max(self.workers_peak, n)
 
 
@@ -172,9 +174,69 @@ def run_study(*, preset: str, num_trials: int, epochs: int, max_concurrent: int,
         driver_s=driver_s, data_bytes=sum(_nbytes(s) for s in (pool, plan.val, plan.test)),
         shared_bytes=per_image * ((cfg.n_train or len(pool)) + cfg.n_eval), log=out.getvalue())
     if sampler:
-        result.rss_peak, result.uss_peak, result.workers_peak = sampler.rss_peak, sampler.uss_peak, sampler.workers_peak
+        result.rss_peak, result.uss_peak, result.pss_peak = sampler.rss_peak, sampler.uss_peak, sampler.pss_peak
+        result.workers_peak = sampler.workers_peak
     _RUNS[key] = result
     return result
+
+
+class _TorchOnly:
+    """A Ray actor that imports torch and nothing of ours: the floor of any trial worker."""
+
+    def load(self) -> int:
+        import torch  # noqa: F401 - the import is what is measured
+
+        return os.getpid()
+
+
+def worker_floor() -> dict[str, float]:
+    """RSS, USS and PSS (bytes) of a `_TorchOnly` actor in a local Ray of its own (shut down after)."""
+    import psutil
+    import ray
+
+    from study.run import loopback_ray
+
+    loopback_ray()
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        actor = ray.remote(num_cpus=0)(_TorchOnly).remote()
+        info = psutil.Process(ray.get(actor.load.remote())).memory_full_info()
+        ray.kill(actor)
+    finally:
+        ray.shutdown()
+    return {"rss": info.rss, "uss": info.uss, "pss": info.pss}
+
+
+def _imports_only(config: dict[str, Any]) -> None:
+    """A Tune trial that imports what `train_atop` imports (torch, atop, tracking, mlflow) and reports."""
+    from mlflow import MlflowClient  # noqa: F401 - a trial's logger thread imports it
+    from ray import tune
+
+    import trainables.atop_trainable  # noqa: F401 - the import is what is measured
+
+    tune.report({"done": 1})
+
+
+def startup_seconds(*, trials: int, reuse: bool) -> float:
+    """Seconds per trial of `trials` `_imports_only` trials, one at a time, in a local Ray of its own."""
+    import ray
+    from ray import tune
+
+    from study.run import ROOT, loopback_ray
+
+    loopback_ray()
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        with tempfile.TemporaryDirectory(prefix="atop-bench-startup-") as d:
+            started = time.perf_counter()
+            tune.Tuner(_imports_only, param_space={"i": tune.grid_search(list(range(trials)))},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
+                       run_config=tune.RunConfig(storage_path=d, verbose=0)).fit()
+            return (time.perf_counter() - started) / trials
+    finally:
+        ray.shutdown()
 
 
 def _nbytes(split: Any) -> int:
@@ -216,22 +278,43 @@ def efficiency_rows(ctx: Context) -> list[Result]:
     ]
 
 
+def startup_rows(ctx: Context) -> list[Result]:
+    """Trial start-up, reused workers against a fresh worker per trial, interleaved (median of 2)."""
+    trials = 5
+    fresh, reused = [], []
+    for _ in range(2):
+        fresh.append(startup_seconds(trials=trials, reuse=False))
+        reused.append(startup_seconds(trials=trials, reuse=True))
+    ours, base = float(np.median(reused)), float(np.median(fresh))
+    warm = (trials * ours - base) / (trials - 1)  # the first trial of a reused worker starts it: `base`
+    return [Result("study trial start-up (reused/fresh)", ours, base, "s/trial", 2,
+                   f"{trials} trials that only import what train_atop imports, 1 at a time; a reused worker's "
+                   f"later trials start in ~{warm:.2f} s", ratio=ours / base,
+                   extra={"reused_s": reused, "fresh_s": fresh})]
+
+
 def memory_rows(ctx: Context) -> list[Result]:
-    """Trial-worker RSS at concurrency 2 against 1: added RSS per extra trial / the data set's bytes."""
+    """Trial-worker memory at concurrency 2 against 1, per extra trial, against the floor: a Ray
+    actor that has only imported torch. RSS counts the pages worker processes share (libtorch) in
+    each; USS is what one more worker adds on its own, PSS splits the shared pages between them."""
     s = _sizes(ctx.quick)
     two = run_study(**s, max_concurrent=2, data_dir=_data_dir(ctx), sample_memory=True)
     one = run_study(preset=s["preset"], num_trials=2, epochs=1, max_concurrent=1, data_dir=_data_dir(ctx),
                     sample_memory=True, settings=s["settings"])
-    added = (two.rss_peak - one.rss_peak) / max(1, two.workers_peak - one.workers_peak)
-    added_uss = (two.uss_peak - one.uss_peak) / max(1, two.workers_peak - one.workers_peak)
+    floor = worker_floor()
+    extra = max(1, two.workers_peak - one.workers_peak)
+    added = {k: (getattr(two, f"{k}_peak") - getattr(one, f"{k}_peak")) / extra for k in ("rss", "uss", "pss")}
     mb = 1 / 2**20
-    return [Result("study memory per extra trial", added * mb, two.data_bytes * mb, "MB", 1,
+    return [Result("study memory per extra trial", added["rss"] * mb, floor["rss"] * mb, "MB", 1,
                    f"RSS of trial workers: {one.rss_peak * mb:.0f} MB with {one.workers_peak} alive, "
-                   f"{two.rss_peak * mb:.0f} MB with {two.workers_peak}; USS added {added_uss * mb:.0f} MB; "
-                   f"baseline = train+test as loaded ({two.data_bytes * mb:.0f} MB); trials receive the "
-                   f"n_train+n_eval subset ({two.shared_bytes * mb:.2f} MB) once through the object store",
+                   f"{two.rss_peak * mb:.0f} MB with {two.workers_peak}; added per extra trial: USS "
+                   f"{added['uss'] * mb:.0f} MB, PSS {added['pss'] * mb:.0f} MB; baseline = a Ray actor that only "
+                   f"imported torch (RSS; USS {floor['uss'] * mb:.0f}, PSS {floor['pss'] * mb:.0f} MB); train+test "
+                   f"as loaded {two.data_bytes * mb:.0f} MB, the n_train+n_eval subset trials receive once "
+                   f"through the object store {two.shared_bytes * mb:.2f} MB",
                    extra={"rss_peak": [one.rss_peak, two.rss_peak], "uss_peak": [one.uss_peak, two.uss_peak],
-                          "workers": [one.workers_peak, two.workers_peak], "data_bytes": two.data_bytes,
+                          "pss_peak": [one.pss_peak, two.pss_peak], "workers": [one.workers_peak, two.workers_peak],
+                          "added": added, "floor": floor, "data_bytes": two.data_bytes,
                           "shared_bytes": two.shared_bytes})]
 
 
@@ -282,7 +365,7 @@ def study_rows(ctx: Context) -> list[Result]:
     if not (ctx.data_dir or os.environ.get("ATOP_DATA_DIR")):
         return [Result("study rows", float("nan"), float("nan"), "-", 0,
                        "skipped: the study rows need real CIFAR-10 (--data-dir or $ATOP_DATA_DIR)")]
-    return [*efficiency_rows(ctx), *memory_rows(ctx), *time_to_hypervolume_rows(ctx)]
+    return [*efficiency_rows(ctx), *startup_rows(ctx), *memory_rows(ctx), *time_to_hypervolume_rows(ctx)]
 
 
 # Registration with `python -m bench` (the package imports this module to register it).

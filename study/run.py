@@ -633,7 +633,8 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
                                     scheduler=scheduler,
-                                    num_samples=-1, reuse_actors=False,  # the searcher says when it is done
+                                    num_samples=-1,  # the searcher says when it is done
+                                    reuse_actors=True,  # warm workers: see trainables.atop_trainable
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
@@ -668,7 +669,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
                                         {"cpu": s.cpus, "gpu": s.gpus})
         tuner = tune.Tuner(
             trainable, param_space={"job": tune.grid_search(jobs)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=s.max_concurrent, reuse_actors=False,
+            tune_config=tune.TuneConfig(max_concurrent_trials=s.max_concurrent, reuse_actors=True,
                                         trial_name_creator=_confirm_name, trial_dirname_creator=_confirm_name),
             run_config=tune.RunConfig(
                 name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
