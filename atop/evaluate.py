@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,8 @@ from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, EvalLevel
 from atop.data import Split
 from atop.io import atomic_folder
-from atop.scoring import attack_eps, measure, measure_attack, seen_attack
+from atop.progress import step
+from atop.scoring import attack_batches, attack_eps, measure, measure_attack, seen_attack
 from atop.stats import wilson
 
 __all__ = ["AUDITED", "LEVELS", "LEVEL_ATTACKS", "EvalResult", "accuracy", "attack_eps", "describe", "evaluate",
@@ -167,8 +168,7 @@ class EvalResult:
 def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel | str | None = None,
              device: str | torch.device = "cpu", batch_size: int | None = None, attacks: Sequence[str] = (),
              steps: int | None = None, eot: int | None = None, queries: int | None = None,
-             repeats: int | None = None, audit: bool | None = None, split: str | None = None,
-             log: Callable[[str], None] | None = None) -> EvalResult:
+             repeats: int | None = None, audit: bool | None = None, split: str | None = None) -> EvalResult:
     """Clean, seen and unseen robust accuracy of `defense` on `data` (all of it, in order).
 
     A draw counts as robust on an image only if that same draw also classified the clean image
@@ -186,7 +186,8 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
         audit: run the gradient-masking audit (default: at `full` only).
         split: the name of the split `data` came from, for the result's description (default
             `data.source`, e.g. "test"; pass "val" for validation images carved from train).
-        log: called with one line per finished attack (progress of long runs).
+
+    Each attack (and the audit) shows its progress over batches (`atop.progress`).
 
     Returns:
         EvalResult; metrics are means over the `repeats` draws with 95% intervals and majority
@@ -204,26 +205,27 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     opts = {"repeats": budget["repeats"], "seed": cfg.seed, "batch_size": batch_size or cfg.batch_size,
             "device": device}
     attack_budget = {k: budget[k] for k in ("steps", "eot", "queries")}
+    what = f"evaluate ({level.value}, {len(data)} images)"
     per: dict[str, np.ndarray] = {"clean": measure(defense, data, None, **opts)}
     settings: dict[str, dict[str, Any]] = {}
     for name in names:
-        spec, started = ATTACKS[name], time.perf_counter()
+        spec = ATTACKS[name]
         attack = spec.build(defense, eps=attack_eps(cfg, name), seed=cfg.seed, **spec.budget(**attack_budget))
-        per[name] = measure_attack(defense, data, attack, clean=per["clean"], **opts)
+        with step(f"{what} {name}", total=attack_batches(attack, data, opts["batch_size"]),
+                  unit="batch") as progress:
+            per[name] = measure_attack(defense, data, attack, clean=per["clean"], on_batch=progress.advance, **opts)
+            progress.finish(f"robust acc {per[name].mean():.3f}")
         settings[name] = {**attack.settings(), "level": level.value, "repeats": budget["repeats"]}
-        if log:
-            log(f"{name}: robust acc {per[name].mean():.3f} ({time.perf_counter() - started:.0f} s)")
     report = None
     if audit if audit is not None else level in AUDITED:
-        started = time.perf_counter()
-        report = run_audit(defense, data, cfg, **attack_budget, measured={n: per[n] for n in ["clean", *names]},
-                           repeats=opts["repeats"], batch_size=opts["batch_size"], device=device)
+        with step(f"{what} gradient-masking audit", unit="batch") as progress:
+            report = run_audit(defense, data, cfg, **attack_budget, measured={n: per[n] for n in ["clean", *names]},
+                               repeats=opts["repeats"], batch_size=opts["batch_size"], device=device,
+                               on_batch=progress.advance)
+            progress.finish("flags " + (", ".join(k for k, v in report.flags.items() if v is True) or "none"))
         per.update(report.runs)
         settings.update({n: {**s, "level": level.value, "repeats": budget["repeats"], "audit": 1}
                          for n, s in report.settings.items()})
-        if log:
-            log(f"audit: {time.perf_counter() - started:.0f} s, flags "
-                + (", ".join(k for k, v in report.flags.items() if v is True) or "none"))
     attacked = [n for n in per if n != "clean"]
     per["unseen"] = np.logical_and.reduce([per[n] for n in cfg.unseen_attack_names])
     per["worst_case"] = np.logical_and.reduce([per["clean"], *(per[n] for n in attacked)])
@@ -339,7 +341,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = evaluate(defense, data, cfg, level=args.level, device=args.device, batch_size=args.batch_size,
                       attacks=extra, audit=False if args.no_audit else None, split="test",
-                      log=lambda line: print(line, flush=True), **{k: budget[k] for k in _BUDGET_KEYS})
+                      **{k: budget[k] for k in _BUDGET_KEYS})
     seconds = time.perf_counter() - started
     m = result.metrics
 
