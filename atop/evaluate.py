@@ -28,24 +28,37 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from atop.attacks import ATTACKS
-from atop.audit import run_audit
+# No torch at import: `python -m atop.evaluate` refuses bad input before torch loads
+# (tests/test_refusal.py); `evaluate` and the command import the torch modules they use.
 from atop.cli import OneLineParser, UsageError, one_line_errors
-from atop.config import Config, EvalLevel
-from atop.data import Split
+from atop.config import Config, ConfigError, EvalLevel
 from atop.io import atomic_folder
 from atop.progress import step
-from atop.scoring import attack_batches, attack_eps, measure, measure_attack, seen_attack
 from atop.stats import wilson
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from atop.data import Split
+    from atop.scoring import attack_eps, measure, seen_attack  # offered here through __getattr__
 
 __all__ = ["AUDITED", "LEVELS", "LEVEL_ATTACKS", "EvalResult", "accuracy", "attack_eps", "describe", "evaluate",
            "level_budget", "main", "measure", "seen_attack", "weakened"]
+#: names this module offers from `atop.scoring` (which imports torch), loaded on first use
+_FROM_SCORING = ("attack_eps", "measure", "seen_attack")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_SCORING:
+        from atop import scoring
+
+        return getattr(scoring, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: attack budget per level: `screen` is cheap enough to run inside every trial's epochs. `steps`:
 #: iterations of gradient attacks; `eot`: model draws per gradient (or per Square query); `queries`:
@@ -196,12 +209,16 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     Raises:
         ValueError: an unknown attack name or a budget below 1.
     """
+    from atop.attacks import ATTACKS
+    from atop.audit import run_audit
+    from atop.scoring import attack_batches, attack_eps, measure, measure_attack, seen_attack
+
     level = EvalLevel(level or cfg.eval_level)
     budget = level_budget(level, steps=steps, eot=eot, queries=queries, repeats=repeats)
     names = list(dict.fromkeys([seen_attack(cfg), *cfg.unseen_attack_names, *LEVEL_ATTACKS[level], *attacks]))
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
-        raise ValueError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(ATTACKS)}")
+        raise ValueError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACKS))}")
     opts = {"repeats": budget["repeats"], "seed": cfg.seed, "batch_size": batch_size or cfg.batch_size,
             "device": device}
     attack_budget = {k: budget[k] for k in ("steps", "eot", "queries")}
@@ -275,11 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[str], Path]:
-    """Check every input before any work; raise UsageError (or a one-line library error)."""
-    from atop.checkpoint import load_checkpoint, load_defense
-    from atop.data import load_split, subset
-
+def _check_args(args: argparse.Namespace) -> int:
+    """The checks of the command line alone, before torch is imported; raise UsageError."""
     if args.n_images is not None and args.n_images < 1:
         raise UsageError(f"--n-images={args.n_images} must be >= 1")
     for name in ("steps", "eot", "queries", "repeats", "batch_size"):
@@ -290,15 +304,26 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[s
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UsageError(f"--{name.replace('_', '-')}={value} must be a number >= 0")
-    extra = [n.strip() for n in args.attacks.split(",") if n.strip()]
-    unknown = [n for n in extra if n not in ATTACKS]
-    if unknown:
-        raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACKS))}")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {str(out)!r} exists and is not an empty folder; pick a new one")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir!r} is not a folder")
+    if not Path(args.checkpoint).exists():  # what an existing path holds is `load_checkpoint`'s to check
+        raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist; expected a defense checkpoint file")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[str], Path]:
+    """Check what the files hold and the attack names (these need torch); load the defense and data."""
+    from atop.attacks import ATTACKS
+    from atop.checkpoint import load_checkpoint, load_defense
+    from atop.data import load_split, subset
+
+    extra = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    unknown = [n for n in extra if n not in ATTACKS]
+    if unknown:
+        raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACKS))}")
     blob = load_checkpoint(args.checkpoint, kind="defense")
     changes = {k: v for k, v in {"eval_eps_linf": args.eps_linf, "eval_eps_l2": args.eps_l2,
                                  "seed": args.seed}.items() if v is not None}
@@ -306,7 +331,7 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[s
     data = load_split(cfg.dataset, "test", args.data_dir)
     data = subset(data, args.n_images if args.n_images is not None else cfg.n_eval)
     defense = load_defense(args.checkpoint, device=args.device, seed=cfg.seed, classifier=args.classifier)
-    return defense, data, cfg, extra, out
+    return defense, data, cfg, extra, Path(args.out)
 
 
 def _write(out: Path, report: dict[str, Any], per_example: dict[str, np.ndarray]) -> None:
@@ -320,16 +345,22 @@ def _write(out: Path, report: dict[str, Any], per_example: dict[str, np.ndarray]
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    refused = one_line_errors(lambda: _check_args(args), ())
+    if refused:
+        return refused
     from atop.checkpoint import CheckpointError
-    from atop.config import ConfigError
     from atop.data import DataError
 
-    args = _parser().parse_args(argv)
     return one_line_errors(lambda: _run(args), (CheckpointError, ConfigError, DataError))
 
 
 def _run(args: argparse.Namespace) -> int:
     """The command's work: check the inputs, evaluate, write --out, print the figures."""
+    import torch
+
+    from atop.scoring import seen_attack
+
     defense, data, cfg, extra, out = _prepare(args)
     budget = level_budget(args.level, **{k: getattr(args, k) for k in _BUDGET_KEYS})
     low = weakened(budget)
