@@ -20,28 +20,22 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from analysis.claims import assess_claims, load_arms, render_claims
-from analysis.compute import (
-    FrontInfo,
-    Objective,
-    analyse,
-    compare,
-    study_label,
-)
-from analysis.confirmed import confirm_table, render_table
-from analysis.draw import write_figures
+# Light imports only: the command line is checked before MLflow, pyarrow and matplotlib load
+# (tests/test_refusal.py); `run` and `main` import what the work needs.
+from analysis.compute import check_ref_point
 from analysis.errors import AnalysisError
-from analysis.load import Study, load_study
-from analysis.per_example import load_per_image
-from analysis.report import render
-from analysis.uncertainty import RESAMPLES, FrontUncertainty, assess
+from analysis.uncertainty import RESAMPLES
 from atop.cli import OneLineParser, one_line_errors
 from tracking.contract import OBJECTIVES
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from analysis.compute import FrontInfo
+    from analysis.load import Study
+    from analysis.uncertainty import FrontUncertainty
 
 #: the bootstrap's seed: the same study gives the same front probabilities
 BOOTSTRAP_SEED = 0
@@ -115,6 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def pareto_table(info: FrontInfo, runs: pa.Table, sure: FrontUncertainty | None = None) -> pa.Table:
     """One row per first-front run: run id, trial, rt, objectives, contribution, knee, front
     probability (null without per-image scores), params."""
+    import pyarrow as pa
+
     front = [i for i in range(len(info.points)) if info.on_front[i]]
     ids = [info.run_ids[i] for i in front]
     columns = {
@@ -140,9 +136,22 @@ def pareto_table(info: FrontInfo, runs: pa.Table, sure: FrontUncertainty | None 
 
 def run(args: argparse.Namespace, study: Study | None = None) -> Path:
     """Load (unless ``study`` is given), compute, draw and write; return the output directory."""
+    from analysis.compute import Objective, analyse, compare, study_label
+    from analysis.load import load_study
+
     objectives = [Objective.parse(text) for text in args.objectives]
     minimise = [o.name for o in objectives if not o.maximise]
     study = study or load_study(args.mlflow_uri, args.experiment, minimise)
+    # after loading, which checks the tracking URI first: these import MLflow and matplotlib
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from analysis.confirmed import confirm_table
+    from analysis.draw import write_figures
+    from analysis.per_example import load_per_image
+    from analysis.report import render
+    from analysis.uncertainty import assess
+
     try:
         info = analyse(study.table, objectives, args.ref_point)
     except AnalysisError as exc:  # name the experiment: the message reaches a user of several studies
@@ -200,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        check_ref_point(args.ref_point, len(args.objectives))  # before the store is read
+        from analysis.claims import assess_claims, load_arms, render_claims
+        from analysis.compute import Objective
+        from analysis.confirmed import confirm_table, render_table
+        from analysis.load import load_study
+
         study = None
         if args.table or args.claims:
             minimise = [o.name for o in map(Objective.parse, args.objectives) if not o.maximise]

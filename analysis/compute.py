@@ -180,6 +180,15 @@ def front_analysis(
     return ranks, hv, contributions, knee, hypervolume_convergence(points, ref, maximise)
 
 
+def check_ref_point(ref_point: Sequence[float] | None, n_objectives: int) -> None:
+    """Raise AnalysisError unless ``ref_point`` (None: the default) has one value per objective."""
+    if ref_point is not None and len(ref_point) != n_objectives:
+        raise AnalysisError(
+            f"reference point {list(ref_point)} has {len(ref_point)} values; "
+            f"accepted: one per objective ({n_objectives})"
+        )
+
+
 def analyse(
     table: pa.Table,
     objectives: Sequence[Objective],
@@ -211,11 +220,7 @@ def analyse(
         raise AnalysisError(
             f"unknown objective {unknown[0]!r}; metrics in this experiment: {', '.join(metrics)}"
         )
-    if ref_point is not None and len(ref_point) != len(objectives):
-        raise AnalysisError(
-            f"reference point {list(ref_point)} has {len(ref_point)} values; "
-            f"accepted: one per objective ({len(objectives)})"
-        )
+    check_ref_point(ref_point, len(objectives))
     reasons = [exclusion_reason(r, objectives) for r in rows]
     kept = [r for r, why in zip(rows, reasons) if why is None]
     if not kept:

@@ -22,10 +22,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 
 from analysis.errors import AnalysisError
 from tracking.contract import (
@@ -55,6 +54,10 @@ TEXT_TAGS = {
     "parent_run_id": PARENT_TAG,
 }
 from tracking.uri import TrackingURIError, check_tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ def load_study(
         check_tracking_uri(uri, existing_store=True, timeout_s=timeout_s)
     except TrackingURIError as exc:
         raise AnalysisError(str(exc)) from None
+    # imported after the check: an unreachable URI is refused without loading MLflow
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

@@ -19,6 +19,7 @@ import moocore
 import numpy as np
 
 from analysis.errors import AnalysisError
+from atop.progress import track
 
 #: bootstrap resamples used by default (the issue asks for >= 200)
 RESAMPLES = 1000
@@ -72,8 +73,9 @@ def front_probability(
     maximise = np.asarray(maximise, dtype=bool)
     per_image = _check(per_image, maximise)
     values = resampled_objectives(per_image, resamples=resamples, seed=seed)
+    resampled = track(values, f"bootstrap front probability ({per_image.shape[0]} trials)", unit="resample")
     on_front = np.array(
-        [moocore.is_nondominated(v, maximise=maximise, keep_weakly=True) for v in values]
+        [moocore.is_nondominated(v, maximise=maximise, keep_weakly=True) for v in resampled]
     )
     return on_front.mean(axis=0)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -141,7 +141,7 @@ class AuditReport:
 def run_audit(model: nn.Module, data: Split, cfg: Config, *, steps: int, eot: int, queries: int,
               measured: Mapping[str, np.ndarray] | None = None, repeats: int = 1,
               batch_size: int | None = None, device: str | torch.device = "cpu",
-              zero_acc: float = ZERO_ACC) -> AuditReport:
+              zero_acc: float = ZERO_ACC, on_batch: Callable[[], None] | None = None) -> AuditReport:
     """Measure what `audit_flags` needs on `model` and return the flags.
 
     The reference attack is PGD in the training norm (the seen attack) at the config's eval eps.
@@ -155,12 +155,13 @@ def run_audit(model: nn.Module, data: Split, cfg: Config, *, steps: int, eot: in
         measured: name -> (R, N) bool correctness already measured by `atop.evaluate` with the same
             seed and draws: `clean`, and attacks by registry name (already gated by `clean`).
         repeats: classification draws per attacked image.
+        on_batch: called after each attacked batch (progress).
     """
     measured = dict(measured or {})
     reference = seen_attack(cfg)
     eps = attack_eps(cfg, reference)
     score = functools.partial(measure, model, data, repeats=repeats, batch_size=batch_size or cfg.batch_size,
-                              device=device, seed=cfg.seed)
+                              device=device, seed=cfg.seed, on_batch=on_batch)
     if "clean" not in measured:
         measured["clean"] = score(None)
     runs: dict[str, np.ndarray] = {}

@@ -16,9 +16,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from atop.attacks import ATTACKS
-from atop.data import DATASETS
-from atop.models import CLASSIFIERS, PURIFIERS
 from atop.threat import Norm, pgd_step_size
 
 
@@ -129,7 +126,7 @@ class Config:
         if unknown:
             raise ConfigError(
                 f"unknown config key(s) {', '.join(map(repr, unknown))}; "
-                f"accepted keys: {', '.join(known)}"
+                f"accepted keys: {', '.join(sorted(known))}"
             )
         hints = typing.get_type_hints(cls)
         converted = {name: _convert(name, value, hints[name]) for name, value in values.items()}
@@ -165,13 +162,6 @@ class Config:
 
     def validate(self) -> None:
         """Check ranges and names; raise `ConfigError` on the first bad value."""
-        _one_of("dataset", self.dataset, DATASETS)
-        _one_of("classifier", self.classifier, CLASSIFIERS)
-        _one_of("purifier", self.purifier, PURIFIERS)
-        for name in self.unseen_attack_names:
-            _one_of("unseen_attacks entry", name, ATTACKS)
-        if not self.unseen_attack_names:
-            raise ConfigError(f"unseen_attacks={self.unseen_attacks!r} names no attack; accepted: {', '.join(ATTACKS)}")
         _in_range("n_train", self.n_train, 0, None)
         _in_range("n_eval", self.n_eval, 1, None)
         _in_range("purifier_width", self.purifier_width, 4, 512)
@@ -199,6 +189,20 @@ class Config:
                               "to fine-tune); accepted: epochs=0, or defense='full'")
         if self.train_norm is Norm.LINF and self.train_eps > 1.0:
             raise ConfigError(f"train_eps={self.train_eps} is above 1 for linf on [0,1] images; accepted: 0..1")
+        # The registries hold torch classes: imported here, after the checks that need none, so
+        # that importing this module, and refusing a bad number, costs no torch import.
+        from atop.attacks import ATTACKS
+        from atop.data import DATASETS
+        from atop.models import CLASSIFIERS, PURIFIERS
+
+        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("classifier", self.classifier, CLASSIFIERS)
+        _one_of("purifier", self.purifier, PURIFIERS)
+        for name in self.unseen_attack_names:
+            _one_of("unseen_attacks entry", name, ATTACKS)
+        if not self.unseen_attack_names:
+            raise ConfigError(f"unseen_attacks={self.unseen_attacks!r} names no attack; "
+                              f"accepted: {', '.join(sorted(ATTACKS))}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -25,26 +25,40 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from atop.attacks import ATTACKS
-from atop.audit import run_audit
+# No torch at import: `python -m atop.evaluate` refuses bad input before torch loads
+# (tests/test_refusal.py); `evaluate` and the command import the torch modules they use.
 from atop.cli import OneLineParser, UsageError, one_line_errors
-from atop.config import Config, EvalLevel
-from atop.data import Split
+from atop.config import Config, ConfigError, EvalLevel
 from atop.io import atomic_folder
-from atop.scoring import attack_eps, measure, measure_attack, seen_attack
+from atop.progress import step
 from atop.stats import wilson
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from atop.data import Split
+    from atop.scoring import attack_eps, measure, seen_attack  # offered here through __getattr__
 
 __all__ = ["AUDITED", "LEVELS", "LEVEL_ATTACKS", "EvalResult", "accuracy", "attack_eps", "describe", "evaluate",
            "level_budget", "main", "measure", "seen_attack", "weakened"]
+#: names this module offers from `atop.scoring` (which imports torch), loaded on first use
+_FROM_SCORING = ("attack_eps", "measure", "seen_attack")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_SCORING:
+        from atop import scoring
+
+        return getattr(scoring, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: attack budget per level: `screen` is cheap enough to run inside every trial's epochs. `steps`:
 #: iterations of gradient attacks; `eot`: model draws per gradient (or per Square query); `queries`:
@@ -167,8 +181,7 @@ class EvalResult:
 def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel | str | None = None,
              device: str | torch.device = "cpu", batch_size: int | None = None, attacks: Sequence[str] = (),
              steps: int | None = None, eot: int | None = None, queries: int | None = None,
-             repeats: int | None = None, audit: bool | None = None, split: str | None = None,
-             log: Callable[[str], None] | None = None) -> EvalResult:
+             repeats: int | None = None, audit: bool | None = None, split: str | None = None) -> EvalResult:
     """Clean, seen and unseen robust accuracy of `defense` on `data` (all of it, in order).
 
     A draw counts as robust on an image only if that same draw also classified the clean image
@@ -186,7 +199,8 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
         audit: run the gradient-masking audit (default: at `full` only).
         split: the name of the split `data` came from, for the result's description (default
             `data.source`, e.g. "test"; pass "val" for validation images carved from train).
-        log: called with one line per finished attack (progress of long runs).
+
+    Each attack (and the audit) shows its progress over batches (`atop.progress`).
 
     Returns:
         EvalResult; metrics are means over the `repeats` draws with 95% intervals and majority
@@ -195,35 +209,40 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     Raises:
         ValueError: an unknown attack name or a budget below 1.
     """
+    from atop.attacks import ATTACKS
+    from atop.audit import run_audit
+    from atop.scoring import attack_batches, attack_eps, measure, measure_attack, seen_attack
+
     level = EvalLevel(level or cfg.eval_level)
     budget = level_budget(level, steps=steps, eot=eot, queries=queries, repeats=repeats)
     names = list(dict.fromkeys([seen_attack(cfg), *cfg.unseen_attack_names, *LEVEL_ATTACKS[level], *attacks]))
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
-        raise ValueError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(ATTACKS)}")
+        raise ValueError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACKS))}")
     opts = {"repeats": budget["repeats"], "seed": cfg.seed, "batch_size": batch_size or cfg.batch_size,
             "device": device}
     attack_budget = {k: budget[k] for k in ("steps", "eot", "queries")}
+    what = f"evaluate ({level.value}, {len(data)} images)"
     per: dict[str, np.ndarray] = {"clean": measure(defense, data, None, **opts)}
     settings: dict[str, dict[str, Any]] = {}
     for name in names:
-        spec, started = ATTACKS[name], time.perf_counter()
+        spec = ATTACKS[name]
         attack = spec.build(defense, eps=attack_eps(cfg, name), seed=cfg.seed, **spec.budget(**attack_budget))
-        per[name] = measure_attack(defense, data, attack, clean=per["clean"], **opts)
+        with step(f"{what} {name}", total=attack_batches(attack, data, opts["batch_size"]),
+                  unit="batch") as progress:
+            per[name] = measure_attack(defense, data, attack, clean=per["clean"], on_batch=progress.advance, **opts)
+            progress.finish(f"robust acc {per[name].mean():.3f}")
         settings[name] = {**attack.settings(), "level": level.value, "repeats": budget["repeats"]}
-        if log:
-            log(f"{name}: robust acc {per[name].mean():.3f} ({time.perf_counter() - started:.0f} s)")
     report = None
     if audit if audit is not None else level in AUDITED:
-        started = time.perf_counter()
-        report = run_audit(defense, data, cfg, **attack_budget, measured={n: per[n] for n in ["clean", *names]},
-                           repeats=opts["repeats"], batch_size=opts["batch_size"], device=device)
+        with step(f"{what} gradient-masking audit", unit="batch") as progress:
+            report = run_audit(defense, data, cfg, **attack_budget, measured={n: per[n] for n in ["clean", *names]},
+                               repeats=opts["repeats"], batch_size=opts["batch_size"], device=device,
+                               on_batch=progress.advance)
+            progress.finish("flags " + (", ".join(k for k, v in report.flags.items() if v is True) or "none"))
         per.update(report.runs)
         settings.update({n: {**s, "level": level.value, "repeats": budget["repeats"], "audit": 1}
                          for n, s in report.settings.items()})
-        if log:
-            log(f"audit: {time.perf_counter() - started:.0f} s, flags "
-                + (", ".join(k for k, v in report.flags.items() if v is True) or "none"))
     attacked = [n for n in per if n != "clean"]
     per["unseen"] = np.logical_and.reduce([per[n] for n in cfg.unseen_attack_names])
     per["worst_case"] = np.logical_and.reduce([per["clean"], *(per[n] for n in attacked)])
@@ -273,11 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[str], Path]:
-    """Check every input before any work; raise UsageError (or a one-line library error)."""
-    from atop.checkpoint import load_checkpoint, load_defense
-    from atop.data import load_split, subset
-
+def _check_args(args: argparse.Namespace) -> int:
+    """The checks of the command line alone, before torch is imported; raise UsageError."""
     if args.n_images is not None and args.n_images < 1:
         raise UsageError(f"--n-images={args.n_images} must be >= 1")
     for name in ("steps", "eot", "queries", "repeats", "batch_size"):
@@ -288,15 +304,26 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[s
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UsageError(f"--{name.replace('_', '-')}={value} must be a number >= 0")
-    extra = [n.strip() for n in args.attacks.split(",") if n.strip()]
-    unknown = [n for n in extra if n not in ATTACKS]
-    if unknown:
-        raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACKS))}")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {str(out)!r} exists and is not an empty folder; pick a new one")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir!r} is not a folder")
+    if not Path(args.checkpoint).exists():  # what an existing path holds is `load_checkpoint`'s to check
+        raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist; expected a defense checkpoint file")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[str], Path]:
+    """Check what the files hold and the attack names (these need torch); load the defense and data."""
+    from atop.attacks import ATTACKS
+    from atop.checkpoint import load_checkpoint, load_defense
+    from atop.data import load_split, subset
+
+    extra = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    unknown = [n for n in extra if n not in ATTACKS]
+    if unknown:
+        raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACKS))}")
     blob = load_checkpoint(args.checkpoint, kind="defense")
     changes = {k: v for k, v in {"eval_eps_linf": args.eps_linf, "eval_eps_l2": args.eps_l2,
                                  "seed": args.seed}.items() if v is not None}
@@ -304,7 +331,7 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[s
     data = load_split(cfg.dataset, "test", args.data_dir)
     data = subset(data, args.n_images if args.n_images is not None else cfg.n_eval)
     defense = load_defense(args.checkpoint, device=args.device, seed=cfg.seed, classifier=args.classifier)
-    return defense, data, cfg, extra, out
+    return defense, data, cfg, extra, Path(args.out)
 
 
 def _write(out: Path, report: dict[str, Any], per_example: dict[str, np.ndarray]) -> None:
@@ -318,16 +345,22 @@ def _write(out: Path, report: dict[str, Any], per_example: dict[str, np.ndarray]
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    refused = one_line_errors(lambda: _check_args(args), ())
+    if refused:
+        return refused
     from atop.checkpoint import CheckpointError
-    from atop.config import ConfigError
     from atop.data import DataError
 
-    args = _parser().parse_args(argv)
     return one_line_errors(lambda: _run(args), (CheckpointError, ConfigError, DataError))
 
 
 def _run(args: argparse.Namespace) -> int:
     """The command's work: check the inputs, evaluate, write --out, print the figures."""
+    import torch
+
+    from atop.scoring import seen_attack
+
     defense, data, cfg, extra, out = _prepare(args)
     budget = level_budget(args.level, **{k: getattr(args, k) for k in _BUDGET_KEYS})
     low = weakened(budget)
@@ -339,7 +372,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = evaluate(defense, data, cfg, level=args.level, device=args.device, batch_size=args.batch_size,
                       attacks=extra, audit=False if args.no_audit else None, split="test",
-                      log=lambda line: print(line, flush=True), **{k: budget[k] for k in _BUDGET_KEYS})
+                      **{k: budget[k] for k in _BUDGET_KEYS})
     seconds = time.perf_counter() - started
     m = result.metrics
 

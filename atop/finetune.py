@@ -30,6 +30,7 @@ from atop.data import Split
 from atop.defense import Defense, freeze
 from atop.evaluate import evaluate
 from atop.losses import d_hinge_loss, g_hinge_loss, l1_loss
+from atop.progress import step
 from atop.transforms import RandomTransform
 
 
@@ -185,16 +186,20 @@ def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discrimina
         sums, batches, images = torch.zeros(len(LOSS_NAMES), device=device), 0, 0
         started = time.perf_counter()
         defense.train()
-        for x, y in train.batches(cfg.batch_size, shuffle=True, generator=shuffle, device=device):
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with trainer.autocast():  # the attack's forward/backward passes gain from bf16 as much
-                x_adv = attack(x, y)
-            target = x if cfg.l1_target is L1Target.CLEAN else x_adv
-            sums += trainer.step(transform, x_adv, target, y, ce_weight)  # stays on device: no sync
-            batches, images = batches + 1, images + len(y)
-        train_s = time.perf_counter() - started
-        losses = (sums / max(batches, 1)).tolist()  # CPU-GPU sync point, once per epoch
+        with step(f"finetune epoch {epoch + 1}/{cfg.epochs}", total=-(-len(train) // cfg.batch_size),
+                  unit="batch") as progress:
+            for x, y in train.batches(cfg.batch_size, shuffle=True, generator=shuffle, device=device):
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with trainer.autocast():  # the attack's forward/backward passes gain from bf16 as much
+                    x_adv = attack(x, y)
+                target = x if cfg.l1_target is L1Target.CLEAN else x_adv
+                sums += trainer.step(transform, x_adv, target, y, ce_weight)  # stays on device: no sync
+                batches, images = batches + 1, images + len(y)
+                progress.advance()
+            train_s = time.perf_counter() - started
+            losses = (sums / max(batches, 1)).tolist()  # CPU-GPU sync point, once per epoch
+            progress.finish(f"loss {losses[-1]:.3f}, {images / train_s:.0f} img/s")
         if not all(math.isfinite(v) for v in losses):
             raise FloatingPointError(f"loss became non-finite in epoch {epoch + 1}: "
                                      + ", ".join(f"{n}={v:.4g}" for n, v in zip(LOSS_NAMES, losses)))

@@ -35,6 +35,7 @@ from atop.data import DATASETS, DataError, Split, load_split, subset
 from atop.finetune import PurifierTrainer
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
 from atop.pretrained_cache import cache_paths, check_entry, import_classifier
+from atop.progress import step
 from atop.transforms import RandomTransform
 
 
@@ -145,21 +146,28 @@ def train_classifier(model: nn.Module, train: Split, settings: PretrainSettings,
     for epoch in range(settings.classifier_epochs):
         started = time.perf_counter()
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for x, y in train.batches(batch_size, shuffle=True, generator=gen, device=device):
-            x = _augment(x, settings.crop_pad, gen).contiguous(memory_format=settings.memory_format)
-            with settings.autocast(device):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(y)  # stays on the device: one sync per epoch
-            correct += (logits.argmax(1) == y).sum()
-        report = {"epoch": epoch + 1, "loss": float(loss_sum) / len(train), "train_acc": float(correct) / len(train),
-                  "images_per_s": len(train) / (time.perf_counter() - started)}
-        if test is not None:
-            report["test_acc"] = accuracy(model, test, settings, device=device)
+        with step(f"pretrain classifier epoch {epoch + 1}/{settings.classifier_epochs}",
+                  total=steps // settings.classifier_epochs, unit="batch") as progress:
+            for x, y in train.batches(batch_size, shuffle=True, generator=gen, device=device):
+                x = _augment(x, settings.crop_pad, gen).contiguous(memory_format=settings.memory_format)
+                with settings.autocast(device):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach() * len(y)  # stays on the device: one sync per epoch
+                correct += (logits.argmax(1) == y).sum()
+                progress.advance()
+            report = {"epoch": epoch + 1, "loss": float(loss_sum) / len(train),
+                      "train_acc": float(correct) / len(train),
+                      "images_per_s": len(train) / (time.perf_counter() - started)}
+            if test is not None:
+                report["test_acc"] = accuracy(model, test, settings, device=device)
+            progress.finish(f"loss {report['loss']:.3f}, train acc {report['train_acc']:.3f}"
+                            + (f", test acc {report['test_acc']:.3f}" if test is not None else "")
+                            + f", {report['images_per_s']:.0f} img/s")
         yield report
 
 
@@ -179,13 +187,18 @@ def train_purifier(cfg: Config, purifier: nn.Module, discriminator: nn.Module, c
     train = subset(train, settings.purifier_n_train)
     for epoch in range(settings.purifier_epochs):
         started, sums, batches = time.perf_counter(), torch.zeros(5, device=device), 0
-        for x, y in train.batches(settings.batch_size, shuffle=True, generator=gen, device=device):
-            rt = transforms[int(torch.randint(len(transforms), (), generator=gen))]
-            sums += trainer.step(rt, x, x, y, ce_weight=settings.purifier_ce_weight)
-            batches += 1
-        d, g, l1, ce, total = (sums / batches).tolist()
-        yield {"epoch": epoch + 1, "loss_d": d, "loss_g_gan": g, "loss_l1": l1, "loss_ce": ce, "loss_total": total,
-               "images_per_s": len(train) / (time.perf_counter() - started)}
+        with step(f"pretrain purifier epoch {epoch + 1}/{settings.purifier_epochs}",
+                  total=-(-len(train) // settings.batch_size), unit="batch") as progress:
+            for x, y in train.batches(settings.batch_size, shuffle=True, generator=gen, device=device):
+                rt = transforms[int(torch.randint(len(transforms), (), generator=gen))]
+                sums += trainer.step(rt, x, x, y, ce_weight=settings.purifier_ce_weight)
+                batches += 1
+                progress.advance()
+            d, g, l1, ce, total = (sums / batches).tolist()
+            report = {"epoch": epoch + 1, "loss_d": d, "loss_g_gan": g, "loss_l1": l1, "loss_ce": ce,
+                      "loss_total": total, "images_per_s": len(train) / (time.perf_counter() - started)}
+            progress.finish(f"L1 {l1:.4f}, CE {ce:.3f}, D {d:.3f}, G {g:.3f}, {report['images_per_s']:.0f} img/s")
+        yield report
 
 
 #: the settings that shape the classifier; the purifier depends on all the others, and on the classifier
@@ -244,9 +257,9 @@ def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Pat
     else:
         torch.manual_seed(cfg.seed)
         classifier = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
-        for m in train_classifier(classifier, train, settings, seed=cfg.seed, device=device):
-            log(f"pretrain classifier epoch {m['epoch']}/{settings.classifier_epochs}: loss {m['loss']:.3f} "
-                f"train acc {m['train_acc']:.3f} ({m['images_per_s']:.0f} img/s)")
+        log(f"pretrain classifier: {settings.classifier_epochs} epoch(s) on {len(train)} images")
+        for _ in train_classifier(classifier, train, settings, seed=cfg.seed, device=device):
+            pass  # each epoch shows its own progress (atop.progress)
         save_checkpoint(clf_path, kind="classifier", cfg=cfg, classifier=classifier)
     if pur_path.is_file():
         check_entry(pur_path, "purifier")
@@ -254,9 +267,10 @@ def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Pat
         return clf_path, pur_path
     torch.manual_seed(cfg.seed)
     purifier, disc = PURIFIERS[cfg.purifier](cfg.purifier_width), PatchDiscriminator()
-    for m in train_purifier(cfg, purifier, disc, classifier, train, settings, device=device):
-        log(f"pretrain purifier epoch {m['epoch']}/{settings.purifier_epochs}: L1 {m['loss_l1']:.4f} "
-            f"CE {m['loss_ce']:.3f} D {m['loss_d']:.3f} G {m['loss_g_gan']:.3f} ({m['images_per_s']:.0f} img/s)")
+    images = min(settings.purifier_n_train or len(train), len(train))
+    log(f"pretrain purifier: {settings.purifier_epochs} epoch(s) on {images} images")
+    for _ in train_purifier(cfg, purifier, disc, classifier, train, settings, device=device):
+        pass  # each epoch shows its own progress (atop.progress)
     save_checkpoint(pur_path, kind="purifier", cfg=cfg, purifier=purifier, discriminator=disc)
     return clf_path, pur_path
 
@@ -289,13 +303,13 @@ def _run(args: argparse.Namespace) -> int:
     train = subset(load_split(cfg.dataset, "train", args.data_dir), settings.n_train, seed=cfg.seed)
     classifier = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
     if args.what == "classifier":
-        for m in train_classifier(classifier, train, settings, seed=cfg.seed, device=args.device):
-            print(f"epoch {m['epoch']}: loss {m['loss']:.3f} train acc {m['train_acc']:.3f}", flush=True)
+        for _ in train_classifier(classifier, train, settings, seed=cfg.seed, device=args.device):
+            pass  # each epoch shows its own progress (atop.progress)
         save_checkpoint(args.out, kind="classifier", cfg=cfg, classifier=classifier)
     else:
         purifier, disc = PURIFIERS[cfg.purifier](cfg.purifier_width), PatchDiscriminator()
-        for m in train_purifier(cfg, purifier, disc, classifier, train, settings, device=args.device):
-            print(f"epoch {m['epoch']}: L1 {m['loss_l1']:.4f} D {m['loss_d']:.3f}", flush=True)
+        for _ in train_purifier(cfg, purifier, disc, classifier, train, settings, device=args.device):
+            pass  # each epoch shows its own progress (atop.progress)
         save_checkpoint(args.out, kind="purifier", cfg=cfg, purifier=purifier, discriminator=disc)
     print(f"wrote {args.out}")
     return 0

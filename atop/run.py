@@ -25,24 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from atop.checkpoint import (
-    CheckpointError,
-    build_classifier,
-    build_purifier,
-    load_checkpoint,
-    save_checkpoint,
-)
+# No torch at import: the command line is checked before torch loads (tests/test_refusal.py);
+# `run` and `_run` import what the work needs.
 from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, ConfigError, EvalLevel, read_config_file
-from atop.data import DataError, load_split, subset
-from atop.defense import Defense
-from atop.evaluate import describe, evaluate, level_budget
-from atop.finetune import finetune
+from atop.evaluate import describe, level_budget
 from atop.io import atomic_write_text
-from atop.presets import get_preset
-from atop.pretrain import ensure_pretrained
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -59,6 +47,20 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, device: str,
         pretrained_cache: str | None = None) -> dict[str, Any]:
     """Pre-train (or reuse), evaluate the pre-trained purifier, fine-tune (evaluating), return metrics."""
+    from atop.checkpoint import (
+        CheckpointError,
+        build_classifier,
+        build_purifier,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from atop.data import load_split, subset
+    from atop.defense import Defense
+    from atop.evaluate import evaluate
+    from atop.finetune import finetune
+    from atop.presets import get_preset
+    from atop.pretrain import ensure_pretrained
+
     preset = get_preset(preset_name)
     log = lambda msg: print(msg, flush=True)
     train_full = load_split(cfg.dataset, "train", data_dir)
@@ -113,16 +115,38 @@ def main(argv: list[str] | None = None) -> int:
                         help="level of the final evaluation (default full; screen: quick runs, not final figures)")
     parser.add_argument("--pretrained-cache", metavar="DIR",
                         help="cache of pre-trained weights (default $ATOP_CACHE_DIR or ~/.cache/atop/pretrained)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda where available, else cpu)")
     args = parser.parse_args(argv)
+    refused = one_line_errors(lambda: _check_args(args), (ConfigError,))
+    if refused:
+        return refused
+    from atop.checkpoint import CheckpointError
+    from atop.data import DataError
+
     return one_line_errors(lambda: _run(args), (ConfigError, DataError, CheckpointError))
+
+
+def _check_args(args: argparse.Namespace) -> int:
+    """The checks of the command line and config file alone, before torch is imported."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out!r} is a file; expected a folder to write defense.pt and metrics.json into")
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        raise UsageError(f"--data-dir {args.data_dir!r} is not a folder; expected one holding <dataset>_train.npz "
+                         "and <dataset>_test.npz")
+    parse_overrides(args.set)
+    if args.config:
+        read_config_file(args.config)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     """The command's work; a failure of any kind removes the --out folder if this run created it."""
+    import torch
+
+    from atop.presets import get_preset
+
     out = Path(args.out).resolve()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out!r} is a file; expected a folder to write defense.pt and metrics.json into")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     created = not out.exists()
     try:
         preset = get_preset(args.preset)
@@ -133,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         level = args.level or overrides.get("eval_level") or file_values.get("eval_level") or "full"
         cfg = Config.from_dict({**preset.config, **file_values, **overrides, "eval_level": level})
         out.mkdir(parents=True, exist_ok=True)
-        metrics = run(cfg, args.preset, out, data_dir=args.data_dir, device=args.device,
+        metrics = run(cfg, args.preset, out, data_dir=args.data_dir, device=device,
                       pretrained_cache=args.pretrained_cache)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     except BaseException:

@@ -5,6 +5,8 @@ import it at the top.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -30,8 +32,8 @@ def _reseed(model: nn.Module, seed: int) -> None:
 
 
 def measure(model: nn.Module, data: Split, attack: Attack | None, *, clean: np.ndarray | None = None,
-            repeats: int = 1, seed: int = 0, batch_size: int = 64,
-            device: str | torch.device = "cpu") -> np.ndarray:
+            repeats: int = 1, seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu",
+            on_batch: Callable[[], None] | None = None) -> np.ndarray:
     """Attack every image once, then classify each attacked image with `repeats` fresh model draws.
 
     The model's randomness is reseeded (where it has `.reseed`) to `seed` for the attack and to
@@ -42,13 +44,18 @@ def measure(model: nn.Module, data: Split, attack: Attack | None, *, clean: np.n
         clean: the (repeats, N) result of `measure(..., attack=None)` with the same seed. Given, a
             draw counts as robust only if that same draw also classified the clean image correctly
             (`clean[r] & attacked[r]`), as reference AutoAttack counts robust accuracy.
+        on_batch: called after each batch is attacked (progress of long attacks).
 
     Returns:
         Bool array (repeats, N): whether draw r classified (attacked) image i correctly.
     """
     _reseed(model, seed)
     batches = list(data.batches(batch_size, device=device))
-    attacked = [x if attack is None else attack(x, y) for x, y in batches]
+    attacked = []
+    for x, y in batches:
+        attacked.append(x if attack is None else attack(x, y))
+        if on_batch is not None:
+            on_batch()
     out = np.zeros((repeats, len(data)), dtype=bool)
     for r in range(repeats):
         _reseed(model, seed + 1 + r)
@@ -65,7 +72,8 @@ def measure(model: nn.Module, data: Split, attack: Attack | None, *, clean: np.n
 
 
 def measure_attack(model: nn.Module, data: Split, attack: Attack, *, clean: np.ndarray, repeats: int = 1,
-                   seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+                   seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu",
+                   on_batch: Callable[[], None] | None = None) -> np.ndarray:
     """`measure`, except that an ensemble (`AutoAttack`) is scored as the per-image, per-draw worst case
     of its components: each component attacks every image, each output is classified by the same
     fresh draws, and a draw counts as robust only if the image survives every component on it. The
@@ -76,8 +84,14 @@ def measure_attack(model: nn.Module, data: Split, attack: Attack, *, clean: np.n
     """
     def score(part: Attack) -> np.ndarray:
         return measure(model, data, part, clean=clean, repeats=repeats, seed=seed, batch_size=batch_size,
-                       device=device)
+                       device=device, on_batch=on_batch)
 
     if isinstance(attack, AutoAttack):
         return np.logical_and.reduce([score(part) for part in attack.attacks])
     return score(attack)
+
+
+def attack_batches(attack: Attack, data: Split, batch_size: int) -> int:
+    """How many batches `measure_attack` attacks (an ensemble attacks every batch once per component)."""
+    parts = len(attack.attacks) if isinstance(attack, AutoAttack) else 1
+    return parts * -(-len(data) // batch_size)

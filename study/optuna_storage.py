@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from study.settings import StudyError
+from study.args import StudyError  # light: the command line's checks use this module
 
 CONNECT_TIMEOUT_S = 10
 #: environment variable read when `--optuna-storage` is not given (keeps a password off the command line)

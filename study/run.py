@@ -35,46 +35,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: import this checkout's packages (atop, study, ...)
     sys.path.insert(0, str(ROOT))
 
-from atop.checkpoint import STUDY_CACHE_DIR
+# Only light modules here: bad input is refused (study.args, then `prepare`) before torch, Optuna,
+# MLflow or Ray are imported; each function imports the heavy modules it needs (tests/test_refusal.py).
 from atop.cli import OneLineParser, one_line_errors
 from atop.config import Config
-from atop.data import (
-    VALIDATION_SEED,
-    DataError,
-    Split,
-    carve_validation,
-    load_split,
-    resolve_data_dir,
-    subset,
-)
-from atop.evaluate import LEVELS
 from atop.io import atomic_write_text
-from atop.pretrained_cache import default_cache_dir
-from search_spaces import SPACES, fingerprint
 from study import optuna_storage
-from study.constraints import infeasible
-from study.enqueue import Reference, check_references, enqueue_references, read_enqueue
-from study.pretrained import check_pretrained, pretrain_once
-from study.resume import counts, finished_count, settle_interrupted
-from study.settings import (
-    NAME_RE,
-    SAMPLERS,
-    StudyError,
-    StudySettings,
-    load_preset,
-    make_sampler,
-    merge,
-    presets,
-    read_file,
-)
+from study.args import STUDY_FILE, StudyError, check_args, check_gpus, check_mlflow_uri, study_name
 from study.storage import Storage, leave_job_working_dir, local_folder, refuse_local_stores
-from study.storage import parse as parse_storage
 from study.tables import pareto_table
 from tracking import mlflow_log
 from tracking.contract import (
@@ -102,28 +76,36 @@ from tracking.contract import (
     eval_level_note,
 )
 from tracking.mlflow_log import quiet_http
-from tracking.uri import TrackingURIError, check_tracking_uri
-from trainables.atop_trainable import StudyContext
-from trainables.faults import FAULT_ENV
 
-#: the pre-training cache's folder under --storage-path (a study name cannot start with a dot); checkpoints
-#: that name their classifier by sha256 look for it there (`atop.checkpoint`)
-CACHE_DIR = STUDY_CACHE_DIR
+if TYPE_CHECKING:
+    from atop.data import Split
+    from study.enqueue import Reference
+    from study.settings import StudySettings
+    from trainables.atop_trainable import StudyContext
+
 #: flags that shape the study itself; on --resume they must match what the study was started with
 SHAPING = ("space", "sampler", "population_size", "config", "pretrain", "constraints", "references")
 #: flags a resumed study may change besides the trial count and resources
 SCHEDULING = ("scheduler", "grace_period", "reduction_factor", "confirm_top", "confirm_seeds")
-STUDY_FILE = "study.json"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(listing: bool = True) -> argparse.ArgumentParser:
+    """The command's parser; `listing`: name the presets, spaces and samplers in the help (which
+    imports Optuna and torch: `main` asks for it only with --help)."""
+    names = {"preset": "", "space": "", "sampler": ""}
+    if listing:
+        from search_spaces import SPACES
+        from study.settings import SAMPLERS, presets
+
+        names = {"preset": f": {', '.join(presets())}", "space": f": {', '.join(SPACES)}",
+                 "sampler": f": {', '.join(SAMPLERS)}"}
     p = OneLineParser(prog="python study/run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default=None, help=f"settings preset (default smoke): {', '.join(presets())}")
+    p.add_argument("--preset", default=None, help=f"settings preset (default smoke){names['preset']}")
     p.add_argument("--config", help="settings file (YAML or JSON) merged over the preset")
     p.add_argument("--dataset", help="data set (config key `dataset`)")
     p.add_argument("--data-dir", help="folder with <dataset>_<split>.npz (default $ATOP_DATA_DIR)")
-    p.add_argument("--space", help=f"search space: {', '.join(SPACES)}")
-    p.add_argument("--sampler", help=f"Optuna sampler: {', '.join(SAMPLERS)} (default nsga2)")
+    p.add_argument("--space", help=f"search space (default paper){names['space']}")
+    p.add_argument("--sampler", help=f"Optuna sampler (default nsga2){names['sampler']}")
     p.add_argument("--num-trials", type=int, help="trials the study should have that ended COMPLETE or FAIL; "
                    "trials mo-asha stops early (PRUNED) do not count and are replaced by new ones, up to "
                    "N * reduction-factor**rungs trials in all")
@@ -169,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 # --- validation: everything is checked before anything is created ----------------------------------------
 
 def resolve_settings(args: argparse.Namespace) -> StudySettings:
+    from study.settings import load_preset, merge, read_file
+
     settings = load_preset(args.preset or "smoke")
     if args.config:
         settings = merge(settings, read_file(args.config), f"--config {args.config}")
@@ -187,15 +171,9 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
     return settings
 
 
-def check_mlflow_uri(uri: str) -> None:
-    """A one-line `StudyError` unless the study can write to the tracking URI (`tracking.uri`)."""
-    try:
-        check_tracking_uri(uri, existing_store=False)
-    except TrackingURIError as exc:
-        raise StudyError(str(exc)) from None
-
-
 def load_data(cfg: Config, data_dir: str | None):
+    from atop.data import DataError, load_split
+
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         raise StudyError(f"--data-dir {data_dir!r} does not exist; pass the folder holding "
                          f"{cfg.dataset}_train.npz (e.g. --data-dir ../shared/data)")
@@ -261,6 +239,8 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
     import ray
 
     quiet = {"logging_level": logging.INFO if verbose else logging.WARNING}
+
+    from trainables.faults import FAULT_ENV
 
     if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
         # A cluster's workers get the raylet's environment, not this driver's: the test-only fault
@@ -336,6 +316,8 @@ class StudyPlan:
     @property
     def validation_record(self) -> dict[str, Any]:
         """What the study's metadata keeps about its validation images (enough to re-carve and check them)."""
+        from atop.data import VALIDATION_SEED
+
         rows = self.val.indices.tolist()
         return {"from": "train", "images": len(rows), "seed": VALIDATION_SEED,
                 "rows_sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}
@@ -352,14 +334,16 @@ class OpenStudy:
 
 
 def prepare(args: argparse.Namespace) -> StudyPlan:
-    """Resolve and check all input (settings, name, folder, MLflow URI, data); creates nothing."""
-    if args.resume and not args.study_name:
-        raise StudyError("--resume needs --study-name NAME (the study to continue)")
-    storage = parse_storage(args.storage_path)
-    name = args.study_name or f"{args.preset or 'smoke'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not NAME_RE.match(name):
-        raise StudyError(f"--study-name {name!r} is invalid; accepted: letters, digits, '.', '_', '-' (max 100)")
-    store = storage.at(name)
+    """Resolve and check all input (settings, name, folder, MLflow URI, data); creates nothing.
+
+    The checks of the command line alone come first (`study.args.check_args`: no heavy import).
+    """
+    storage, store = check_args(args)
+    from atop.data import DataError, carve_validation, resolve_data_dir
+    from study.pretrained import check_pretrained
+    from study.storage import default_cache
+
+    name = study_name(args)
     folder = local_folder(store)
     pretrained = str(Path(args.pretrained).expanduser().resolve()) if args.pretrained else None
     optuna_given = args.optuna_storage or os.environ.get(optuna_storage.ENV)
@@ -375,9 +359,6 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
         _check_same_space(name, settings.space, saved.get("space_fingerprint"))
         optuna_given = optuna_given or _saved_optuna_storage(name, saved)
     else:
-        if store.exists():
-            raise StudyError(f"study folder {store.where()!r} exists; pass --resume to continue it or another "
-                             "--study-name")
         settings = resolve_settings(args)
         mlflow_uri = args.mlflow_uri or f"sqlite:///{folder / 'mlflow.db'}"
         data_dir = str(resolve_data_dir(args.data_dir)) if args.data_dir else None
@@ -386,7 +367,8 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     optuna_url = optuna_storage.resolve(optuna_given) if optuna_given else ""
     if optuna_url:
         optuna_storage.check(optuna_url)
-    if args.mlflow_uri or args.resume:
+    check_gpus(settings.gpus)  # a preset's or file's GPUs; --gpus was checked with the command line
+    if args.resume and not args.mlflow_uri:  # a given --mlflow-uri was checked with the command line
         check_mlflow_uri(mlflow_uri)
     if not args.resume:
         _check_new_name(name, mlflow_uri if args.mlflow_uri else None, optuna_url or None)
@@ -403,8 +385,7 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     references = _references(settings, cfg, args.enqueue)
     if pretrained:
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
-    cache = (Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache
-             else default_cache_dir() if storage.remote else Path(storage.path(CACHE_DIR)))
+    cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
     return StudyPlan(settings=settings, name=name, folder=folder, store=store, pretrained_cache=cache,
                      mlflow_uri=mlflow_uri,
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
@@ -414,6 +395,9 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
 
 def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> list[Reference]:
     """The settings' `references`, then `--enqueue FILE`'s, checked against the space and `cfg`."""
+    from search_spaces import SPACES
+    from study.enqueue import check_references, read_enqueue
+
     space = SPACES[settings.space]
     refs = check_references(settings.references, space, cfg, "references") if settings.references else []
     if enqueue:
@@ -430,14 +414,14 @@ def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> li
 
 
 def _saved_study(name: str, store: Storage) -> dict[str, Any]:
-    """The study.json of a study to resume."""
-    if not store.exists(STUDY_FILE):
-        raise StudyError(f"--resume: no study {name!r} at {store.where()!r} ({STUDY_FILE} is missing)")
+    """The study.json of a study to resume (`study.args.check_args` made sure it exists)."""
     return store.read_json(STUDY_FILE)
 
 
 def _check_same_space(name: str, space: str, saved_fingerprint: str | None) -> None:
     """Refuse to resume a study whose search space changed since it started (mixed trials)."""
+    from search_spaces import SPACES, fingerprint
+
     now = fingerprint(SPACES[space])
     if saved_fingerprint and saved_fingerprint != now:
         raise StudyError(f"--resume: space {space!r} changed since study {name!r} started (fingerprint "
@@ -468,6 +452,8 @@ def _check_new_name(name: str, mlflow_uri: str | None, optuna_url: str | None) -
 
 def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]) -> tuple[StudySettings, str, str | None]:
     """(settings, MLflow URI, data dir) of a study to resume: saved ones, some flags over them."""
+    from study.settings import StudySettings, merge
+
     settings = StudySettings(**saved["settings"])
     explicit = resolve_settings(args) if (args.preset or args.config) else None
     for key in SHAPING:
@@ -487,6 +473,8 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
 
 def run(plan: StudyPlan) -> int:
     """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code."""
+    from study.resume import finished_count
+
     started = time.time()
     leave_job_working_dir()
     quiet_http(max_retries=2, timeout_s=30)
@@ -539,6 +527,11 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     loopback_ray()
     import optuna
 
+    from search_spaces import SPACES, fingerprint
+    from study.enqueue import enqueue_references
+    from study.resume import settle_interrupted
+    from study.settings import make_sampler
+
     settings, folder, uri, name = plan.settings, plan.folder, plan.mlflow_uri, plan.name
     created = not plan.store.exists()
     plan.store.make()
@@ -578,6 +571,10 @@ def open_study(plan: StudyPlan) -> OpenStudy:
 
 def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
     """Data and weights every trial shares: the data subsets and the pre-trained models (made once)."""
+    from atop.data import subset
+    from study.pretrained import pretrain_once
+    from trainables.atop_trainable import StudyContext
+
     settings, cfg = plan.settings, plan.cfg
     pretrain_settings = settings.pretrain_settings()
     clf_path, pur_path = pretrain_once(
@@ -596,6 +593,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
+    from search_spaces import SPACES
     from study.searcher import AskTellSearcher
     from trainables.atop_trainable import train_atop
 
@@ -651,6 +649,9 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
     """
     from ray import tune
 
+    from atop.data import subset
+    from atop.evaluate import LEVELS
+    from search_spaces import SPACES
     from study.confirm import load_state, run_confirm, targets
     from trainables.atop_trainable import confirm_atop
 
@@ -706,6 +707,10 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
     The parent run's calls go through a spool like a trial's, so an MLflow server down at the very
     end leaves them in `spool/driver-study.jsonl` (replayed by `python -m tracking upload`).
     """
+    from atop.evaluate import LEVELS
+    from study.constraints import infeasible
+    from study.resume import counts
+
     study, uri, name, folder = opened.study, plan.mlflow_uri, plan.name, plan.folder
     table = pareto_table(study, note=eval_level_note(plan.cfg.eval_level.value, LEVELS[plan.cfg.eval_level])
                          + f"; {len(plan.val)} validation images (train split)")
@@ -762,7 +767,8 @@ def _ray_cpus() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """The command: check every input, then run the study; bad input is one `error: ...` line, exit 2."""
-    args = build_parser().parse_args(argv)
+    asks_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
+    args = build_parser(listing=asks_help).parse_args(argv)
     return one_line_errors(lambda: run(prepare(args)), (StudyError,))
 
 

@@ -11,7 +11,6 @@ can point a study outside its folder. Unknown keys and bad values raise `StudyEr
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from atop.config import Config, ConfigError, read_config_file
 from atop.presets import get_preset
 from atop.pretrain import PretrainSettings
 from search_spaces import SPACES, Space, searched_names
+from study.args import NAME_RE, StudyError  # defined with the light checks
 from study.confirm import CONFIRM_KEYS
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -36,11 +36,6 @@ SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
     "random": lambda seed, _: optuna.samplers.RandomSampler(seed=seed),
 }
 SCHEDULERS = ("none", "mo-asha")  # early stopping of trials (study/scheduler.py)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-class StudyError(ValueError):
-    """Bad study input; the message is one line naming the value and what is accepted."""
 
 
 @dataclass
@@ -109,7 +104,7 @@ class StudySettings:
         known = {f.name for f in dataclasses.fields(PretrainSettings)}
         unknown = sorted(set(self.pretrain) - known)
         if unknown:
-            raise StudyError(f"unknown pretrain key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(known)}")
+            raise StudyError(f"unknown pretrain key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(sorted(known))}")
         try:
             return PretrainSettings(**self.pretrain)
         except (ConfigError, TypeError) as exc:
@@ -201,7 +196,7 @@ def merge(base: StudySettings, data: dict[str, Any], source: str) -> StudySettin
     known = {f.name for f in dataclasses.fields(StudySettings)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise StudyError(f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; accepted: {', '.join(known)}")
+        raise StudyError(f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; accepted: {', '.join(sorted(known))}")
     values = base.to_dict()
     for key, value in data.items():
         if key in ("pretrain", "config", "confirm_config"):

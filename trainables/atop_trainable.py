@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from atop import progress
 from atop.artifacts import image_grid, write_parquet
 from atop.checkpoint import (
     CheckpointError,
@@ -244,6 +245,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     from ray import tune
 
     quiet_http()
+    progress.quiet()  # Tune reports every epoch itself; concurrent trials' lines would bury the driver's
     cfg, reserved = split_config(config)
     number, run_id = int(reserved.get(TRIAL_NUMBER, -1)), reserved.get(RUN_ID)
     torch.set_num_threads(max(1, round(ctx.cpus_per_trial)))
