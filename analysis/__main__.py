@@ -210,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         check_ref_point(args.ref_point, len(args.objectives))  # before the store is read
-        from analysis.claims import assess_claims, load_arms, render_claims
         from analysis.compute import Objective
         from analysis.confirmed import confirm_table, render_table
         from analysis.load import load_study
@@ -219,10 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.table or args.claims:
             minimise = [o.name for o in map(Objective.parse, args.objectives) if not o.maximise]
             study = load_study(args.mlflow_uri, args.experiment, minimise)
-        if args.table:
-            print(render_table(confirm_table(study.table)))
-        if args.claims:
-            print(render_claims(assess_claims(*load_arms(args.mlflow_uri, study.table))))
+            if args.table:
+                print(render_table(confirm_table(study.table)))
+            if args.claims:
+                from analysis.claims import (  # MLflow: after the URI check
+                    assess_claims,
+                    load_arms,
+                    render_claims,
+                )
+
+                print(render_claims(assess_claims(*load_arms(args.mlflow_uri, study.table))))
         if args.out is not None:
             print(f"wrote {run(args, study)}")
         return 0

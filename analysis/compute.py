@@ -180,7 +180,7 @@ def front_analysis(
     return ranks, hv, contributions, knee, hypervolume_convergence(points, ref, maximise)
 
 
-def check_ref_point(ref_point: Sequence[float] | None, n_objectives: int) -> None:
+def check_ref_point(ref_point: Sequence[float] | np.ndarray | None, n_objectives: int) -> None:
     """Raise AnalysisError unless ``ref_point`` (None: the default) has one value per objective."""
     if ref_point is not None and len(ref_point) != n_objectives:
         raise AnalysisError(

@@ -110,7 +110,7 @@ def distinguishable(
         interval of some objective's difference excludes 0.
     """
     lo, hi = difference_intervals(per_image, resamples=resamples, seed=seed, level=level)
-    return ((lo > 0) | (hi < 0)).any(axis=2)
+    return np.asarray(((lo > 0) | (hi < 0)).any(axis=2))
 
 
 @dataclass(frozen=True)

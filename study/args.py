@@ -45,7 +45,9 @@ def check_args(args: argparse.Namespace) -> tuple[Storage, Storage]:
     Raises:
         StudyError: one line naming the bad value and what is accepted.
     """
-    from study.storage import parse  # pyarrow.fs: light, and it imports this module's StudyError
+    # light modules that import this one's StudyError (hence here, not at the top)
+    from study import optuna_storage
+    from study.storage import parse, refuse_local_stores
 
     if args.resume and not args.study_name:
         raise StudyError("--resume needs --study-name NAME (the study to continue)")
@@ -53,6 +55,9 @@ def check_args(args: argparse.Namespace) -> tuple[Storage, Storage]:
     if not NAME_RE.match(name):
         raise StudyError(f"--study-name {name!r} is invalid; accepted: letters, digits, '.', '_', '-' (max 100)")
     storage = parse(args.storage_path)
+    if not args.resume:  # a resumed study reuses the stores it started with (study.json)
+        refuse_local_stores(storage, args.optuna_storage or os.environ.get(optuna_storage.ENV), args.mlflow_uri)
+    storage.check()
     store = storage.at(name)
     if args.resume and not store.exists(STUDY_FILE):
         raise StudyError(f"--resume: no study {name!r} at {storage.where()!r} ({store.where(STUDY_FILE)} is missing)")
@@ -67,8 +72,6 @@ def check_args(args: argparse.Namespace) -> tuple[Storage, Storage]:
         if path is not None and not (path.is_file() if kind == "file" else path.is_dir()):
             what = "a folder holding classifier.pt (and purifier.pt if any)" if kind == "folder" else "a file"
             raise StudyError(f"{flag} {value!r} does not exist; expected {what}")
-    from study import optuna_storage  # imports this module's StudyError
-
     if url := args.optuna_storage or os.environ.get(optuna_storage.ENV):
         optuna_storage.resolve(url)  # its scheme; `study.run.prepare` connects to it
     if args.gpus is not None:

@@ -48,7 +48,7 @@ from atop.config import Config
 from atop.io import atomic_write_text
 from study import optuna_storage
 from study.args import STUDY_FILE, StudyError, check_args, check_gpus, check_mlflow_uri, study_name
-from study.storage import Storage, leave_job_working_dir, local_folder, refuse_local_stores
+from study.storage import Storage, leave_job_working_dir, local_folder
 from study.tables import pareto_table
 from tracking import mlflow_log
 from tracking.contract import (
@@ -238,7 +238,7 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
 
     import ray
 
-    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING}
+    level = logging.INFO if verbose else logging.WARNING
 
     from trainables.faults import FAULT_ENV
 
@@ -246,11 +246,11 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
         # A cluster's workers get the raylet's environment, not this driver's: the test-only fault
         # hook (trainables.faults.FAULT_ENV) must travel in the job's runtime env.
         fault = os.environ.get(FAULT_ENV)
-        context = ray.init(log_to_driver=True, **quiet,
-                           **({"runtime_env": {"env_vars": {FAULT_ENV: fault}}} if fault else {}))
+        context = ray.init(log_to_driver=True, logging_level=level,
+                           runtime_env={"env_vars": {FAULT_ENV: fault}} if fault else None)
     else:  # embedded: a local Ray bound to 127.0.0.1, workers importing this checkout
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        context = ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet,
+        context = ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=level,
                            runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
     if getattr(context, "dashboard_url", None):
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
@@ -347,9 +347,6 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     folder = local_folder(store)
     pretrained = str(Path(args.pretrained).expanduser().resolve()) if args.pretrained else None
     optuna_given = args.optuna_storage or os.environ.get(optuna_storage.ENV)
-    if not args.resume:  # a resumed study reuses the stores it started with (study.json)
-        refuse_local_stores(storage, optuna_given, args.mlflow_uri)
-    storage.check()
     if args.resume:
         saved = _saved_study(name, store)
         settings, mlflow_uri, data_dir = _resumed_settings(args, name, saved)
@@ -545,7 +542,7 @@ def open_study(plan: StudyPlan) -> OpenStudy:
         storage = optuna.storages.RDBStorage(plan.optuna_url)
         optuna.logging.set_verbosity(optuna.logging.INFO if plan.verbose else optuna.logging.WARNING)
         n_existing = len(optuna.load_study(study_name=name, storage=storage).trials) if plan.resume else 0
-        study = optuna.create_study(study_name=name, storage=storage, directions=list(DIRECTIONS),
+        study = optuna.create_study(study_name=name, storage=storage, directions=[optuna.study.StudyDirection[d.upper()] for d in DIRECTIONS],
                                     load_if_exists=True, sampler=make_sampler(
                                         settings.sampler, plan.cfg.seed, settings.population_size, n_existing))
         study.set_metric_names(list(OBJECTIVES))
@@ -676,7 +673,11 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
                 name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        by_run = {r.config["job"]["run_id"]: (r.metrics or {}) if r.error is None else {} for r in tuner.fit()}
+        grid = tuner.fit()
+        by_run: dict[str, dict[str, Any]] = {}
+        for r in (grid[i] for i in range(len(grid))):  # ResultGrid is indexed (not typed as iterable)
+            assert r.config is not None  # a grid trial always has its config
+            by_run[r.config["job"]["run_id"]] = (r.metrics or {}) if r.error is None else {}
         return [by_run.get(j["run_id"], {}) for j in jobs]
 
     confirmed = run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config,

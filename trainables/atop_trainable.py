@@ -192,7 +192,7 @@ def release_freed_memory() -> None:
 
 def split_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """(typed config, reserved trial keys); unknown keys raise `ConfigError`."""
-    reserved = {k: config[k] for k in TRIAL_KEYS if k in config}
+    reserved: dict[str, Any] = {k: config[k] for k in TRIAL_KEYS if k in config}
     return Config.from_dict({k: v for k, v in config.items() if k not in TRIAL_KEYS}), reserved
 
 
