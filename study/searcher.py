@@ -45,6 +45,12 @@ from tracking.contract import (
 Settle = Callable[[int, TrialState, TrialSummary], None]
 
 
+
+def say(line: str) -> None:
+    """Print one line to the driver's output (a module function: it pickles by name)."""
+    print(line, flush=True)
+
+
 class AskTellSearcher(Searcher):
     """Asks `study` for trials until `n_trials` of them end COMPLETE or FAIL; suggests from `space`
     over `base`, tells results.
@@ -59,16 +65,19 @@ class AskTellSearcher(Searcher):
         max_trials: a scheduler may stop trials early: ask one more trial for each PRUNED one, at
             most `max_trials` in all (suggest answers None, "not now", while the running trials
             could still fill `n_trials`). None: ask exactly `n_trials` trials.
-        log: where the line saying the cap ended the search goes.
+        log: where the line saying the cap ended the search goes (default `say`). Never `print`
+            itself: Tune pickles the searcher with its experiment, and Ray's tqdm support replaces
+            `builtins.print` once a worker's output reaches the driver, after which the original
+            `print` no longer pickles ("it's not the same object as builtins.print").
         constraints: `--constraint`s, set on each COMPLETE trial before it is told.
     """
 
     def __init__(self, study: optuna.Study, space: Space, base: Config, n_trials: int,
                  new_run: Callable[[int], str | None], settle: Settle, constraints: Sequence[Constraint] = (),
-                 max_trials: int | None = None, log: Callable[[str], None] = print):
+                 max_trials: int | None = None, log: Callable[[str], None] | None = None):
         super().__init__(metric=None, mode=None)
         self.study, self.space, self.base, self.n_trials = study, space, base.to_dict(), n_trials
-        self.new_run, self.settle, self.max_trials, self.log = new_run, settle, max_trials, log
+        self.new_run, self.settle, self.max_trials, self.log = new_run, settle, max_trials, log or say
         self.constraints = tuple(constraints)
         self.counted = 0  # trials asked here that ended COMPLETE or FAIL
         self.pruned = 0

@@ -194,3 +194,17 @@ def test_report_with_mlflow_down_at_the_end_spools_instead_of_raising(tmp_path, 
     ops = (plan.spool_dir / "driver-study.jsonl").read_text().splitlines()
     assert [json.loads(op)["op"] for op in ops] == ["artifact", "metrics", "status"]
     assert all(json.loads(op)["run_id"] == "parent0" for op in ops)
+
+
+def test_the_searcher_pickles_after_ray_replaces_print(monkeypatch):
+    # Tune pickles the searcher with its experiment; Ray's tqdm support replaces builtins.print once a
+    # worker's output reaches the driver, and a searcher holding the original print then failed to pickle
+    import builtins
+
+    from ray import cloudpickle
+
+    study = optuna.create_study(directions=["maximize"] * 3)
+    searcher = AskTellSearcher(study, SPACES["tiny"], StudySettings(space="tiny").base_config(), 2,
+                               lambda n: None, lambda *a: None)
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: None)
+    assert cloudpickle.loads(cloudpickle.dumps(searcher)).n_trials == 2
