@@ -4,8 +4,8 @@ Each case calls one CLI's `main([...])` in a fresh interpreter (`python -c`), ca
 prints which of torch, ray, mlflow and optuna are in `sys.modules` and whether Ray was started.
 A case names the heavy modules its check genuinely needs (reading a checkpoint's contents needs
 torch; a registry of torch classes holds the accepted names; an MLflow store is read with MLflow);
-no case may import more, and no case may start Ray. tests/test_bad_input.py and
-tests/test_study_bad_input.py check the messages; this file checks what refusing costs.
+no case may import more, and no case may start Ray. tests/test_bad_input.py checks the messages;
+this file checks what refusing costs.
 """
 from __future__ import annotations
 
