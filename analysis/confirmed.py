@@ -12,13 +12,20 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from tracking.contract import GAP_PREFIX, OBJECTIVES, TEST_PREFIX, VAL_PREFIX, Role
+from tracking.contract import (
+    AUTOATTACK_FIGURE,
+    GAP_PREFIX,
+    OBJECTIVES,
+    TEST_PREFIX,
+    VAL_PREFIX,
+    Role,
+)
 
 #: (column heading, figure) in table order; the seen heading gets the training norm
 FIGURES = (
     ("clean", "clean_acc"),
     ("seen (PGD-EOT{norm})", "robust_acc_seen"),
-    ("AutoAttack-rand", "robust_acc/autoattack_rand_linf"),
+    ("AutoAttack-rand", AUTOATTACK_FIGURE),
     ("unseen", "robust_acc_unseen"),
 )
 #: hyperparameters shown for each row, where they differ between rows (all of them for one row)

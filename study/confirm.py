@@ -36,6 +36,7 @@ from tracking.contract import (
     ATTR_REFERENCE,
     ATTR_RUN_ID,
     AUDIT_TAG,
+    AUTOATTACK_FIGURE,
     CONFIRM_ARTIFACT,
     CONFIRM_OF_RUN_TAG,
     CONFIRM_OF_TAG,
@@ -63,8 +64,6 @@ CONFIRM_KEYS = ("eval_level", "n_eval")
 #: bootstrap resamples behind every interval over seeds
 N_BOOT = 2000
 STATE_FILE = "confirm.json"
-#: the figure named "AutoAttack-rand" in tables (run at the `full` level)
-AUTOATTACK = "robust_acc/autoattack_rand_linf"
 
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ def table(confirmed: Sequence[Confirmed], note: str) -> str:
     """The confirmed configurations: validation next to test for each objective, the gap, the audit."""
     if not confirmed:
         return "Confirmed on test: none"
-    head = ["config", *(f"{o} val -> test [95%]" for o in OBJECTIVES), AUTOATTACK.split("/")[-1], "audit"]
+    head = ["config", *(f"{o} val -> test [95%]" for o in OBJECTIVES), AUTOATTACK_FIGURE.split("/")[-1], "audit"]
     rows = []
     for c in confirmed:
         cells = [c.label]
@@ -183,7 +182,7 @@ def table(confirmed: Sequence[Confirmed], note: str) -> str:
             f = c.figures.get(o)
             cells.append(f"{c.val.get(o, float('nan')):.3f} -> {f.text()}  (gap {c.val[o] - f.mean:+.3f})"
                          if f is not None and o in c.val else "-")
-        aa = c.figures.get(AUTOATTACK)
+        aa = c.figures.get(AUTOATTACK_FIGURE)
         cells += [aa.text() if aa else "-", c.audit]
         rows.append(cells)
     seeds = sorted({len(c.seeds) - len(c.failed_seeds) for c in confirmed})
@@ -215,11 +214,16 @@ def load_state(store: Storage) -> dict[int, Confirmed]:
     return {int(k): Confirmed.from_dict(v) for k, v in store.read_json(STATE_FILE).items()}
 
 
+#: runs confirm jobs' Tune configs (dicts with `job`) as Ray Tune trials; returns each one's last
+#: result (or {} when it failed), in order
+Fit = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+
+
 def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[str, Any], top: int, seeds: int,
-                folder: Path, store: Storage, uri: str, experiment_id: str, parent_id: str, tags: Mapping[str, str],
-                fit: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], note: str,
-                log=print) -> list[Confirmed]:
-    """Confirm the study's targets not yet confirmed; returns every target's outcome, in order.
+                folder: Path, store: Storage, uri: str, experiment_id: str, parent_id: str,
+                start: Callable[[], tuple[Mapping[str, str], Fit]], note: str,
+                log=print) -> tuple[list[Confirmed], bool]:
+    """Confirm the study's targets not yet confirmed.
 
     Args:
         study: the Optuna study after the search.
@@ -229,10 +233,13 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
         folder: the driver's local study folder (spools, the table logged as an artifact).
         store: the study folder on its storage (`confirm.json` records what is done, so a resumed
             driver skips it).
-        uri, experiment_id, parent_id, tags: where and with which tags to record MLflow runs.
-        fit: runs the jobs' Tune configs (dicts with `job`) as Ray Tune trials; returns each one's
-            last result (or {} when it failed), in order.
+        uri, experiment_id, parent_id: where to record MLflow runs.
+        start: called only when a target is left to confirm (a resumed driver may have none, and then
+            starts no Ray); returns the tags every confirm run gets and the `Fit` that runs the jobs.
         note: how strong the confirm level's attacks are (`tracking.contract.eval_level_note`).
+
+    Returns:
+        (every target's outcome in order, whether any confirm trial ran now).
     """
     from tracking import mlflow_log
 
@@ -243,6 +250,7 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
         f"({len(chosen) - len(todo)} already confirmed)")
     if todo:
         started = time.time()
+        tags, fit = start()
         client = mlflow_log.client(uri)
         jobs: list[Job] = []
         parents: dict[int, str] = {}
@@ -276,7 +284,7 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
     logger = mlflow_log.RunLogger(uri, parent_id, folder / "spool" / "driver-confirm.jsonl")
     logger.log_artifact(atomic_write_text(folder / CONFIRM_ARTIFACT, text + "\n"))
     logger.close()
-    return confirmed
+    return confirmed, bool(todo)
 
 
 def _record(target: Target, finished: list[tuple[Job, dict[str, Any]]], uri: str, run_id: str,

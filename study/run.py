@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -649,19 +650,21 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
     from atop.data import subset
     from atop.evaluate import LEVELS
     from search_spaces import SPACES
-    from study.confirm import load_state, run_confirm, targets
+    from study.confirm import Fit, run_confirm
     from trainables.atop_trainable import confirm_atop
 
     s = plan.settings
     base = s.confirm_base()
-    pending = [t for t in targets(opened.study, s.confirm_top) if t.number not in load_state(plan.store)]
-    if pending and ctx is None:  # a resumed study whose search was done: start Ray for the confirm trials
-        init_ray(s.cpus, s.gpus, plan.verbose)
-        ctx = shared_context(plan, opened)
 
-    def fit(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        assert ctx is not None
-        test_ctx = dataclasses.replace(ctx, eval_data=subset(plan.test, base.n_eval), eval_split=EvalSplit.TEST.value,
+    def start() -> tuple[dict[str, str], Fit]:
+        nonlocal ctx
+        if ctx is None:  # a resumed study whose search was done: start Ray for the confirm trials
+            init_ray(s.cpus, s.gpus, plan.verbose)
+            ctx = shared_context(plan, opened)
+        return ctx.tags, functools.partial(fit, ctx)
+
+    def fit(context: StudyContext, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        test_ctx = dataclasses.replace(context, eval_data=subset(plan.test, base.n_eval), eval_split=EvalSplit.TEST.value,
                                        stage=Stage.CONFIRM.value, metric_prefix=TEST_PREFIX)
         trainable = tune.with_resources(tune.with_parameters(confirm_atop, ctx=test_ctx),
                                         {"cpu": s.cpus, "gpu": s.gpus})
@@ -680,13 +683,10 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
             by_run[r.config["job"]["run_id"]] = (r.metrics or {}) if r.error is None else {}
         return [by_run.get(j["run_id"], {}) for j in jobs]
 
-    confirmed = run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config,
-                            top=s.confirm_top, seeds=s.confirm_seeds, folder=plan.folder, store=plan.store,
-                            uri=plan.mlflow_uri,
-                            experiment_id=opened.experiment_id, parent_id=opened.parent_id,
-                            tags=ctx.tags if ctx else opened.tags, fit=fit,
-                            note=eval_level_note(base.eval_level.value, LEVELS[base.eval_level]))
-    return confirmed, bool(pending)
+    return run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config,
+                       top=s.confirm_top, seeds=s.confirm_seeds, folder=plan.folder, store=plan.store,
+                       uri=plan.mlflow_uri, experiment_id=opened.experiment_id, parent_id=opened.parent_id,
+                       start=start, note=eval_level_note(base.eval_level.value, LEVELS[base.eval_level]))
 
 
 def settle(plan: StudyPlan) -> None:

@@ -7,9 +7,11 @@ import sys
 import optuna
 
 from atop.config import EvalLevel
-from atop.evaluate import LEVELS
+from atop.evaluate import LEVEL_ATTACKS, LEVELS
 from tests.conftest import REPO
 from tracking.contract import (
+    ATTACK_FIGURE_PREFIX,
+    AUTOATTACK_FIGURE,
     DIRECTIONS,
     OBJECTIVES,
     ROLE_TAG,
@@ -42,6 +44,12 @@ def test_the_driver_the_scheduler_and_analysis_use_the_contract():
     assert tuple(MOASHAScheduler(max_t=3).objectives) == OBJECTIVES
     study = optuna.create_study(directions=list(DIRECTIONS))
     assert [d.name.lower() for d in study.directions] == list(DIRECTIONS)
+
+
+def test_the_autoattack_figure_names_the_ensemble_the_final_levels_run():
+    # atop names the attack, the contract names its figure (atop imports nothing outside atop)
+    attack = AUTOATTACK_FIGURE.removeprefix(ATTACK_FIGURE_PREFIX)
+    assert all(attack in LEVEL_ATTACKS[level] for level in (EvalLevel.LIGHT, EvalLevel.FULL))
 
 
 def test_trial_summary_of_a_result():

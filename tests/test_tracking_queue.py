@@ -1,8 +1,9 @@
 """Tracking never stalls training (`tracking.mlflow_log`): calls return at once, land once, in order.
 
-Each test starts a real `mlflow server` on 127.0.0.1 (sqlite store and artifacts in the test's
-folder), stops it by PID (SIGTERM of its process group) and starts it again on the same port and
-store. Nothing of MLflow is mocked. Every wait is bounded.
+Each test but the hung-server one starts a real `mlflow server` on 127.0.0.1 (sqlite store and
+artifacts in the test's folder), stops it by PID (SIGTERM of its process group) and starts it again
+on the same port and store; those are in the slow tier (`--run-slow`), as real services are.
+Nothing of MLflow is mocked. Every wait is bounded.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def _spool_ops(path) -> list[str]:
     return [json.loads(line)["op"] for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # a real MLflow server (~7 s to start)
 def test_calls_return_at_once_while_the_server_is_down_and_land_once_in_order(server, tmp_path):
     from mlflow import MlflowClient
 
@@ -105,6 +107,7 @@ def test_calls_return_at_once_while_the_server_is_down_and_land_once_in_order(se
     assert [a.path for a in client.list_artifacts(run_id)] == ["grid.txt"]
 
 
+@pytest.mark.slow  # a real MLflow server (~7 s to start)
 def test_the_driver_opens_a_trial_run_without_waiting_and_the_trial_logs_under_its_key(server, tmp_path):
     """The server is down when the driver asks for trial 3: both the driver's and the trial's
     calls return at once; once it is back the run is made once and gets every call."""
@@ -172,6 +175,7 @@ def test_calls_return_at_once_while_the_server_hangs_and_flush_is_bounded(tmp_pa
         assert 2 <= waited < 8, waited
 
 
+@pytest.mark.slow  # a real MLflow server (~7 s to start)
 def test_replay_applies_status_changes_in_time_order(server, tmp_path):
     """A trial's spool (RUNNING, metrics, FINISHED) replayed after the driver ended the run FAILED:
     the metrics land, both older status changes are skipped as stale, the run stays FAILED."""
@@ -205,6 +209,7 @@ def test_replay_applies_status_changes_in_time_order(server, tmp_path):
     assert late.flush(60) and client.get_run(run_id).info.status == "KILLED"
 
 
+@pytest.mark.slow  # a real MLflow server (~7 s to start)
 def test_a_call_that_can_never_succeed_is_skipped_and_reported_not_blocking_the_rest(server, tmp_path):
     """Refused calls (a changed param, a deleted run, an artifact file that is gone) are skipped,
     listed by `python -m tracking upload` and in SPOOL.skipped; the calls behind them land."""

@@ -39,6 +39,11 @@ OBJECTIVE_DEFS: Final[tuple[ObjectiveDef, ...]] = (
 )
 OBJECTIVES: Final[tuple[str, ...]] = tuple(o.name for o in OBJECTIVE_DEFS)
 DIRECTIONS: Final[tuple[str, ...]] = tuple(o.direction.value for o in OBJECTIVE_DEFS)
+#: each attack's own accuracy is logged as `robust_acc/<attack registry name>`
+ATTACK_FIGURE_PREFIX: Final = "robust_acc/"
+#: the figure tables call "AutoAttack-rand": the ensemble `atop.evaluate` adds at `light` and `full`
+#: (its attack name is checked against `atop.evaluate.LEVEL_ATTACKS` by tests/test_study_contract.py)
+AUTOATTACK_FIGURE: Final = ATTACK_FIGURE_PREFIX + "autoattack_rand_linf"
 
 
 class Role(str, enum.Enum):
