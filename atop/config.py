@@ -113,6 +113,10 @@ class Config:
     eval_eps_linf: float = 8 / 255
     eval_eps_l2: float = 0.5
     unseen_attacks: str = "pgd_l2,apgd_dlr_linf"  # comma-separated names from atop.attacks.ATTACKS
+    # the defense's forward passes while it is evaluated (attacks' gradients and scoring): bf16 runs
+    # them under autocast, about 2x faster on CPUs with AMX; an attack in bf16 must be no weaker than
+    # in fp32 on the same defense (checked: docs/STUDY.md), so it is opt-in and said in every report
+    eval_precision: Precision = Precision.FP32
     # speed switches (each checked against fp32 NCHW in bench/)
     precision: Precision = Precision.FP32
     channels_last: bool = False

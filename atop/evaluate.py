@@ -35,7 +35,7 @@ import numpy as np
 # No torch at import: `python -m atop.evaluate` refuses bad input before torch loads
 # (tests/test_refusal.py); `evaluate` and the command import the torch modules they use.
 from atop.cli import OneLineParser, UsageError, one_line_errors
-from atop.config import Config, ConfigError, EvalLevel
+from atop.config import Config, ConfigError, EvalLevel, Precision
 from atop.io import atomic_folder
 from atop.progress import step
 from atop.stats import wilson
@@ -124,6 +124,8 @@ def describe(budget: Mapping[str, Any], n_images: int, split: str) -> str:
         text = (f"{name} evaluation (PGD/APGD {budget['steps']} steps, EOT {budget['eot']}, "
                 f"Square {budget['queries']} queries, {draws})")
     text += f"; {n_images} {split} images"
+    if budget.get("precision", Precision.FP32.value) != Precision.FP32.value:
+        text += f"; the defense run in {budget['precision']} (autocast) while attacked and scored"
     if low := weakened(budget):
         text += ("; WEAKENED below the level's standard budget (" + ", ".join(f"{k} {v}" for k, v in low.items())
                  + "): overstates robustness")
@@ -209,12 +211,15 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     Raises:
         ValueError: an unknown attack name or a budget below 1.
     """
+    import torch
+
     from atop.attacks import ATTACKS
     from atop.audit import run_audit
     from atop.scoring import attack_batches, attack_eps, measure, measure_attack, seen_attack
 
     level = EvalLevel(level or cfg.eval_level)
-    budget = level_budget(level, steps=steps, eot=eot, queries=queries, repeats=repeats)
+    budget = {**level_budget(level, steps=steps, eot=eot, queries=queries, repeats=repeats),
+              "precision": cfg.eval_precision.value}
     names = list(dict.fromkeys([seen_attack(cfg), *cfg.unseen_attack_names, *LEVEL_ATTACKS[level], *attacks]))
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
@@ -223,26 +228,29 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
             "device": device}
     attack_budget = {k: budget[k] for k in ("steps", "eot", "queries")}
     what = f"evaluate ({level.value}, {len(data)} images)"
-    per: dict[str, np.ndarray] = {"clean": measure(defense, data, None, **opts)}
-    settings: dict[str, dict[str, Any]] = {}
-    for name in names:
-        spec = ATTACKS[name]
-        attack = spec.build(defense, eps=attack_eps(cfg, name), seed=cfg.seed, **spec.budget(**attack_budget))
-        with step(f"{what} {name}", total=attack_batches(attack, data, opts["batch_size"]),
-                  unit="batch") as progress:
-            per[name] = measure_attack(defense, data, attack, clean=per["clean"], on_batch=progress.advance, **opts)
-            progress.finish(f"robust acc {per[name].mean():.3f}")
-        settings[name] = {**attack.settings(), "level": level.value, "repeats": budget["repeats"]}
-    report = None
-    if audit if audit is not None else level in AUDITED:
-        with step(f"{what} gradient-masking audit", unit="batch") as progress:
-            report = run_audit(defense, data, cfg, **attack_budget, measured={n: per[n] for n in ["clean", *names]},
-                               repeats=opts["repeats"], batch_size=opts["batch_size"], device=device,
-                               on_batch=progress.advance)
-            progress.finish("flags " + (", ".join(k for k, v in report.flags.items() if v is True) or "none"))
-        per.update(report.runs)
-        settings.update({n: {**s, "level": level.value, "repeats": budget["repeats"], "audit": 1}
-                         for n, s in report.settings.items()})
+    # bf16: the defense's own forward passes under autocast; inputs, gradients and attack steps stay fp32
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                        enabled=cfg.eval_precision is Precision.BF16):
+        per: dict[str, np.ndarray] = {"clean": measure(defense, data, None, **opts)}
+        settings: dict[str, dict[str, Any]] = {}
+        for name in names:
+            spec = ATTACKS[name]
+            attack = spec.build(defense, eps=attack_eps(cfg, name), seed=cfg.seed, **spec.budget(**attack_budget))
+            with step(f"{what} {name}", total=attack_batches(attack, data, opts["batch_size"]),
+                      unit="batch") as progress:
+                per[name] = measure_attack(defense, data, attack, clean=per["clean"], on_batch=progress.advance, **opts)
+                progress.finish(f"robust acc {per[name].mean():.3f}")
+            settings[name] = {**attack.settings(), "level": level.value, "repeats": budget["repeats"]}
+        report = None
+        if audit if audit is not None else level in AUDITED:
+            with step(f"{what} gradient-masking audit", unit="batch") as progress:
+                report = run_audit(defense, data, cfg, **attack_budget, measured={n: per[n] for n in ["clean", *names]},
+                                   repeats=opts["repeats"], batch_size=opts["batch_size"], device=device,
+                                   on_batch=progress.advance)
+                progress.finish("flags " + (", ".join(k for k, v in report.flags.items() if v is True) or "none"))
+            per.update(report.runs)
+            settings.update({n: {**s, "level": level.value, "repeats": budget["repeats"], "audit": 1}
+                             for n, s in report.settings.items()})
     attacked = [n for n in per if n != "clean"]
     per["unseen"] = np.logical_and.reduce([per[n] for n in cfg.unseen_attack_names])
     per["worst_case"] = np.logical_and.reduce([per["clean"], *(per[n] for n in attacked)])

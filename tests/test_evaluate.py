@@ -268,3 +268,18 @@ def test_autoattack_is_scored_as_the_per_draw_worst_case_of_its_components() -> 
     assert np.array_equal(ours, np.logical_and.reduce(parts))  # per image and per draw
     assert all(ours.mean() <= part.mean() for part in parts)  # never above a component
     assert ours.mean() < clean.mean()  # the attack did something
+
+
+def test_bf16_evaluation_is_said_and_its_attack_is_no_weaker_than_fp32() -> None:
+    """`eval_precision: bf16` runs the defense under autocast while it is attacked and scored: the
+    report says so, clean accuracy agrees with fp32, and PGD (deterministic model, an eps small enough
+    that neither precision reaches 0) leaves no more images standing than in fp32, give or take one."""
+    model, data = trained_classifier(), eval_images(64)
+    cfg = CFG.replace(n_eval=64, batch_size=64, unseen_attacks="fgsm_linf", eval_eps_linf=1 / 255)
+    fp32 = evaluate(model, data, cfg, level="screen", steps=10, eot=1)
+    bf16 = evaluate(model, data, cfg.replace(eval_precision="bf16"), level="screen", steps=10, eot=1)
+    assert "precision" in fp32.budget and "bf16" not in fp32.description
+    assert bf16.budget["precision"] == "bf16" and "run in bf16 (autocast)" in bf16.description
+    assert abs(bf16.metrics["clean_acc"] - fp32.metrics["clean_acc"]) <= 2 / 64
+    assert 0 < fp32.metrics["robust_acc_seen"] < fp32.metrics["clean_acc"]  # the comparison means something
+    assert bf16.metrics["robust_acc_seen"] <= fp32.metrics["robust_acc_seen"] + 1 / 64
