@@ -24,7 +24,7 @@ def test_mo_asha_study_prunes_tags_and_keeps_stopped_trials_off_the_front(cifar_
     from analysis.compute import Objective, analyse
     from analysis.load import load_study
     from study.scheduler import ATTR_EPOCH_OBJECTIVES
-    from tracking.contract import OBJECTIVES, ROLE_TAG, STOPPED_TAG, TRIAL_TAG, Role
+    from tracking.contract import LAST_ERROR_TAG, OBJECTIVES, ROLE_TAG, STOPPED_TAG, TRIAL_TAG, Role
 
     name, storage = "sched", tmp_path / "studies"
     cmd = [sys.executable, "study/run.py", "--preset", "tiny", "--num-trials", "4", "--epochs", "3",
@@ -62,6 +62,7 @@ def test_mo_asha_study_prunes_tags_and_keeps_stopped_trials_off_the_front(cifar_
         assert run.info.status == "FINISHED", (t.number, run.info.status)  # never left RUNNING
         assert run.data.tags.get("optuna.state") == t.state.name
         assert "atop.error" not in run.data.tags, run.data.tags["atop.error"]
+        assert LAST_ERROR_TAG not in run.data.tags, run.data.tags[LAST_ERROR_TAG]  # a stop is not an error
         if t.state.name == "PRUNED":
             assert run.data.tags.get(STOPPED_TAG) == "true"
             epochs = [m.step for m in client.get_metric_history(run.info.run_id, "clean_acc")]

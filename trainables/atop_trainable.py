@@ -311,7 +311,10 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             log.close(timeout_s=10)
         tune.report({FAILED_KEY: 1, ERROR_KEY: message, TRIAL_NUMBER: number})
     except BaseException as exc:
-        if log:  # Tune may retry it from the last checkpoint; the driver settles the final status
+        # Tune ends a trial it stops (a scheduler's prune) by raising SystemExit(0) in the trial's
+        # thread: that is not an error to record
+        if log and not (isinstance(exc, SystemExit) and not exc.code):
+            # Tune may retry it from the last checkpoint; the driver settles the final status
             log.set_tags({LAST_ERROR_TAG: f"{type(exc).__name__}: {exc}"})
             log.flush()
         raise
