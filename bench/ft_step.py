@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16+channels_last": {"precision": "bf16", "channels_last": True},
     "bf16+channels_last+compile": {"precision": "bf16", "channels_last": True, "compile": True},
 }
+#: one FT step on a batch (x, y) -> its losses; `OursStep` and `BaselineRun` are both called so
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: a bf16 row's losses may differ from fp32's by this much (relative, see `loss_difference`)
 BF16_TOLERANCE = 0.05
 #: fp32 rows (and the baseline against our fp32 step) must agree to float rounding
@@ -163,7 +166,8 @@ def ft_step_rows(ctx: Context) -> list[Result]:
     # These calls are also the first warm-up (torch.compile compiles here).
     # FLOPs are counted on the same first calls of the baseline and of our fp32 step.
     first_s, losses, flops = {}, {}, {}
-    for name, fn in {"baseline": baseline, **ours}.items():
+    steps: dict[str, Step] = {"baseline": baseline, **ours}
+    for name, fn in steps.items():
         counter = _FlopCount() if name in ("baseline", "fp32") else contextlib.nullcontext()
         ctx.sync()
         started = time.perf_counter()

@@ -180,28 +180,28 @@ def run_study(*, preset: str, num_trials: int, epochs: int, max_concurrent: int,
     return result
 
 
-class _TorchOnly:
-    """A Ray actor that imports torch and nothing of ours: the floor of any trial worker."""
-
-    def load(self) -> int:
-        import torch  # noqa: F401 - the import is what is measured
-
-        return os.getpid()
-
-
 def worker_floor() -> dict[str, float]:
-    """RSS, USS and PSS (bytes) of a `_TorchOnly` actor in a local Ray of its own (shut down after)."""
+    """RSS, USS and PSS (bytes) of an actor that imports torch and nothing of ours (the floor of any
+    trial worker), in a local Ray of its own (shut down after, which ends the actor)."""
     import psutil
     import ray
 
     from study.run import loopback_ray
 
+    # Defined here, not at module level: cloudpickle then ships the class by value, so the worker does
+    # not import this module, whose package imports atop (measured: a module-level class loaded atop).
+    class TorchOnly:
+        @ray.method
+        def load(self) -> int:
+            import torch  # noqa: F401 - the import is what is measured
+
+            return os.getpid()
+
     loopback_ray()
     ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        actor = ray.remote(num_cpus=0)(_TorchOnly).remote()
+        actor = ray.remote(num_cpus=0)(TorchOnly).remote()
         info = psutil.Process(ray.get(actor.load.remote())).memory_full_info()
-        ray.kill(actor)
     finally:
         ray.shutdown()
     return {"rss": info.rss, "uss": info.uss, "pss": info.pss}

@@ -73,9 +73,7 @@ def log_study(
         for epoch in range(epochs):
             grow = (epoch + 1) / epochs
             values = {
-                "clean_acc": clean * grow,
-                "robust_acc_seen": min(robust * grow, 1.0),
-                "robust_acc_unseen": 0.8 * robust * grow,
+                **dict(zip(OBJECTIVES, (clean * grow, min(robust * grow, 1.0), 0.8 * robust * grow))),
                 "loss/ce": 2.0 / (epoch + 1),
             }
             if kind == "failed":

@@ -20,6 +20,7 @@ from tracking.contract import (
     CONFIRM_OF_TAG,
     CONFIRM_SEED_TAG,
     EVAL_LEVEL_TAG,
+    OBJECTIVES,
     PARENT_TAG,
     REFERENCE_TAG,
     ROLE_TAG,
@@ -64,7 +65,7 @@ def log_trial(client, exp, parent, number, outcomes, figures, tmp: Path) -> str:
         tags[PARENT_TAG] = parent
     run = client.create_run(exp, run_name=f"trial-{number}", tags=tags).info.run_id
     metrics = []
-    for name, value in zip(("clean_acc", "robust_acc_seen", "robust_acc_unseen"), figures):
+    for name, value in zip(OBJECTIVES, figures):
         lo, hi = max(value - 0.05, 0.0), min(value + 0.05, 1.0)
         metrics += [Metric(name, value, 0, 1), Metric(f"{name}_lo", lo, 0, 1),
                     Metric(f"{name}_hi", hi, 0, 1)]  # fmt: skip
@@ -97,8 +98,7 @@ def log_confirm(client, exp, parent, tags, metrics, params=()) -> str:
 
 def confirm_metrics(figures: tuple[float, float, float], val: tuple[float, float, float], aa: bool):
     out = {"test/n_seeds": 2.0, "test/n_images": 500.0}
-    names = ("clean_acc", "robust_acc_seen", "robust_acc_unseen")
-    for name, value, v in zip(names, figures, val):
+    for name, value, v in zip(OBJECTIVES, figures, val):
         out |= {f"test/{name}": value, f"test/{name}_lo": value - 0.04,
                 f"test/{name}_hi": value + 0.04, f"test/{name}_sd": 0.01,
                 f"val/{name}": v, f"val/{name}_lo": v - 0.05, f"val/{name}_hi": v + 0.05,
@@ -137,8 +137,7 @@ def log_study(client: MlflowClient, name: str, root: Path, artifacts: str | None
         run = client.create_run(exp, tags={PARENT_TAG: confirm_b, ROLE_TAG: Role.CONFIRM_SEED.value,
                                            CONFIRM_SEED_TAG: str(seed)}).info.run_id  # fmt: skip
         client.log_batch(run, metrics=[Metric(m, 0.99, 0, 0) for m in
-                                       ("clean_acc", "robust_acc_seen", "robust_acc_unseen",
-                                        "test/clean_acc")])  # fmt: skip
+                                       (*OBJECTIVES, f"test/{OBJECTIVES[0]}")])  # fmt: skip
         client.set_terminated(run, "FINISHED")
     client.set_terminated(parent, "FINISHED")
     return ids

@@ -38,11 +38,11 @@ from atop.evaluate import (
     seen_attack,
 )
 from atop.scoring import measure_attack
+from tracking.contract import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = Config.from_dict({"n_eval": 4, "batch_size": 4, "unseen_attacks": "pgd_l2,apgd_dlr_linf"})
-FIGURES = {"clean_acc", "robust_acc_seen", "robust_acc_unseen", "robust_acc/pgd_linf", "robust_acc/pgd_l2",
-           "robust_acc/apgd_dlr_linf"}
+FIGURES = {*OBJECTIVES, "robust_acc/pgd_linf", "robust_acc/pgd_l2", "robust_acc/apgd_dlr_linf"}
 
 
 def check_intervals(metrics: dict[str, float], figures: set[str]) -> None:

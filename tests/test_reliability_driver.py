@@ -34,6 +34,7 @@ from tests.conftest import (
     stop_study,
     wait_for,
 )
+from tracking.contract import INTERRUPTED_TAG, SPACE_TAG, TRIAL_TAG
 
 pytestmark = pytest.mark.slow
 NUM_TRIALS = 5
@@ -105,16 +106,16 @@ def test_driver_sigkill_then_resume(cifar_dir, tmp_path):
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'", max_results=1000)
-    numbers = [int(r.data.tags["optuna.trial_number"]) for r in runs]
+    numbers = [int(r.data.tags[TRIAL_TAG]) for r in runs]
     assert sorted(numbers) == sorted(t.number for t in trials), "exactly one MLflow run per Optuna trial"
-    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
+    by_number = {int(r.data.tags[TRIAL_TAG]): r for r in runs}
     assert not [n for n, r in by_number.items() if r.info.status in ("RUNNING", "SCHEDULED")]
     for t in trials:
         run = by_number[t.number]
         expected = "KILLED" if t in interrupted else {"COMPLETE": "FINISHED", "FAIL": "FAILED"}[t.state.name]
         assert run.info.status == expected, (t.number, t.state.name, run.info.status)
         if t in interrupted:
-            assert run.data.tags.get("atop.interrupted") == "true"
+            assert run.data.tags.get(INTERRUPTED_TAG) == "true"
     parent = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'study'")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
 
@@ -138,13 +139,13 @@ def test_a_trial_killed_before_its_run_existed_gets_one_killed_run(tmp_path):
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study = optuna.create_study(study_name="s", storage=storage, directions=["maximize"] * 3)
     exp = mlflow_log.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
-    parent = mlflow_log.ensure_parent_run(uri, exp, "s", {}, {"atop.space": "tiny"})
+    parent = mlflow_log.ensure_parent_run(uri, exp, "s", {}, {SPACE_TAG: "tiny"})
     asked = study.ask({"lambda_ce": optuna.distributions.FloatDistribution(0.05, 0.1)})
     assert settle_interrupted(study, storage, uri, exp, parent, log=lambda m: None) == 1
     runs = mlflow_log.trial_runs(uri, exp, parent)
     assert sorted(runs) == [asked.number]
     run = runs[asked.number]
-    assert run.info.status == "KILLED" and run.data.tags["atop.interrupted"] == "true"
-    assert run.data.tags["atop.space"] == "tiny"
+    assert run.info.status == "KILLED" and run.data.tags[INTERRUPTED_TAG] == "true"
+    assert run.data.tags[SPACE_TAG] == "tiny"
     settle_interrupted(study, storage, uri, exp, parent, log=lambda m: None)  # a second resume adds none
     assert len(mlflow_log.client(uri).search_runs([exp], "tags.`atop.role` = 'trial'")) == 1

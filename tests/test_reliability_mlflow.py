@@ -25,8 +25,9 @@ from tests.conftest import (
     stop_study,
     wait_for,
 )
+from tracking.contract import COMPUTE_S, ERROR_TAG, OBJECTIVES, TRIAL_TAG
 
-METRICS = ("clean_acc", "robust_acc_seen", "robust_acc_unseen", "loss/l1", "compute_s")
+METRICS = (*OBJECTIVES, "loss/l1", COMPUTE_S)
 NUM_TRIALS = 3
 
 
@@ -90,11 +91,11 @@ def test_mlflow_server_outage(cifar_dir, tmp_path):
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(name)
         runs = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'")
-        numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs)
+        numbers = sorted(int(r.data.tags[TRIAL_TAG]) for r in runs)
         assert numbers == list(range(NUM_TRIALS)), numbers
         lost = duplicated = 0
         for run in runs:
-            assert run.info.status == "FINISHED", (run.info.run_name, run.info.status, run.data.tags.get("atop.error"))
+            assert run.info.status == "FINISHED", (run.info.run_name, run.info.status, run.data.tags.get(ERROR_TAG))
             for m in METRICS:
                 steps = [h.step for h in client.get_metric_history(run.info.run_id, m)]
                 lost += len({1, 2} - set(steps))

@@ -30,6 +30,7 @@ from tests.conftest import (
     stop_study,
     wait_for,
 )
+from tracking.contract import RESTORED_TAG, TRIAL_TAG
 
 pytestmark = pytest.mark.slow
 NUM_TRIALS = 3
@@ -104,10 +105,10 @@ def test_worker_node_killed_mid_trial(ray_head, cifar_dir, tmp_path):
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'")
-    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == list(range(NUM_TRIALS))
+    assert sorted(int(r.data.tags[TRIAL_TAG]) for r in runs) == list(range(NUM_TRIALS))
     assert all(r.info.status == "FINISHED" for r in runs)
-    restored = [r for r in runs if r.data.tags.get("atop.restored_from_epoch") == "1"]
-    assert len(restored) == len(victims) == 1, [r.data.tags.get("atop.restored_from_epoch") for r in runs]
+    restored = [r for r in runs if r.data.tags.get(RESTORED_TAG) == "1"]
+    assert len(restored) == len(victims) == 1, [r.data.tags.get(RESTORED_TAG) for r in runs]
     for run in runs:
         assert [h.step for h in client.get_metric_history(run.info.run_id, "clean_acc")] == [1, 2]
     # the retry read the checkpoint from the study folder (shared storage), not from the lost node

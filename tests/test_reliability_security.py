@@ -1,23 +1,33 @@
-"""Security promises that can be checked without running services (the running ones are checked where
-they run: the driver-kill test checks the in-process Ray's sockets, the node test the Ray head's, the
-MLflow-outage test the MLflow server's; see docs/RELIABILITY.md).
+"""Security promises checked here, most without running services (the services of the slow tests are
+checked where they run: the driver-kill test checks a whole study's sockets, the node test the Ray
+head's, the MLflow-outage test the MLflow server's; see docs/RELIABILITY.md).
 
 - checkpoints load with `torch.load(..., weights_only=True)`, arrays with `np.load(allow_pickle=False)`;
 - settings and config files parse with `yaml.safe_load` (or JSON), never `yaml.load`/`unsafe_load`;
 - a malicious checkpoint (a pickle that would run code) is refused without running it;
 - nothing from a settings file or a run can point outside the study folder: paths are command-line
   only, study and preset names are plain names, trial folders and spool files are named by numbers;
-- the embedded Ray and every service the tests start are told to bind 127.0.0.1.
+- the driver's embedded Ray listens on 127.0.0.1 only (started here, its sockets listed; slow tier).
 """
 from __future__ import annotations
 
 import ast
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import (
+    LOOPBACK,
+    REPO,
+    listening,
+    service_env,
+    session_procs,
+    stop_study,
+    wait_for,
+)
 
 PACKAGES = ("atop", "trainables", "study", "analysis", "search_spaces", "bench")
 
@@ -106,10 +116,37 @@ def test_trial_folders_and_spools_are_named_by_numbers():
         spool_file("search", "../../x", 0)  # type: ignore[arg-type]
 
 
-def test_services_are_told_to_bind_loopback():
-    run_py = (REPO / "study" / "run.py").read_text()
-    assert '_node_ip_address="127.0.0.1"' in run_py and "include_dashboard=False" in run_py
-    assert '"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"' in run_py and "    loopback_ray()\n    import optuna" in run_py
-    conftest = (REPO / "tests" / "conftest.py").read_text()
-    assert conftest.count('"--host", "127.0.0.1"') >= 2  # both MLflow servers the tests start
-    assert '"--dashboard-host", "127.0.0.1"' in conftest  # a multi-node head: see docs/RELIABILITY.md
+#: the driver's own Ray start-up (`study.run.init_ray`, as `study/run.py` calls it), one task run so a
+#: worker is up too; then it waits for its stdin to close before shutting Ray down
+_EMBEDDED_RAY = """
+import sys
+from study.run import init_ray
+init_ray(1, 0)
+import ray
+ray.get(ray.remote(num_cpus=0)(lambda: 1).remote())
+print("ready", flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow  # Ray's start-up: ~10 s on 2 cores
+def test_the_embedded_ray_listens_on_loopback_only(tmp_path):
+    """Every TCP socket the driver's embedded Ray opens (driver, GCS, raylet, agents, a worker)
+    listens on 127.0.0.1: binding 0.0.0.0 or the machine's address fails here."""
+    env = service_env()
+    for name in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):  # what the code sets, not the shell
+        env.pop(name, None)
+    log = tmp_path / "ray.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _EMBEDDED_RAY], stdin=subprocess.PIPE, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "ready" in log.read_text(), 120, "the embedded Ray to start", every_s=0.5, proc=proc)
+        addresses = listening({p.pid for p in session_procs(proc.pid)})
+        proc.stdin.close()  # Ray shuts down
+        proc.wait(timeout=60)
+    finally:
+        stop_study(proc)  # whatever of its session is left, by PID
+    assert addresses, log.read_text()[-3000:]
+    assert all(ip in LOOPBACK for ip, *_ in addresses), addresses

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.conftest import STUDY_PY, service_env
-from tracking.contract import OBJECTIVES
+from tracking.contract import ERROR_TAG, OBJECTIVES, RESTORED_TAG, TRIAL_TAG
 
 
 @pytest.mark.slow
@@ -48,22 +48,22 @@ def test_raise_nan_and_transient_faults(cifar_dir, tmp_path):
 
     client = MlflowClient(f"sqlite:///{storage / name / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
-    runs = {int(r.data.tags["optuna.trial_number"]): r
+    runs = {int(r.data.tags[TRIAL_TAG]): r
             for r in client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'")}
     assert sorted(runs) == [0, 1, 2, 3]  # exactly one run per Optuna trial
     status = {n: r.info.status for n, r in runs.items()}
     assert status == {0: "FAILED", 1: "FAILED", 2: "FINISHED", 3: "FINISHED"}, status
-    assert "RuntimeError: injected fault" in runs[0].data.tags["atop.error"]
-    assert "FloatingPointError" in runs[1].data.tags["atop.error"] and "non-finite" in runs[1].data.tags["atop.error"]
+    assert "RuntimeError: injected fault" in runs[0].data.tags[ERROR_TAG]
+    assert "FloatingPointError" in runs[1].data.tags[ERROR_TAG] and "non-finite" in runs[1].data.tags[ERROR_TAG]
     # the transient fault: retried from its epoch-1 checkpoint, not from scratch, no error left on it
     assert (tmp_path / "transient-2.fired").is_file()
-    assert runs[2].data.tags.get("atop.restored_from_epoch") == "1", runs[2].data.tags
-    assert "atop.error" not in runs[2].data.tags and "atop.error" not in runs[3].data.tags
+    assert runs[2].data.tags.get(RESTORED_TAG) == "1", runs[2].data.tags
+    assert ERROR_TAG not in runs[2].data.tags and ERROR_TAG not in runs[3].data.tags
     for n in (2, 3):
         for m in OBJECTIVES:
             assert [h.step for h in client.get_metric_history(runs[n].info.run_id, m)] == [1, 2], (n, m)
     # the NaN trial was not retried: it logged epoch 1 once and never restored
-    assert "atop.restored_from_epoch" not in runs[1].data.tags
+    assert RESTORED_TAG not in runs[1].data.tags
     assert [h.step for h in client.get_metric_history(runs[1].info.run_id, "clean_acc")] == [1]
     print(f"\nfault study: {states}; MLflow {status}; wall {wall_s:.0f} s")
 

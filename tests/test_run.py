@@ -9,6 +9,8 @@ from pathlib import Path
 
 from attack_fixtures import DATA_DIR, need_data
 
+from tracking.contract import OBJECTIVES
+
 ROOT = Path(__file__).resolve().parents[1]
 LABEL = "screening (PGD-10, EOT 2, 1 draw): not a final robustness figure; 8 test images"
 
@@ -25,7 +27,7 @@ def test_screen_run_labels_its_figures_as_screening(tmp_path: Path) -> None:
     assert metrics["evaluation"] == LABEL and metrics["screening"] is True and metrics["level"] == "screen"
     assert metrics["budget"] == {"level": "screen", "steps": 10, "eot": 2, "queries": 100, "repeats": 1}
     assert metrics["split"] == "test" and metrics["n_eval"] == 8 and metrics["config"]["eval_level"] == "screen"
-    for name in ("clean_acc", "robust_acc_seen", "robust_acc_unseen", "robust_acc/fgsm_linf"):
+    for name in (*OBJECTIVES, "robust_acc/fgsm_linf"):
         assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"]
         assert metrics[f"{name}_majority"] == metrics[name]  # one draw
         assert f"{name}_majority" in metrics["baseline_before_finetune"]

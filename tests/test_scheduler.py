@@ -16,7 +16,7 @@ from study.scheduler import ATTR_EPOCH_OBJECTIVES, MOASHAScheduler, crowding_dis
 from study.searcher import AskTellSearcher
 from study.settings import StudyError, StudySettings
 from study.tables import pareto_table
-from tracking.contract import TRIAL_NUMBER
+from tracking.contract import EPOCH, ERROR_KEY, FAILED_KEY, OBJECTIVES, TRIAL_NUMBER
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
@@ -77,7 +77,7 @@ class FakeTrial:
 
 
 def _result(epoch, c, s, u):
-    return {"epoch": epoch, "clean_acc": c, "robust_acc_seen": s, "robust_acc_unseen": u}
+    return {EPOCH: epoch, **dict(zip(OBJECTIVES, (c, s, u)))}
 
 
 def test_scheduler_stops_dominated_trials_at_their_rung_on_a_metric_stream():
@@ -102,8 +102,8 @@ def test_scheduler_stops_dominated_trials_at_their_rung_on_a_metric_stream():
 def test_scheduler_ignores_failed_and_incomplete_results(tmp_path):
     sched = MOASHAScheduler(max_t=3, reduction_factor=2)
     sched.on_trial_result(None, FakeTrial("a"), _result(1, 0.9, 0.9, 0.9))
-    assert sched.on_trial_result(None, FakeTrial("b"), {"atop_failed": 1, "atop_error": "x", "epoch": 1}) == CONTINUE
-    assert sched.on_trial_result(None, FakeTrial("c"), {"epoch": 1, "clean_acc": 0.1}) == CONTINUE
+    assert sched.on_trial_result(None, FakeTrial("b"), {FAILED_KEY: 1, ERROR_KEY: "x", EPOCH: 1}) == CONTINUE
+    assert sched.on_trial_result(None, FakeTrial("c"), {EPOCH: 1, OBJECTIVES[0]: 0.1}) == CONTINUE
     assert sched.records == {1: {"a": [0.9, 0.9, 0.9]}}
     sched.save(str(tmp_path / "s.json"))
     other = MOASHAScheduler(max_t=3, reduction_factor=2)

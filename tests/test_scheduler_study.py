@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from tracking.contract import ERROR_TAG, OPTUNA_STATE_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +61,8 @@ def test_mo_asha_study_prunes_tags_and_keeps_stopped_trials_off_the_front(cifar_
     for t in study.trials:
         run = runs[str(t.number)]
         assert run.info.status == "FINISHED", (t.number, run.info.status)  # never left RUNNING
-        assert run.data.tags.get("optuna.state") == t.state.name
-        assert "atop.error" not in run.data.tags, run.data.tags["atop.error"]
+        assert run.data.tags.get(OPTUNA_STATE_TAG) == t.state.name
+        assert ERROR_TAG not in run.data.tags, run.data.tags[ERROR_TAG]
         assert LAST_ERROR_TAG not in run.data.tags, run.data.tags[LAST_ERROR_TAG]  # a stop is not an error
         if t.state.name == "PRUNED":
             assert run.data.tags.get(STOPPED_TAG) == "true"

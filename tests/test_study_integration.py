@@ -16,6 +16,7 @@ from tracking.contract import (
     EVAL_LEVEL_TAG,
     EVAL_SPLIT_TAG,
     OBJECTIVES,
+    PARENT_TAG,
     ROLE_TAG,
     SPACE_TAG,
     TRIAL_TAG,
@@ -63,7 +64,7 @@ def test_ray_job_submit_smoke_study(ray_head, mlflow_server, cifar_dir, tmp_path
     parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == Role.STUDY.value]
     assert len(parents) == 1 and parents[0].info.run_name == name
     assert parents[0].info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parents[0].info.run_id
                 and r.data.tags.get(ROLE_TAG) == Role.TRIAL.value]
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert len(finished) >= 4, [(r.info.run_name, r.info.status) for r in children]

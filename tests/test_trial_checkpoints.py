@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import STUDY_PY, service_env
+from tracking.contract import RESTORED_TAG
 
 
 @pytest.mark.slow
@@ -45,4 +46,4 @@ def test_trial_checkpoints_and_artifacts_reference_the_study_classifier(cifar_di
 
     client = MlflowClient(f"sqlite:///{storage / name / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id], "tags.`atop.role` = 'trial'")
-    assert run.info.status == "FINISHED" and run.data.tags.get("atop.restored_from_epoch") == "1", run.data.tags
+    assert run.info.status == "FINISHED" and run.data.tags.get(RESTORED_TAG) == "1", run.data.tags
