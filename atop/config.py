@@ -117,6 +117,10 @@ class Config:
     # them under autocast, about 2x faster on CPUs with AMX; an attack in bf16 must be no weaker than
     # in fp32 on the same defense (checked: docs/STUDY.md), so it is opt-in and said in every report
     eval_precision: Precision = Precision.FP32
+    # the gradient-masking audit (at light and full) on the first `audit_images` evaluated images
+    # (0: all): its flags are about the defense, and a few hundred images decide them at a fraction
+    # of the cost (its Square alone is `queries` x EOT forwards per image)
+    audit_images: int = 0
     # speed switches (each checked against fp32 NCHW in bench/)
     precision: Precision = Precision.FP32
     channels_last: bool = False
@@ -168,6 +172,7 @@ class Config:
         """Check ranges and names; raise `ConfigError` on the first bad value."""
         _in_range("n_train", self.n_train, 0, None)
         _in_range("n_eval", self.n_eval, 1, None)
+        _in_range("audit_images", self.audit_images, 0, None)
         _in_range("purifier_width", self.purifier_width, 4, 512)
         _in_range("mask_ratio", self.mask_ratio, 0.0, 0.95)
         _in_range("block_size", self.block_size, 1, 64)

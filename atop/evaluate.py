@@ -215,6 +215,7 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
 
     from atop.attacks import ATTACKS
     from atop.audit import run_audit
+    from atop.data import subset
     from atop.scoring import attack_batches, attack_eps, measure, measure_attack, seen_attack
 
     level = EvalLevel(level or cfg.eval_level)
@@ -243,14 +244,17 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
             settings[name] = {**attack.settings(), "level": level.value, "repeats": budget["repeats"]}
         report = None
         if audit if audit is not None else level in AUDITED:
-            with step(f"{what} gradient-masking audit", unit="batch") as progress:
-                report = run_audit(defense, data, cfg, **attack_budget, measured={n: per[n] for n in ["clean", *names]},
-                                   repeats=opts["repeats"], batch_size=opts["batch_size"], device=device,
-                                   on_batch=progress.advance)
+            audited = subset(data, cfg.audit_images)  # a prefix: the measured columns are its images
+            n = len(audited)
+            with step(f"{what} gradient-masking audit on {n} images", unit="batch") as progress:
+                report = run_audit(defense, audited, cfg, **attack_budget,
+                                   measured={k: per[k][:, :n] for k in ["clean", *names]}, repeats=opts["repeats"],
+                                   batch_size=opts["batch_size"], device=device, on_batch=progress.advance)
                 progress.finish("flags " + (", ".join(k for k, v in report.flags.items() if v is True) or "none"))
-            per.update(report.runs)
-            settings.update({n: {**s, "level": level.value, "repeats": budget["repeats"], "audit": 1}
-                             for n, s in report.settings.items()})
+            settings.update({k: {**s, "level": level.value, "repeats": budget["repeats"], "audit": 1, "images": n}
+                             for k, s in report.settings.items()})
+            if n == len(data):  # the audit's runs count for the worst case only where they cover every image
+                per.update(report.runs)
     attacked = [n for n in per if n != "clean"]
     per["unseen"] = np.logical_and.reduce([per[n] for n in cfg.unseen_attack_names])
     per["worst_case"] = np.logical_and.reduce([per["clean"], *(per[n] for n in attacked)])
@@ -269,8 +273,9 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
         per_example[f"{name}_correct"] = values[0]
         if budget["repeats"] > 1:
             per_example[f"{name}_correct_rate"] = values.mean(axis=0)
+    audit_dict = None if report is None else {**report.to_dict(), "images": min(len(data), cfg.audit_images or len(data))}
     return EvalResult(metrics, settings, budget, len(data), split or data.source or "unnamed", per_example, std,
-                      report.to_dict() if report is not None else None, rates)
+                      audit_dict, rates)
 
 
 # --- command line ----------------------------------------------------------------------------

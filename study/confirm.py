@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # study.storage imports study.settings, which imports this mo
     from study.storage import Storage
 
 #: Config keys a study's `confirm_config` may set: how confirm trials are scored, not what they train
-CONFIRM_KEYS = ("eval_level", "n_eval")
+CONFIRM_KEYS = ("eval_level", "n_eval", "eval_precision", "audit_images")
 #: bootstrap resamples behind every interval over seeds
 N_BOOT = 2000
 STATE_FILE = "confirm.json"

@@ -648,7 +648,6 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
     from ray import tune
 
     from atop.data import subset
-    from atop.evaluate import LEVELS
     from search_spaces import SPACES
     from study.confirm import Fit, run_confirm
     from trainables.atop_trainable import confirm_atop
@@ -686,7 +685,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
     return run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config,
                        top=s.confirm_top, seeds=s.confirm_seeds, folder=plan.folder, store=plan.store,
                        uri=plan.mlflow_uri, experiment_id=opened.experiment_id, parent_id=opened.parent_id,
-                       start=start, note=eval_level_note(base.eval_level.value, LEVELS[base.eval_level]))
+                       start=start, note=level_note(base))
 
 
 def settle(plan: StudyPlan) -> None:
@@ -700,6 +699,14 @@ def _say_unsent(plan: StudyPlan, unsent: int) -> None:
               f"python -m tracking upload {plan.spool_dir}/*.jsonl --mlflow-uri {plan.mlflow_uri}", flush=True)
 
 
+def level_note(cfg: Config) -> str:
+    """How `cfg`'s figures were obtained, in one line (`tracking.contract.eval_level_note`)."""
+    from atop.evaluate import LEVELS
+
+    return eval_level_note(cfg.eval_level.value, LEVELS[cfg.eval_level], precision=cfg.eval_precision.value,
+                           audit_images=cfg.audit_images)
+
+
 def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[Any] | None, ran: bool = True) -> None:
     """Print the Pareto table (validation), the confirm table (test; None: --no-confirm) and the
     study's whereabouts; log the table and counts to the parent run where this driver ran anything
@@ -708,12 +715,11 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
     The parent run's calls go through a spool like a trial's, so an MLflow server down at the very
     end leaves them in `spool/driver-study.jsonl` (replayed by `python -m tracking upload`).
     """
-    from atop.evaluate import LEVELS
     from study.constraints import infeasible
     from study.resume import counts
 
     study, uri, name, folder = opened.study, plan.mlflow_uri, plan.name, plan.folder
-    table = pareto_table(study, note=eval_level_note(plan.cfg.eval_level.value, LEVELS[plan.cfg.eval_level])
+    table = pareto_table(study, note=level_note(plan.cfg)
                          + f"; {len(plan.val)} validation images (train split)")
     print(table, flush=True)
     if confirmed is not None:
@@ -721,8 +727,7 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
         from study.confirm import table as confirm_table
 
         base = plan.settings.confirm_base()
-        print("\n" + confirm_table(confirmed, eval_level_note(base.eval_level.value, LEVELS[base.eval_level])),
-              flush=True)
+        print("\n" + confirm_table(confirmed, level_note(base)), flush=True)
         print(f"(kept in {plan.store.where(STATE_FILE)})")
     else:
         print("\nno confirm stage (--no-confirm): the figures above are validation figures, not test figures")

@@ -131,6 +131,19 @@ def test_full_runs_autoattack_and_the_audit_and_takes_the_worst_case() -> None:
         assert m[name] <= m["clean_acc"] + 1e-9
 
 
+def test_an_audit_on_the_first_images_flags_the_defense_without_joining_the_figures() -> None:
+    cfg = CFG.replace(audit_images=2)
+    result = evaluate(tiny_defense(), eval_images(4), cfg, level="full", steps=1, eot=1, queries=4, repeats=2)
+    assert result.audit is not None and result.audit["images"] == 2
+    assert "gradient_masking_suspected" in result.audit["flags"]
+    assert result.settings["square_linf"]["images"] == 2 and result.settings["square_linf"]["audit"] == 1
+    # its runs cover 2 of the 4 images: no figure or per-image column of the 4 comes from them
+    assert "robust_acc/square_linf" not in result.metrics and "square_linf_correct" not in result.per_example
+    assert result.per_example["worst_case_correct"].shape == (4,)
+    with pytest.raises(ValueError, match="audit_images"):
+        CFG.replace(audit_images=-1)
+
+
 def test_unknown_attack_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown attack"):
         evaluate(tiny_defense(), eval_images(4), CFG, attacks=["pgd_linf2"])

@@ -65,6 +65,9 @@ def test_eval_level_note_says_screening_figures_are_not_final():
     assert screen == "screen level: PGD-10, EOT 2, 1 draw; not final"
     full = eval_level_note(EvalLevel.FULL.value, LEVELS[EvalLevel.FULL])
     assert full == "full level: PGD-100, EOT 20, 5 draws"
+    light = eval_level_note(EvalLevel.LIGHT.value, LEVELS[EvalLevel.LIGHT], precision="bf16", audit_images=100)
+    assert light == ("light level: PGD-20, EOT 4, 3 draws, the defense in bf16, Square 1000 queries, "
+                     "AutoAttack-rand, audit on the first 100 images; lighter than full")
 
 
 def test_analysis_imports_neither_torch_nor_ray():

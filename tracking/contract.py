@@ -198,18 +198,22 @@ class TrialSummary:
                               if f"{m}_lo" in result and f"{m}_hi" in result})
 
 
-def eval_level_note(level: str, budget: dict[str, int]) -> str:
+def eval_level_note(level: str, budget: dict[str, int], *, precision: str = "fp32", audit_images: int = 0) -> str:
     """One line saying how strong a level's attacks were, e.g. for a table of screening figures.
 
     Args:
         level: `screen`, `light` or `full` (`atop.config.EvalLevel`).
         budget: the level's budget (`atop.evaluate.LEVELS[level]`: steps, eot, repeats, ...).
+        precision, audit_images: the config's `eval_precision` and `audit_images` (0: every image).
     """
     draws = budget.get("repeats", 1)
     text = (f"{level} level: PGD-{budget.get('steps', '?')}, EOT {budget.get('eot', '?')}, "
             f"{draws} draw{'s' if draws != 1 else ''}")
+    if precision != "fp32":
+        text += f", the defense in {precision}"
+    audit = f"audit on the first {audit_images} images" if audit_images else "audit"
     if level == "full":
-        return text
+        return text if not audit_images else f"{text}, {audit}"
     if level == "light":
-        return f"{text}, Square {budget.get('queries', '?')} queries, AutoAttack-rand, audit; lighter than full"
+        return f"{text}, Square {budget.get('queries', '?')} queries, AutoAttack-rand, {audit}; lighter than full"
     return f"{text}; not final"
