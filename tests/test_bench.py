@@ -139,3 +139,25 @@ def test_synthetic_trial_has_the_shape_the_sampler_rows_assume():
     assert np.allclose(noisy * N_EVAL, np.round(noisy * N_EVAL))  # whole images
     trace = hypervolume_trace("tpe", concurrency=4, n_trials=12, seed=0)
     assert len(trace) == 12 and np.all(np.diff(trace) >= 0) and trace[-1] > 0
+
+
+def test_bench_precision_compares_bf16_with_fp32_on_one_checkpoint(tmp_path, capsys):
+    from atop.checkpoint import save_checkpoint
+    from atop.config import Config
+    from atop.models import CLASSIFIERS, UNetPurifier
+    from bench.precision import main, paired_difference
+    from tests.conftest import data_dir
+
+    cfg = Config.from_dict({"purifier": "unet", "purifier_width": 4, "classifier": "small_cnn", "batch_size": 4,
+                            "unseen_attacks": "fgsm_linf"})
+    ckpt = save_checkpoint(tmp_path / "defense.pt", kind="defense", cfg=cfg, classifier=CLASSIFIERS["small_cnn"](10),
+                           purifier=UNetPurifier(4))
+    assert main(["--checkpoint", str(ckpt), "--n-images", "4", "--level", "screen",
+                 "--data-dir", str(data_dir())]) == 0
+    out = capsys.readouterr().out
+    assert "(fp32) vs the same in bf16" in out and "robust_acc_seen" in out and "wall time: fp32" in out
+    assert paired_difference(torch.ones(5).numpy(), torch.ones(5).numpy()) == (0.0, 0.0, 0.0)
+    diff, lo, hi = paired_difference(torch.zeros(50).numpy(), torch.ones(50).numpy())
+    assert diff == lo == hi == 1.0
+    assert main(["--checkpoint", str(ckpt), "--n-images", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --n-images=0")
