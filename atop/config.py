@@ -114,7 +114,7 @@ class Config:
     eval_eps_l2: float = 0.5
     unseen_attacks: str = "pgd_l2,apgd_dlr_linf"  # comma-separated names from atop.attacks.ATTACKS
     # the defense's forward passes while it is evaluated (attacks' gradients and scoring): bf16 runs
-    # them under autocast, about 2x faster on CPUs with AMX; an attack in bf16 must be no weaker than
+    # them under autocast, 1.77x faster on 2 AMX CPU cores (bench.precision); an attack in bf16 must be no weaker than
     # in fp32 on the same defense (checked: docs/STUDY.md), so it is opt-in and said in every report
     eval_precision: Precision = Precision.FP32
     # the gradient-masking audit (at light and full) on the first `audit_images` evaluated images
