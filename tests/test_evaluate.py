@@ -173,7 +173,7 @@ def test_cli_writes_eval_json_and_parquet(checkpoint: Path, tmp_path: Path, caps
     assert "WEAKENED" in printed and "steps 1 < 100" in printed
     report = json.loads((out / "eval.json").read_text())
     assert report["n_images"] == 3 and report["level"] == "full"
-    assert report["budget"] == {"level": "full", "steps": 1, "eot": 1, "queries": 3, "repeats": 2}
+    assert report["budget"] == {"level": "full", "steps": 1, "eot": 1, "queries": 3, "repeats": 2, "precision": "fp32"}
     assert report["weakened"]["eot"] == "1 < 20"
     assert report["screening"] is False and "WEAKENED" in report["description"] and report["split"] == "test"
     assert {"pgd_linf", "pgd_l2", "apgd_dlr_linf", "autoattack_rand_linf", "cw_l2", "square_linf",
