@@ -242,7 +242,7 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
                 per[name] = measure_attack(defense, data, attack, clean=per["clean"], on_batch=progress.advance, **opts)
                 progress.finish(f"robust acc {per[name].mean():.3f}")
             settings[name] = {**attack.settings(), "level": level.value, "repeats": budget["repeats"]}
-        report = None
+        report, audit_dict = None, None
         if audit if audit is not None else level in AUDITED:
             audited = subset(data, cfg.audit_images)  # a prefix: the measured columns are its images
             n = len(audited)
@@ -255,6 +255,7 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
                              for k, s in report.settings.items()})
             if n == len(data):  # the audit's runs count for the worst case only where they cover every image
                 per.update(report.runs)
+            audit_dict = {**report.to_dict(), "images": n}
     attacked = [n for n in per if n != "clean"]
     per["unseen"] = np.logical_and.reduce([per[n] for n in cfg.unseen_attack_names])
     per["worst_case"] = np.logical_and.reduce([per["clean"], *(per[n] for n in attacked)])
@@ -273,7 +274,6 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
         per_example[f"{name}_correct"] = values[0]
         if budget["repeats"] > 1:
             per_example[f"{name}_correct_rate"] = values.mean(axis=0)
-    audit_dict = None if report is None else {**report.to_dict(), "images": min(len(data), cfg.audit_images or len(data))}
     return EvalResult(metrics, settings, budget, len(data), split or data.source or "unnamed", per_example, std,
                       audit_dict, rates)
 

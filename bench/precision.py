@@ -18,18 +18,18 @@ import numpy as np
 
 from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import EvalLevel, Precision
+from atop.stats import bootstrap
+from tracking.contract import AUTOATTACK_FIGURE, OBJECTIVES
 
 #: the figures compared, in print order
-FIGURES = ("clean_acc", "robust_acc_seen", "robust_acc_unseen", "robust_acc/autoattack_rand_linf")
+FIGURES = (*OBJECTIVES, AUTOATTACK_FIGURE)
 N_BOOT = 2000
 
 
-def paired_difference(fp32: np.ndarray, bf16: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+def paired_difference(fp32: np.ndarray, bf16: np.ndarray) -> tuple[float, float, float]:
     """Mean of bf16 - fp32 per-image rates and its 95% bootstrap interval over images."""
-    diff = bf16 - fp32
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), (N_BOOT, len(diff)))].mean(axis=1)
-    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    lo, hi = bootstrap(bf16, fp32, n_boot=N_BOOT)
+    return float(np.mean(bf16) - np.mean(fp32)), lo, hi
 
 
 def compare(checkpoint: str, n_images: int, level: str, data_dir: str | None) -> str:
