@@ -32,6 +32,7 @@ from atop.stats import bootstrap
 from search_spaces import Space, config_values
 from study.tables import columns
 from tracking.contract import (
+    ATTACK_FIGURE_PREFIX,
     ATTR_INTERVALS,
     ATTR_REFERENCE,
     ATTR_RUN_ID,
@@ -174,7 +175,7 @@ def table(confirmed: Sequence[Confirmed], note: str) -> str:
     """The confirmed configurations: validation next to test for each objective, the gap, the audit."""
     if not confirmed:
         return "Confirmed on test: none"
-    head = ["config", *(f"{o} val -> test [95%]" for o in OBJECTIVES), AUTOATTACK_FIGURE.split("/")[-1], "audit"]
+    head = ["config", *(f"{o} val -> test [95%]" for o in OBJECTIVES), AUTOATTACK_FIGURE.removeprefix(ATTACK_FIGURE_PREFIX), "audit"]
     rows = []
     for c in confirmed:
         cells = [c.label]

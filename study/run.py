@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:  # run as a script: import this checkout's package
 from atop.cli import OneLineParser, one_line_errors
 from atop.config import Config
 from atop.io import atomic_write_text
-from study import optuna_storage
+from study import lease, optuna_storage
 from study.args import STUDY_FILE, StudyError, check_args, check_gpus, check_mlflow_uri, study_name
 from study.storage import Storage, leave_job_working_dir, local_folder
 from study.tables import pareto_table
@@ -81,6 +81,7 @@ from tracking.mlflow_log import quiet_http
 if TYPE_CHECKING:
     from atop.data import Split
     from study.enqueue import Reference
+    from study.lease import Lease
     from study.settings import StudySettings
     from trainables.atop_trainable import StudyContext
 
@@ -262,6 +263,22 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
                          f"has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU")
 
 
+def join_ray(plan: StudyPlan) -> None:
+    """`init_ray`, then on a cluster check the MLflow store from every node that can run a trial
+    (`study.nodes`): the driver's own check says nothing about the other nodes."""
+    s = plan.settings
+    init_ray(s.cpus, s.gpus, plan.verbose)
+    if not os.environ.get("RAY_ADDRESS"):  # embedded: this machine is the only node
+        return
+    from study.nodes import check_tracking_on_nodes
+
+    root = plan.folder.parent  # a new study's default store will be inside it: nodes must see it
+    if plan.mlflow_uri.startswith(("sqlite:", "file:")):
+        root.mkdir(parents=True, exist_ok=True)
+    n = check_tracking_on_nodes(plan.mlflow_uri, str(root), s.cpus, s.gpus)
+    print(f"MLflow store reachable from all {n} Ray node(s) that can run a trial", flush=True)
+
+
 # --- the study: resolve settings -> open the study -> data and weights -> search -> settle -> report --------
 
 @dataclass(frozen=True)
@@ -332,6 +349,7 @@ class OpenStudy:
     experiment_id: str
     parent_id: str
     tags: dict[str, str]  # reproducibility tags every run of this driver gets
+    lease: Lease  # this driver's hold on the study (study.lease), until `run` ends
 
 
 def prepare(args: argparse.Namespace) -> StudyPlan:
@@ -478,27 +496,30 @@ def run(plan: StudyPlan) -> int:
     quiet_http(max_retries=2, timeout_s=30)
     # a study checkpoints every trial every epoch by design; Tune's sync warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if not plan.resume:  # a cluster too small for one trial fails before the study folder exists
-        init_ray(plan.settings.cpus, plan.settings.gpus, plan.verbose)
+    if not plan.resume:  # a cluster too small for one trial, or a node that cannot log, fails before the study exists
+        join_ray(plan)
     opened = open_study(plan)
-    finished = finished_count(opened.study)
-    remaining = plan.settings.num_trials - finished
-    s = plan.settings
-    print(f"study {plan.name}: {finished} finished, {max(remaining, 0)} to run "
-          f"({s.space} space, {s.sampler} sampler, {s.max_concurrent} at once)", flush=True)
-    for line in where_to_watch(plan, opened):
-        print(line, flush=True)
-    ctx = None
-    if remaining > 0:  # a resume with nothing left to run starts no Ray
-        if plan.resume:
-            init_ray(s.cpus, s.gpus, plan.verbose)
-        ctx = shared_context(plan, opened)
-        search(plan, opened, ctx, remaining)
-    confirmed, confirmed_now = None, False
-    if s.confirm:
-        confirmed, confirmed_now = confirm(plan, opened, ctx)
-    settle(plan)
-    report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now)
+    try:
+        finished = finished_count(opened.study)
+        remaining = plan.settings.num_trials - finished
+        s = plan.settings
+        print(f"study {plan.name}: {finished} finished, {max(remaining, 0)} to run "
+              f"({s.space} space, {s.sampler} sampler, {s.max_concurrent} at once)", flush=True)
+        for line in where_to_watch(plan, opened):
+            print(line, flush=True)
+        ctx = None
+        if remaining > 0:  # a resume with nothing left to run starts no Ray
+            if plan.resume:
+                join_ray(plan)
+            ctx = shared_context(plan, opened)
+            search(plan, opened, ctx, remaining)
+        confirmed, confirmed_now = None, False
+        if s.confirm:
+            confirmed, confirmed_now = confirm(plan, opened, ctx)
+        settle(plan)
+        report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now)
+    finally:
+        opened.lease.release()  # (ending the process would too)
     return 0
 
 
@@ -519,8 +540,10 @@ def where_to_watch(plan: StudyPlan, opened: OpenStudy) -> list[str]:
 def open_study(plan: StudyPlan) -> OpenStudy:
     """Create or load the study folder, the Optuna study, the MLflow experiment and parent run.
 
-    A new study whose records cannot be created leaves no folder behind. On resume, the trials and
-    runs a killed driver left RUNNING are settled first (`study.resume.settle_interrupted`).
+    The driver first takes the study's lease (`study.lease`): a second driver of a running study is
+    refused before it writes or settles anything. A new study whose records cannot be created leaves
+    no folder behind. On resume, the trials and runs a killed driver left RUNNING are settled first
+    (`study.resume.settle_interrupted`).
     """
     loopback_ray()
     import optuna
@@ -534,7 +557,9 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     created = not plan.store.exists()
     plan.store.make()
     folder.mkdir(parents=True, exist_ok=True)
+    held: Lease | None = None
     try:
+        held = lease.take(plan.optuna_url, name)  # before anything is written or settled
         plan.store.write_json(STUDY_FILE, {
             "settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir,
             "validation": plan.validation_record, "pretrained": plan.pretrained,
@@ -557,6 +582,8 @@ def open_study(plan: StudyPlan) -> OpenStudy:
             "validation": json.dumps(plan.validation_record)},
             {**tags, SPACE_TAG: settings.space, EVAL_LEVEL_TAG: plan.cfg.eval_level.value})
     except Exception:
+        if held is not None:
+            held.release()
         if created and not plan.resume:
             plan.store.remove()
             shutil.rmtree(folder, ignore_errors=True)
@@ -564,7 +591,7 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     if plan.resume:
         settle_interrupted(study, storage, uri, experiment_id, parent_id)
     enqueue_references(study, list(plan.references))
-    return OpenStudy(study, experiment_id, parent_id, tags)
+    return OpenStudy(study, experiment_id, parent_id, tags, held)
 
 
 def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:

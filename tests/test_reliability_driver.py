@@ -12,6 +12,8 @@ session only) and records how many there were. Then `--resume`:
   KILLED with tag `atop.interrupted`;
 - the sampler continues from the stored history (numbering continues; no earlier draw repeats);
 - a second `--resume` with nothing left to run exits 0 without starting Ray.
+A `--resume` while the first driver still runs is refused in one line naming it (study.lease), with
+the live study's trials untouched; once the driver is killed, its lease is free.
 While the driver runs, every TCP socket its session listens on is bound to 127.0.0.1.
 """
 from __future__ import annotations
@@ -68,6 +70,14 @@ def test_driver_sigkill_then_resume(cifar_dir, tmp_path):
             return states if done >= 2 and len(held) >= 2 else None
 
         before = wait_for(ready, 900, "two trials COMPLETE and two held RUNNING", every_s=2, proc=proc)
+        # a second driver on the live study is refused (study.lease) before it settles anything
+        second = subprocess.run([sys.executable, str(STUDY_PY), "--study-name", name, "--storage-path",
+                                 str(storage), "--resume"], capture_output=True, text=True, timeout=300,
+                                cwd=tmp_path, check=False)
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert second.returncode == 2 and len(errors) == 1, second.stdout[-2000:] + second.stderr[-3000:]
+        assert "is being run by another driver" in errors[0] and f"PID {proc.pid}," in errors[0], errors
+        assert _states(folder / "optuna.db") == before, "the refused driver changed the live study's trials"
         procs = session_procs(proc.pid)
         addresses = listening({p.pid for p in procs})
         assert addresses and all(ip in LOOPBACK for ip, *_ in addresses), addresses

@@ -7,11 +7,13 @@ trial pauses 25 s after epoch 1 (test-only `ATOP_FAULT_INJECT` sleep, once per t
 pause with an epoch-1 checkpoint in the study folder (which every node reads), every process of the
 second node is SIGKILLed by PID. Tune retries the lost trial on the head from that checkpoint
 (`FailureConfig`); the study completes, each trial with one MLflow run and each epoch logged once.
+A study whose MLflow server one node cannot reach is refused before it exists (study.nodes).
 """
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -19,6 +21,7 @@ import pytest
 
 from tests.conftest import (
     LOOPBACK,
+    STUDY_PY,
     VENV_BIN,
     free_port,
     kill_session,
@@ -52,17 +55,21 @@ def _runs_a_trial(proc) -> bool:
         return False
 
 
-def test_worker_node_killed_mid_trial(ray_head, cifar_dir, tmp_path):
-    import optuna
-    from mlflow import MlflowClient
-
-    env = service_env(RAY_AUTH_MODE="disabled")
+def _start_node(ray_head, tmp_path, **env: str) -> subprocess.Popen:
+    """A second Ray node on this machine (1 CPU, resource `worker_node`) in its own session."""
     cmd = [str(VENV_BIN / "ray"), "start", "--address", ray_head.gcs_address, "--node-ip-address", "127.0.0.1",
            "--num-cpus", "1", "--resources", '{"worker_node": 1}', "--block",
            "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
     with open(tmp_path / "ray-node.log", "w") as out:
-        node = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=tmp_path)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
+                                env=service_env(RAY_AUTH_MODE="disabled", **env))
+
+
+def test_worker_node_killed_mid_trial(ray_head, cifar_dir, tmp_path):
+    import optuna
+    from mlflow import MlflowClient
+
+    node = _start_node(ray_head, tmp_path)
     storage, name = tmp_path / "studies", "nodelost"
     folder = storage / name
     study = None
@@ -117,3 +124,31 @@ def test_worker_node_killed_mid_trial(ray_head, cifar_dir, tmp_path):
     print(f"\nnode lost: {killed} processes of the second node killed, 1 trial on it; retried from its epoch-1 "
           f"checkpoint in the study folder; study done {wall:.0f} s later: {NUM_TRIALS} COMPLETE, "
           f"{len(runs)} runs, 0 lost, 0 duplicated")
+
+
+def test_a_node_that_cannot_reach_mlflow_is_refused_before_the_study_exists(ray_head, mlflow_server, cifar_dir,
+                                                                             tmp_path):
+    """The driver reaches the MLflow server; the second node's HTTP goes through a proxy where nothing
+    listens (as a misconfigured node's would). The study is refused in one line naming that node
+    only, before any study folder or MLflow experiment exists."""
+    from mlflow import MlflowClient
+
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    node = _start_node(ray_head, tmp_path, http_proxy=dead_proxy, HTTP_PROXY=dead_proxy, no_proxy="", NO_PROXY="",
+                       no_grpc_proxy="*")  # Ray's own gRPC between nodes must not take the proxy
+    storage, name = tmp_path / "studies", "unreachable"
+    try:
+        wait_for(lambda: _alive_nodes(ray_head.address) >= 2, 120, "the second Ray node to join", proc=node)
+        done = subprocess.run([sys.executable, str(STUDY_PY), "--preset", "tiny", "--data-dir", str(cifar_dir),
+                               "--storage-path", str(storage), "--study-name", name, "--mlflow-uri", mlflow_server.uri],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False,
+                              env=service_env(RAY_ADDRESS=ray_head.gcs_address, RAY_AUTH_MODE="disabled"))
+    finally:
+        stop_by_pid(node)
+        kill_session(node.pid)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "from the Ray nodes that would run trials" in errors[0] and "unreachable" in errors[0], errors
+    assert errors[0].count("node ") == 1, errors  # the head reaches the server: only the proxied node is named
+    assert not (storage / name).exists()
+    assert MlflowClient(mlflow_server.uri).get_experiment_by_name(name) is None

@@ -25,7 +25,8 @@ def test_screen_run_labels_its_figures_as_screening(tmp_path: Path) -> None:
     assert f"final ({LABEL}): clean_acc" in done.stdout and f"before fine-tuning ({LABEL})" in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["evaluation"] == LABEL and metrics["screening"] is True and metrics["level"] == "screen"
-    assert metrics["budget"] == {"level": "screen", "steps": 10, "eot": 2, "queries": 100, "repeats": 1}
+    assert metrics["budget"] == {"level": "screen", "steps": 10, "eot": 2, "queries": 100, "repeats": 1,
+                                 "precision": "fp32"}
     assert metrics["split"] == "test" and metrics["n_eval"] == 8 and metrics["config"]["eval_level"] == "screen"
     for name in (*OBJECTIVES, "robust_acc/fgsm_linf"):
         assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"]
