@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, study: Study | None = None) -> Path:
     from analysis.confirmed import confirm_table
     from analysis.draw import write_figures
     from analysis.per_example import load_per_image
-    from analysis.report import render
+    from analysis.report import evaluations, render
     from analysis.uncertainty import assess
 
     try:
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace, study: Study | None = None) -> Path:
         files = ["runs.parquet", "pareto.parquet", *write_figures(info, tmp, study.name, cmp)]
         files.append("report.md")
         text = render(info, study.name, args.mlflow_uri, files, cmp, per=per, sure=sure,
-                      confirmed=confirm_table(study.table))
+                      confirmed=confirm_table(study.table), evaluations=evaluations(study.table, info.run_ids))
         (tmp / "report.md").write_text(text, encoding="utf-8")
         out.mkdir(exist_ok=True)
         for name in files:

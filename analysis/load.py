@@ -9,7 +9,8 @@ Columns of the table (also those of ``runs.parquet``):
   (``atop.eval_level``), ``confirm_of`` (``atop.confirm_of``, int64), ``confirm_of_run``,
   ``reference``, ``audit`` (``atop.confirm_of_run``, ``atop.reference``, ``atop.audit``),
   ``parent_run_id`` (``mlflow.parentRunId``: a ``confirm_seed`` run's ``confirm`` run),
-  ``infeasible`` (``atop.infeasible``: the ``--constraint`` bounds a trial broke);
+  ``infeasible`` (``atop.infeasible``: the ``--constraint`` bounds a trial broke), ``evaluation``
+  (``atop.evaluation``: how a trial's figures were obtained, one line);
 - ``start_time``, ``end_time`` (UTC timestamps, ms), ``duration_s`` (float, null while running);
 - ``params.<name>``: every param any run logged, as the logged string (null when a run lacks it);
 - ``final.<metric>``: the value at the largest step (MLflow's latest value);
@@ -32,6 +33,7 @@ from tracking.contract import (
     CONFIRM_OF_RUN_TAG,
     CONFIRM_OF_TAG,
     EVAL_LEVEL_TAG,
+    EVALUATION_TAG,
     INFEASIBLE_TAG,
     PARENT_TAG,
     REFERENCE_TAG,
@@ -52,6 +54,7 @@ TEXT_TAGS = {
     "audit": AUDIT_TAG,
     "infeasible": INFEASIBLE_TAG,
     "parent_run_id": PARENT_TAG,
+    "evaluation": EVALUATION_TAG,
 }
 from tracking.uri import TrackingURIError, check_tracking_uri
 

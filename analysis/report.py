@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from analysis.compute import CompareInfo, FrontInfo
 from analysis.confirmed import ConfirmRow, render_table
@@ -27,6 +28,7 @@ def render(
     per: PerImage | None = None,
     sure: FrontUncertainty | None = None,
     confirmed: tuple[ConfirmRow, ...] = (),
+    evaluations: Sequence[str] = (),
 ) -> str:
     """Render the report.
 
@@ -39,6 +41,7 @@ def render(
         per: The trials' per-image scores (which trials have them), or None if not loaded.
         sure: The bootstrap's answers, or None when it could not run.
         confirmed: The confirm runs (``analysis.confirmed.confirm_table``).
+        evaluations: How the kept runs' figures were obtained (``evaluations``), distinct lines.
 
     Returns:
         Markdown text.
@@ -53,6 +56,7 @@ def render(
         "",
         f"- Tracking URI: `{uri}`",
         f"- Objectives: {', '.join(str(o) for o in info.objectives)} (final value of each run)",
+        _how(evaluations),
         (
             f"- Runs kept: {len(info.points)} FINISHED trial runs with every objective; left out: "
             f"{excluded}"
@@ -90,6 +94,24 @@ def render(
         lines += _compare_section(cmp)
     lines += ["", "## Files", "", *[f"- `{f}`" for f in files], ""]
     return "\n".join(lines)
+
+
+def evaluations(table: pa.Table, run_ids: Sequence[str]) -> list[str]:
+    """The distinct ``evaluation`` lines (tag ``atop.evaluation``) of the runs ``run_ids``, sorted."""
+    if "evaluation" not in table.column_names:
+        return []
+    wanted = set(run_ids)
+    return sorted({e for r, e in zip(table["run_id"].to_pylist(), table["evaluation"].to_pylist(), strict=True)
+                   if r in wanted and e})
+
+
+def _how(lines: Sequence[str]) -> str:
+    if not lines:
+        return "- How the objectives were obtained: not recorded on these runs (tag `atop.evaluation`)"
+    if len(lines) == 1:
+        return f"- How the objectives were obtained (tag `atop.evaluation`): {lines[0]}"
+    return ("- How the objectives were obtained (tag `atop.evaluation`) **differs between the kept runs**, so "
+            "their figures are not comparable: " + " | ".join(lines))
 
 
 def _compare_section(cmp: CompareInfo) -> list[str]:

@@ -47,8 +47,8 @@ if TYPE_CHECKING:
     from atop.data import Split
     from atop.scoring import attack_eps, measure, seen_attack  # offered here through __getattr__
 
-__all__ = ["AUDITED", "LEVELS", "LEVEL_ATTACKS", "EvalResult", "accuracy", "attack_eps", "describe", "evaluate",
-           "level_budget", "main", "measure", "seen_attack", "weakened"]
+__all__ = ["AUDITED", "LEVELS", "LEVEL_ATTACKS", "EvalResult", "accuracy", "attack_eps", "config_budget", "describe",
+           "evaluate", "how_obtained", "level_budget", "main", "measure", "seen_attack", "weakened"]
 #: names this module offers from `atop.scoring` (which imports torch), loaded on first use
 _FROM_SCORING = ("attack_eps", "measure", "seen_attack")
 
@@ -104,6 +104,16 @@ def weakened(budget: Mapping[str, Any]) -> dict[str, str]:
     """Budget entries below the level's standard: {key: "<given> < <standard>"} (empty: standard)."""
     standard = LEVELS[EvalLevel(budget["level"])]
     return {k: f"{budget[k]} < {standard[k]}" for k in _BUDGET_KEYS if budget[k] < standard[k]}
+
+
+def config_budget(cfg: Config) -> dict[str, Any]:
+    """The budget `cfg` evaluates with: its level's (`level_budget`) and its precision."""
+    return {**level_budget(cfg.eval_level), "precision": cfg.eval_precision.value}
+
+
+def how_obtained(cfg: Config, n_images: int, split: str) -> str:
+    """`describe` of `cfg`'s own evaluation, with its eps: the line a trial's figures carry."""
+    return f"{describe(config_budget(cfg), n_images, split)}; eps linf {cfg.eval_eps_linf:.4g}, l2 {cfg.eval_eps_l2:.4g}"
 
 
 def describe(budget: Mapping[str, Any], n_images: int, split: str) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 # `run` and `_run` import what the work needs.
 from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, ConfigError, EvalLevel, read_config_file
-from atop.evaluate import describe, level_budget
+from atop.evaluate import config_budget, describe
 from atop.io import atomic_write_text
 
 
@@ -87,7 +87,7 @@ def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, devic
                     discriminator=disc, optimizers=report.state["optimizers"], epoch=report.epoch,
                     metrics=report.metrics)
     # The last epoch already evaluated these weights at the config's level: its figures are final.
-    budget = {**level_budget(cfg.eval_level), "precision": cfg.eval_precision.value}  # as eval.json's
+    budget = config_budget(cfg)
     return {"evaluation": describe(budget, len(test), "test"), "level": cfg.eval_level.value,
             "screening": cfg.eval_level is EvalLevel.SCREEN, "budget": budget, "split": "test", "n_eval": len(test),
             **report.metrics, "attacks": report.eval_settings, "preset": preset_name,

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from analysis.__main__ import main
 from analysis.load import load_study
 from tracking.contract import (
+    EVALUATION_TAG,
     OBJECTIVES,
     PARENT_TAG,
     ROLE_TAG,
@@ -30,6 +31,8 @@ from tracking.contract import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+#: how the synthetic trials' figures were obtained (what the trainable writes in `atop.evaluation`)
+HOW = "screening (PGD-10, EOT 2, 1 draw): not a final robustness figure; 64 val images; eps linf 0.03137, l2 0.5"
 
 
 def log_study(
@@ -55,6 +58,7 @@ def log_study(
             ROLE_TAG: Role.TRIAL.value,
             TRIAL_TAG: str(trial),
             SPACE_TAG: space,
+            EVALUATION_TAG: HOW,
         }
         kind = {0: "failed", 1: "stopped", 2: "running"}.get(trial, "finished")
         if kind == "stopped":
@@ -184,6 +188,7 @@ def test_cli_end_to_end(store, tmp_path):
     assert "Hypervolume" in report and "Knee" in report and "Reference point: (0, 0, 0)" in report
     assert "1 stopped early" in report and "1 status FAILED" in report
     assert "1 status RUNNING" in report
+    assert f"- How the objectives were obtained (tag `atop.evaluation`): {HOW}\n" in report
     assert "plotly" in (out / "figures.html").read_text()[:200000]
     # --log-to-mlflow: every file is an artifact of the parent run, under analysis/.
     client = MlflowClient(tracking_uri=store["uri"])

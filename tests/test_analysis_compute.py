@@ -282,3 +282,16 @@ def test_intervals_and_error_bars():
     np.testing.assert_allclose(error_bars(info, 1), [[0.0, 0.0], [0.0, 0.0]])
     assert has_intervals(info, [0]) and not has_intervals(info, [1])
     assert sorted(extent(info, 0)) == [0.4, 0.5, 0.6, 0.65]  # the axis shows the bars whole
+
+
+def test_the_report_says_how_the_kept_runs_figures_were_obtained_and_when_they_differ() -> None:
+    import pyarrow as pa
+
+    from analysis.report import _how, evaluations
+
+    table = pa.table({"run_id": ["a", "b", "c", "d"], "evaluation": ["screen; 64 val", "screen; 64 val", "full", None]})
+    assert evaluations(table, ["a", "b", "d"]) == ["screen; 64 val"]
+    assert evaluations(table, ["a", "c"]) == ["full", "screen; 64 val"]
+    assert evaluations(pa.table({"run_id": ["a"]}), ["a"]) == []
+    assert "differs between the kept runs" in _how(["full", "screen; 64 val"])
+    assert "not recorded" in _how([])

@@ -15,6 +15,7 @@ from tests.conftest import REPO, VENV_BIN, service_env
 from tracking.contract import (
     EVAL_LEVEL_TAG,
     EVAL_SPLIT_TAG,
+    EVALUATION_TAG,
     OBJECTIVES,
     PARENT_TAG,
     ROLE_TAG,
@@ -74,6 +75,7 @@ def test_ray_job_submit_smoke_study(ray_head, mlflow_server, cifar_dir, tmp_path
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         assert tags[ROLE_TAG] == Role.TRIAL.value and tags[SPACE_TAG] == "paper"
         assert tags[EVAL_LEVEL_TAG] == "screen" and tags[EVAL_SPLIT_TAG] == "val"
+        assert tags[EVALUATION_TAG].startswith("screening (PGD-") and " val images; eps linf " in tags[EVALUATION_TAG]
         assert tags["git_sha"] and tags["seed"] == "0" and tags["device"] and tags["torch"]
         assert params["rt"] in ("rt1", "rt2", "rt3") and "lambda_ce" in params and "train_attack" in params
         for m in OBJECTIVES:

@@ -105,6 +105,9 @@ OPTUNA_STATE_TAG: Final = "optuna.state"
 EVAL_LEVEL_TAG: Final = "atop.eval_level"
 STAGE_TAG: Final = "atop.stage"
 EVAL_SPLIT_TAG: Final = "atop.eval_split"
+#: on every trial run: how its figures were obtained, in one line (`atop.evaluate.describe`: level,
+#: attacks' steps, EOT, queries, scoring draws, precision, image count and split; then the eps)
+EVALUATION_TAG: Final = "atop.evaluation"
 #: on `confirm` and `confirm_seed` runs: the search trial's number and MLflow run id they confirm
 CONFIRM_OF_TAG: Final = "atop.confirm_of"
 CONFIRM_OF_RUN_TAG: Final = "atop.confirm_of_run"

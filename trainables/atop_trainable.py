@@ -58,7 +58,7 @@ from atop.checkpoint import (
 from atop.config import Config, ConfigError
 from atop.data import Split
 from atop.defense import Defense
-from atop.evaluate import evaluate
+from atop.evaluate import evaluate, how_obtained
 from atop.finetune import finetune
 from tracking.contract import (
     COMPUTE_S,
@@ -67,6 +67,7 @@ from tracking.contract import (
     ERROR_TAG,
     EVAL_LEVEL_TAG,
     EVAL_SPLIT_TAG,
+    EVALUATION_TAG,
     FAILED_KEY,
     LAST_ERROR_TAG,
     RESOURCES_TAG,
@@ -275,6 +276,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
                 log.set_tags({**ctx.tags, "seed": cfg.seed, "device": _device_name(device),
                               RESOURCES_TAG: f"cpu={ctx.cpus_per_trial},gpu={ctx.gpus_per_trial}",
                               EVAL_LEVEL_TAG: cfg.eval_level.value, EVAL_SPLIT_TAG: ctx.eval_split,
+                              EVALUATION_TAG: how_obtained(cfg, len(ctx.eval_data), ctx.eval_split),
                               STAGE_TAG: ctx.stage})
             else:
                 log.set_tags({RESTORED_TAG: start_epoch})
