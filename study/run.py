@@ -66,6 +66,7 @@ from tracking.contract import (
     PRETRAINED_TAG,
     REFERENCE_TAG,
     SPACE_TAG,
+    STOPPED_BY_TAG,
     STOPPED_TAG,
     STUDY_TAG,
     TEST_PREFIX,
@@ -268,6 +269,7 @@ def join_ray(plan: StudyPlan) -> None:
     (`study.nodes`): the driver's own check says nothing about the other nodes."""
     s = plan.settings
     init_ray(s.cpus, s.gpus, plan.verbose)
+    stop_on_signals()  # ray.init set its own SIGTERM handler
     if not os.environ.get("RAY_ADDRESS"):  # embedded: this machine is the only node
         return
     from study.nodes import check_tracking_on_nodes
@@ -346,6 +348,7 @@ class OpenStudy:
     """The study's records once opened: the Optuna study and its MLflow experiment and parent run."""
 
     study: Any  # optuna.Study (optuna is imported after Ray's loopback setting)
+    storage: Any  # its optuna.storages.RDBStorage
     experiment_id: str
     parent_id: str
     tags: dict[str, str]  # reproducibility tags every run of this driver gets
@@ -500,6 +503,7 @@ def run(plan: StudyPlan) -> int:
         join_ray(plan)
     opened = open_study(plan)
     try:
+        stop_on_signals()
         finished = finished_count(opened.study)
         remaining = plan.settings.num_trials - finished
         s = plan.settings
@@ -518,9 +522,55 @@ def run(plan: StudyPlan) -> int:
             confirmed, confirmed_now = confirm(plan, opened, ctx)
         settle(plan)
         report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now)
+    except Stopped as stop:
+        return stopped(plan, opened, stop.signum)
     finally:
         opened.lease.release()  # (ending the process would too)
     return 0
+
+
+class Stopped(BaseException):
+    """The driver was asked to stop (`ray job stop` sends SIGTERM); a BaseException, like
+    KeyboardInterrupt, so that no library's `except Exception` takes it for an error to retry."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """Turn SIGTERM into `Stopped` in the main thread (again after `ray.init`, which sets its own)."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the driver at once
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stopped(plan: StudyPlan, opened: OpenStudy, signum: int) -> int:
+    """Settle a stopped study at once, as a `--resume` would settle a killed one: its running trials
+    FAIL with user attr `interrupted` and are enqueued again, their MLflow runs KILLED; the parent
+    run KILLED with tag `atop.stopped_by`. Returns the exit code (128 + the signal).
+
+    `ray job stop` allows 3 s before SIGKILL (`RAY_JOB_STOP_WAIT_TIME_S` on the cluster raises it);
+    what a SIGKILL cuts short here, the next `--resume` settles.
+    """
+    import signal
+
+    from study.resume import settle_interrupted
+
+    name = signal.Signals(signum).name
+    print(f"study {plan.name}: stopped by {name}; settling its running trials", flush=True)
+    n = settle_interrupted(opened.study, opened.storage, plan.mlflow_uri, opened.experiment_id,
+                           opened.parent_id, log=lambda line: print(line, flush=True))
+    client = mlflow_log.client(plan.mlflow_uri)
+    client.set_tag(opened.parent_id, STOPPED_BY_TAG, name)
+    client.set_terminated(opened.parent_id, "KILLED")
+    print(f"study {plan.name}: stopped; {n} running trial(s) marked interrupted and enqueued again; continue it "
+          "with --resume (the same --study-name and --storage-path)", flush=True)
+    return 128 + signum
 
 
 def where_to_watch(plan: StudyPlan, opened: OpenStudy) -> list[str]:
@@ -591,7 +641,7 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     if plan.resume:
         settle_interrupted(study, storage, uri, experiment_id, parent_id)
     enqueue_references(study, list(plan.references))
-    return OpenStudy(study, experiment_id, parent_id, tags, held)
+    return OpenStudy(study, storage, experiment_id, parent_id, tags, held)
 
 
 def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:

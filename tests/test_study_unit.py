@@ -171,7 +171,7 @@ def test_report_logs_the_table_and_counts_to_the_parent_run(tmp_path, capsys):
     exp = mlflow_log.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
     parent = mlflow_log.ensure_parent_run(uri, exp, "s", {}, {})
     plan = _plan(tmp_path, uri)
-    report(plan, OpenStudy(_finished_study(), exp, parent, {}, Lease(lambda: None)), wall_s=12.0, confirmed=None)
+    report(plan, OpenStudy(_finished_study(), None, exp, parent, {}, Lease(lambda: None)), wall_s=12.0, confirmed=None)
     run = mlflow_log.client(uri).get_run(parent)
     assert run.info.status == "FINISHED"
     assert run.data.metrics == {"trials_complete": 1, "trials_pruned": 0, "trials_fail": 0, "driver_wall_s": 12.0}
@@ -189,7 +189,7 @@ def test_report_with_mlflow_down_at_the_end_spools_instead_of_raising(tmp_path, 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     plan = _plan(tmp_path, uri)
-    report(plan, OpenStudy(_finished_study(), "1", "parent0", {}, Lease(lambda: None)), wall_s=1.0, confirmed=None)
+    report(plan, OpenStudy(_finished_study(), None, "1", "parent0", {}, Lease(lambda: None)), wall_s=1.0, confirmed=None)
     out = capsys.readouterr().out
     assert "MLflow unreachable: 3 call(s) kept in" in out and "python -m tracking upload" in out
     ops = (plan.spool_dir / "driver-study.jsonl").read_text().splitlines()

@@ -98,6 +98,8 @@ RESOURCES_TAG: Final = "atop.resources"
 RESTORED_TAG: Final = "atop.restored_from_epoch"
 STOPPED_TAG: Final = "atop.stopped"
 INTERRUPTED_TAG: Final = "atop.interrupted"
+#: on the parent run of a study whose driver was stopped (`ray job stop`, kill): the signal, e.g. SIGTERM
+STOPPED_BY_TAG: Final = "atop.stopped_by"
 ERROR_TAG: Final = "atop.error"
 LAST_ERROR_TAG: Final = "atop.last_error"
 OPTUNA_STATE_TAG: Final = "optuna.state"
