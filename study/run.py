@@ -735,7 +735,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
     def start() -> tuple[dict[str, str], Fit]:
         nonlocal ctx
         if ctx is None:  # a resumed study whose search was done: start Ray for the confirm trials
-            init_ray(s.cpus, s.gpus, plan.verbose)
+            join_ray(plan)
             ctx = shared_context(plan, opened)
         return ctx.tags, functools.partial(fit, ctx)
 
