@@ -523,7 +523,7 @@ def run(plan: StudyPlan) -> int:
         settle(plan)
         report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now)
     except Stopped as stop:
-        return stopped(plan, opened, stop.signum)
+        return stopped(plan, opened, stop)
     finally:
         opened.lease.release()  # (ending the process would too)
     return 0
@@ -537,6 +537,12 @@ class Stopped(BaseException):
         super().__init__(signum)
         self.signum = signum
 
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name
+
 
 def stop_on_signals() -> None:
     """Turn SIGTERM into `Stopped` in the main thread (again after `ray.init`, which sets its own)."""
@@ -549,7 +555,7 @@ def stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def stopped(plan: StudyPlan, opened: OpenStudy, signum: int) -> int:
+def stopped(plan: StudyPlan, opened: OpenStudy, stop: Stopped) -> int:
     """Settle a stopped study at once, as a `--resume` would settle a killed one: its running trials
     FAIL with user attr `interrupted` and are enqueued again, their MLflow runs KILLED; the parent
     run KILLED with tag `atop.stopped_by`. Returns the exit code (128 + the signal).
@@ -557,20 +563,17 @@ def stopped(plan: StudyPlan, opened: OpenStudy, signum: int) -> int:
     `ray job stop` allows 3 s before SIGKILL (`RAY_JOB_STOP_WAIT_TIME_S` on the cluster raises it);
     what a SIGKILL cuts short here, the next `--resume` settles.
     """
-    import signal
-
     from study.resume import settle_interrupted
 
-    name = signal.Signals(signum).name
-    print(f"study {plan.name}: stopped by {name}; settling its running trials", flush=True)
+    print(f"study {plan.name}: stopped by {stop.name}; settling its running trials", flush=True)
     n = settle_interrupted(opened.study, opened.storage, plan.mlflow_uri, opened.experiment_id,
                            opened.parent_id, log=lambda line: print(line, flush=True))
     client = mlflow_log.client(plan.mlflow_uri)
-    client.set_tag(opened.parent_id, STOPPED_BY_TAG, name)
+    client.set_tag(opened.parent_id, STOPPED_BY_TAG, stop.name)
     client.set_terminated(opened.parent_id, "KILLED")
     print(f"study {plan.name}: stopped; {n} running trial(s) marked interrupted and enqueued again; continue it "
           "with --resume (the same --study-name and --storage-path)", flush=True)
-    return 128 + signum
+    return 128 + stop.signum
 
 
 def where_to_watch(plan: StudyPlan, opened: OpenStudy) -> list[str]:
@@ -607,9 +610,8 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     created = not plan.store.exists()
     plan.store.make()
     folder.mkdir(parents=True, exist_ok=True)
-    held: Lease | None = None
+    held = lease.take(plan.optuna_url, name)  # refused: another driver is in the folder, leave it as it is
     try:
-        held = lease.take(plan.optuna_url, name)  # before anything is written or settled
         plan.store.write_json(STUDY_FILE, {
             "settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir,
             "validation": plan.validation_record, "pretrained": plan.pretrained,
@@ -632,8 +634,7 @@ def open_study(plan: StudyPlan) -> OpenStudy:
             "validation": json.dumps(plan.validation_record)},
             {**tags, SPACE_TAG: settings.space, EVAL_LEVEL_TAG: plan.cfg.eval_level.value})
     except Exception:
-        if held is not None:
-            held.release()
+        held.release()
         if created and not plan.resume:
             plan.store.remove()
             shutil.rmtree(folder, ignore_errors=True)
@@ -852,7 +853,11 @@ def main(argv: list[str] | None = None) -> int:
     """The command: check every input, then run the study; bad input is one `error: ...` line, exit 2."""
     asks_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
     args = build_parser(listing=asks_help).parse_args(argv)
-    return one_line_errors(lambda: run(prepare(args)), (StudyError,))
+    try:
+        return one_line_errors(lambda: run(prepare(args)), (StudyError,))
+    except Stopped as stop:  # before the study was open: nothing to settle
+        print(f"stopped by {stop.name} before the study was opened", file=sys.stderr, flush=True)
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":
