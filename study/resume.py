@@ -2,33 +2,51 @@
 
 Optuna's RDB storage is the source of truth. A trial left RUNNING by a killed driver is told FAIL
 (user attr `interrupted`), its MLflow run is ended KILLED (tag `atop.interrupted=true`), and its
-parameters are enqueued so the sampler's proposal is still evaluated. `--num-trials` counts trials
-that ended COMPLETE or FAIL (`COUNTED_STATES`); interrupted trials and trials a scheduler stopped
-early (PRUNED: they are replaced by new trials) do not count.
+parameters are enqueued so the sampler's proposal is still evaluated, from the interrupted trial's
+last checkpoint where the study folder holds one (a long trial loses at most one epoch).
+`--num-trials` counts trials that ended COMPLETE or FAIL (`COUNTED_STATES`); interrupted trials and
+trials a scheduler stopped early (PRUNED: they are replaced by new trials) do not count.
 """
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from study.storage import Storage
 from tracking import mlflow_log
-from tracking.contract import ATTR_INTERRUPTED, ATTR_RERUN_OF, INTERRUPTED_TAG, SPACE_TAG
+from tracking.contract import (
+    ATTR_INTERRUPTED,
+    ATTR_RERUN_OF,
+    ATTR_RESUME_FROM,
+    CHECKPOINT_FILES,
+    INTERRUPTED_TAG,
+    SPACE_TAG,
+)
 
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.FAIL)
 MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 
 
 def settle_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage, mlflow_uri: str,
-                       experiment_id: str, parent_run_id: str, log=print) -> int:
-    """Settle trials and runs a killed driver left RUNNING; returns how many trials were interrupted."""
+                       experiment_id: str, parent_run_id: str, log=print, store: Storage | None = None) -> int:
+    """Settle trials and runs a killed driver left RUNNING; returns how many trials were interrupted.
+
+    Each interrupted trial's parameters are enqueued again; where `store` (the study folder) holds
+    its last Tune checkpoint (`latest_checkpoint`), the rerun starts from it (user attr `resume_from`).
+    """
     interrupted = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(trial._trial_id, ATTR_INTERRUPTED, True)
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         if trial.params:
-            study.enqueue_trial(trial.params, user_attrs={ATTR_RERUN_OF: trial.number}, skip_if_exists=False)
+            attrs: dict[str, Any] = {ATTR_RERUN_OF: trial.number}
+            found = latest_checkpoint(store, trial.number) if store is not None else None
+            if found:
+                attrs[ATTR_RESUME_FROM] = found
+            study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
         interrupted += 1
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     runs = mlflow_log.trial_runs(mlflow_uri, experiment_id, parent_run_id)
@@ -53,6 +71,21 @@ def settle_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage
     if interrupted:
         log(f"resume: {interrupted} trial(s) interrupted by the last driver marked FAIL/KILLED and re-enqueued")
     return interrupted
+
+
+def latest_checkpoint(store: Storage, number: int) -> str | None:
+    """The newest complete Tune checkpoint trial `number` left in the study folder `store`, as a path
+    relative to it (None: none). Tune's layout there: `tune-<time>/trial-<NNNN>-<id>/checkpoint_<k>/`
+    (`study.run._trial_name`); a checkpoint counts only with every file of `CHECKPOINT_FILES` (a
+    driver killed while Tune copied one leaves it incomplete)."""
+    found: list[tuple[int, str]] = []
+    for experiment in (e for e in store.listdir() if e.startswith("tune-")):
+        for trial in (t for t in store.listdir(experiment) if t.startswith(f"trial-{number:04d}-")):
+            for name in (c for c in store.listdir(experiment, trial) if c.startswith("checkpoint_")):
+                folder = posixpath.join(experiment, trial, name)
+                if all(store.exists(folder, f) for f in CHECKPOINT_FILES) and name.split("_")[-1].isdigit():
+                    found.append((int(name.split("_")[-1]), folder))
+    return max(found)[1] if found else None
 
 
 def finished_count(study: optuna.Study) -> int:

@@ -567,7 +567,7 @@ def stopped(plan: StudyPlan, opened: OpenStudy, stop: Stopped) -> int:
 
     print(f"study {plan.name}: stopped by {stop.name}; settling its running trials", flush=True)
     n = settle_interrupted(opened.study, opened.storage, plan.mlflow_uri, opened.experiment_id,
-                           opened.parent_id, log=lambda line: print(line, flush=True))
+                           opened.parent_id, log=lambda line: print(line, flush=True), store=plan.store)
     client = mlflow_log.client(plan.mlflow_uri)
     client.set_tag(opened.parent_id, STOPPED_BY_TAG, stop.name)
     client.set_terminated(opened.parent_id, "KILLED")
@@ -640,7 +640,7 @@ def open_study(plan: StudyPlan) -> OpenStudy:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     if plan.resume:
-        settle_interrupted(study, storage, uri, experiment_id, parent_id)
+        settle_interrupted(study, storage, uri, experiment_id, parent_id, store=plan.store)
     enqueue_references(study, list(plan.references))
     return OpenStudy(study, storage, experiment_id, parent_id, tags, held)
 
@@ -661,7 +661,8 @@ def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
         train=subset(plan.pool, cfg.n_train, seed=cfg.seed), eval_data=plan.val,
         classifier_ckpt=clf_path.read_bytes(), purifier_ckpt=pur_path.read_bytes(), mlflow_uri=plan.mlflow_uri,
         spool_dir=str(plan.spool_dir), cpus_per_trial=settings.cpus, gpus_per_trial=settings.gpus,
-        tags={**opened.tags, STUDY_TAG: plan.name, PRETRAINED_TAG: f"{clf_path.name},{pur_path.name}"})
+        tags={**opened.tags, STUDY_TAG: plan.name, PRETRAINED_TAG: f"{clf_path.name},{pur_path.name}"},
+        store=plan.store)
 
 
 def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int) -> None:

@@ -31,11 +31,13 @@ from study.scheduler import ATTR_EPOCH_OBJECTIVES, objective_vector
 from tracking.contract import (
     ATTR_ERROR,
     ATTR_INTERVALS,
+    ATTR_RESUME_FROM,
     ATTR_RUN_ID,
     ATTR_STOPPED_AT,
     COMPUTE_S,
     EPOCH,
     IMAGES_PER_S,
+    RESUME_FROM,
     RUN_ID,
     TRIAL_NUMBER,
     TrialSummary,
@@ -105,7 +107,8 @@ class AskTellSearcher(Searcher):
             if run_id:
                 trial.set_user_attr(ATTR_RUN_ID, run_id)
             self.live[trial_id] = (trial, cfg.epochs)
-            return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id}
+            resume = trial.user_attrs.get(ATTR_RESUME_FROM)  # a rerun of an interrupted trial (study.resume)
+            return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id, **({RESUME_FROM: resume} if resume else {})}
         if self.max_trials is not None and self.counted < self.n_trials and not self.capped:
             if self.live:
                 return None  # a running trial may yet be pruned: ask again when one ends

@@ -74,6 +74,11 @@ class Storage:
         """Whether the file or folder exists (an object-store folder: any object below it)."""
         return self.fs.get_file_info(self.path(*names)).type != pafs.FileType.NotFound
 
+    def listdir(self, *names: str) -> list[str]:
+        """The names directly inside folder `names`, sorted ([] when it does not exist)."""
+        selector = pafs.FileSelector(self.path(*names), allow_not_found=True, recursive=False)
+        return sorted(posixpath.basename(info.path.rstrip("/")) for info in self.fs.get_file_info(selector))
+
     def make(self) -> None:
         """Create the folder (and its parents)."""
         self.fs.create_dir(self.base, recursive=True)

@@ -9,7 +9,8 @@ session only) and records how many there were. Then `--resume`:
 - the study ends with exactly `--num-trials` finished trials, the interrupted ones FAIL + user attr
   `interrupted` and re-run with the same parameters (user attr `rerun_of`);
 - each Optuna trial has exactly one MLflow child run; none is left RUNNING; interrupted runs are
-  KILLED with tag `atop.interrupted`;
+  KILLED with tag `atop.interrupted`; each rerun starts from its interrupted trial's epoch-1
+  checkpoint (tags `atop.restored_from_epoch=1`, `atop.resumed_from`) and logs epoch 2 only;
 - the sampler continues from the stored history (numbering continues; no earlier draw repeats);
 - a second `--resume` with nothing left to run exits 0 without starting Ray.
 A `--resume` while the first driver still runs is refused in one line naming it (study.lease), with
@@ -42,7 +43,14 @@ from tests.conftest import (
     stop_study,
     wait_for,
 )
-from tracking.contract import INTERRUPTED_TAG, SPACE_TAG, STOPPED_BY_TAG, TRIAL_TAG
+from tracking.contract import (
+    INTERRUPTED_TAG,
+    RESTORED_TAG,
+    RESUMED_FROM_TAG,
+    SPACE_TAG,
+    STOPPED_BY_TAG,
+    TRIAL_TAG,
+)
 
 pytestmark = pytest.mark.slow
 NUM_TRIALS = 5
@@ -132,6 +140,11 @@ def test_driver_sigkill_then_resume(cifar_dir, tmp_path):
         assert run.info.status == expected, (t.number, t.state.name, run.info.status)
         if t in interrupted:
             assert run.data.tags.get(INTERRUPTED_TAG) == "true"
+    # each rerun started from its interrupted trial's epoch-1 checkpoint: it ran (and logged) epoch 2 only
+    for t in reruns:
+        tags = by_number[t.number].data.tags
+        assert tags.get(RESTORED_TAG) == "1" and f"/trial-{t.user_attrs['rerun_of']:04d}-" in tags[RESUMED_FROM_TAG]
+        assert [h.step for h in client.get_metric_history(by_number[t.number].info.run_id, "clean_acc")] == [2]
     parent = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'study'")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
 

@@ -11,7 +11,9 @@ from atop.evaluate import LEVEL_ATTACKS, LEVELS
 from tests.conftest import REPO
 from tracking.contract import (
     ATTACK_FIGURE_PREFIX,
+    ATTR_RESUME_FROM,
     AUTOATTACK_FIGURE,
+    CHECKPOINT_FILES,
     DIRECTIONS,
     OBJECTIVES,
     ROLE_TAG,
@@ -32,7 +34,9 @@ def test_stored_names_are_frozen():
     assert DIRECTIONS == ("maximize",) * 3
     assert (ROLE_TAG, TRIAL_TAG, Role.STUDY.value, Role.TRIAL.value) == (
         "atop.role", "optuna.trial_number", "study", "trial")
-    assert TRIAL_KEYS == ("optuna_trial_number", "mlflow_run_id")
+    assert TRIAL_KEYS == ("optuna_trial_number", "mlflow_run_id", "atop_resume_from")
+    # a rerun's user attr names the checkpoint it starts from, in the files a trial checkpoints
+    assert (ATTR_RESUME_FROM, CHECKPOINT_FILES) == ("resume_from", ("defense.pt", "trainer_state.pt"))
 
 
 def test_the_driver_the_scheduler_and_analysis_use_the_contract():

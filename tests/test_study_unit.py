@@ -209,3 +209,22 @@ def test_the_searcher_pickles_after_ray_replaces_print(monkeypatch):
                                lambda n: None, lambda *a: None)
     monkeypatch.setattr(builtins, "print", lambda *a, **k: None)
     assert cloudpickle.loads(cloudpickle.dumps(searcher)).n_trials == 2
+
+
+def test_an_interrupted_trial_is_rerun_from_its_newest_complete_checkpoint(tmp_path):
+    from study.resume import latest_checkpoint
+    from study.storage import parse
+    from tracking.contract import CHECKPOINT_FILES
+
+    store = parse(str(tmp_path / "study"), job=False)
+    trial = tmp_path / "study" / "tune-20261130-120000" / "trial-0003-ab12"
+    for name, files in (("checkpoint_000000", CHECKPOINT_FILES), ("checkpoint_000001", CHECKPOINT_FILES[:1])):
+        (trial / name).mkdir(parents=True)
+        for f in files:
+            (trial / name / f).write_bytes(b"x")
+    (tmp_path / "study" / "tune-20261130-120000" / "trial-0013-cd34" / "checkpoint_000004").mkdir(parents=True)
+    # checkpoint_000001 lacks a file (a driver killed while Tune copied it): the one before counts
+    assert latest_checkpoint(store, 3) == "tune-20261130-120000/trial-0003-ab12/checkpoint_000000"
+    assert latest_checkpoint(store, 13) is None  # a folder without the files is no checkpoint
+    assert latest_checkpoint(store, 4) is None
+    assert latest_checkpoint(parse(str(tmp_path / "nothing"), job=False), 3) is None

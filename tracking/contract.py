@@ -96,6 +96,8 @@ STUDY_TAG: Final = "atop.study"
 PRETRAINED_TAG: Final = "atop.pretrained"
 RESOURCES_TAG: Final = "atop.resources"
 RESTORED_TAG: Final = "atop.restored_from_epoch"
+#: on the rerun of an interrupted trial that started from its checkpoint: that checkpoint (`RESUME_FROM`)
+RESUMED_FROM_TAG: Final = "atop.resumed_from"
 STOPPED_TAG: Final = "atop.stopped"
 INTERRUPTED_TAG: Final = "atop.interrupted"
 #: on the parent run of a study whose driver was stopped (`ray job stop`, kill): the signal, e.g. SIGTERM
@@ -148,7 +150,11 @@ CONFIRM_ARTIFACT: Final = "confirm.txt"
 #: reserved keys of a trial's Tune config besides the `atop.config.Config` fields
 TRIAL_NUMBER: Final = "optuna_trial_number"
 RUN_ID: Final = "mlflow_run_id"
-TRIAL_KEYS: Final = (TRIAL_NUMBER, RUN_ID)
+#: a rerun of an interrupted trial: its checkpoint (`CHECKPOINT_FILES`), relative to the study folder
+RESUME_FROM: Final = "atop_resume_from"
+TRIAL_KEYS: Final = (TRIAL_NUMBER, RUN_ID, RESUME_FROM)
+#: the files of a trial's Tune checkpoint (`checkpoint_<k>/` in its trial folder): the defense, the trainer's state
+CHECKPOINT_FILES: Final = ("defense.pt", "trainer_state.pt")
 #: a result with FAILED_KEY=1 ends a trial that a retry cannot fix; ERROR_KEY says why
 FAILED_KEY: Final = "atop_failed"
 ERROR_KEY: Final = "atop_error"
@@ -159,6 +165,8 @@ ATTR_ERROR: Final = "error"
 ATTR_STOPPED_AT: Final = "stopped_at_epoch"
 ATTR_INTERRUPTED: Final = "interrupted"
 ATTR_RERUN_OF: Final = "rerun_of"
+#: on such a rerun: the interrupted trial's last checkpoint it starts from (`RESUME_FROM`)
+ATTR_RESUME_FROM: Final = "resume_from"
 #: the name of an enqueued reference configuration (`--enqueue FILE`)
 ATTR_REFERENCE: Final = "reference"
 #: objective -> [lo, hi]: the 95% interval of each validation objective (`<objective>_lo`/`_hi`)

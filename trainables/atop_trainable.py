@@ -41,7 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,6 +61,7 @@ from atop.defense import Defense
 from atop.evaluate import evaluate, how_obtained
 from atop.finetune import finetune
 from tracking.contract import (
+    CHECKPOINT_FILES,
     COMPUTE_S,
     EPOCH,
     ERROR_KEY,
@@ -72,6 +73,8 @@ from tracking.contract import (
     LAST_ERROR_TAG,
     RESOURCES_TAG,
     RESTORED_TAG,
+    RESUME_FROM,
+    RESUMED_FROM_TAG,
     RUN_ID,
     STAGE_TAG,
     TRIAL_KEYS,
@@ -82,6 +85,9 @@ from tracking.contract import (
 from tracking.mlflow_log import RunLogger, quiet_http
 from trainables.faults import FaultPlan
 
+if TYPE_CHECKING:
+    from study.storage import Storage
+
 
 class DeviceError(RuntimeError):
     """A trial asked for a GPU on a node where CUDA is not available; one-line message."""
@@ -90,7 +96,7 @@ class DeviceError(RuntimeError):
 #: errors a retry cannot fix: reported as a failed result, not raised (no Tune retry). A CUDA
 #: out-of-memory error comes back on every retry of the same batch size and GPU share.
 PERMANENT = (FloatingPointError, ConfigError, CheckpointError, DeviceError, torch.cuda.OutOfMemoryError)
-DEFENSE_FILE, STATE_FILE = "defense.pt", "trainer_state.pt"
+DEFENSE_FILE, STATE_FILE = CHECKPOINT_FILES
 PER_EXAMPLE_FILE, GRID_FILE = "per_example.parquet", "images.png"
 #: keys of a confirm trial's last result: per-image rates (JSON) and the audit's flags
 PER_IMAGE_KEY, AUDIT_KEY, NOT_AUDITED = "atop_per_image", "atop_audit_flags", "not audited"
@@ -118,6 +124,7 @@ class StudyContext:
     eval_split: str = EvalSplit.VAL.value
     stage: str = Stage.SEARCH.value
     metric_prefix: str = ""  # put before every MLflow metric name (the Tune result keeps plain names)
+    store: Storage | None = None  # the study folder: where an interrupted trial's checkpoint is (`RESUME_FROM`)
 
 
 @dataclass(frozen=True)
@@ -259,7 +266,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     log = RunLogger(ctx.mlflow_uri, run_id, Path(ctx.spool_dir) / spool_file(ctx.stage, number, cfg.seed)) \
         if run_id else None
 
-    checkpoint = tune.get_checkpoint()
+    checkpoint = tune.get_checkpoint()  # this trial's own (Tune retries it from there)
     state, start_epoch, compute_s = None, 0, 0.0
     try:
         device = _device(ctx)
@@ -269,6 +276,9 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 state, start_epoch, compute_s = _restore(Path(d), classifier_ref)
+        carried = _carried(reserved.get(RESUME_FROM), ctx, classifier_ref, cfg) if checkpoint is None else None
+        if carried is not None:
+            state, start_epoch, compute_s = carried
         if log:
             log.set_status("RUNNING")
             if checkpoint is None:
@@ -277,7 +287,9 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
                               RESOURCES_TAG: f"cpu={ctx.cpus_per_trial},gpu={ctx.gpus_per_trial}",
                               EVAL_LEVEL_TAG: cfg.eval_level.value, EVAL_SPLIT_TAG: ctx.eval_split,
                               EVALUATION_TAG: how_obtained(cfg, len(ctx.eval_data), ctx.eval_split),
-                              STAGE_TAG: ctx.stage})
+                              STAGE_TAG: ctx.stage,
+                              **({RESTORED_TAG: start_epoch, RESUMED_FROM_TAG: reserved[RESUME_FROM]}
+                                 if carried is not None else {})})
             else:
                 log.set_tags({RESTORED_TAG: start_epoch})
         _check_sizes(cfg, ctx)
@@ -354,6 +366,24 @@ def _save(folder: Path, cfg: Config, report: Any, classifier_ref: dict[str, Any]
                     metrics=report.metrics)
     extra = {"generator": report.state.get("generator"), "compute_s": compute_s}
     torch.save(extra, folder / STATE_FILE)
+
+
+def _carried(where: str | None, ctx: StudyContext, classifier_ref: dict[str, Any],
+             cfg: Config) -> tuple[dict[str, Any], int, float] | None:
+    """`_restore` of the interrupted trial's checkpoint a rerun was given (`RESUME_FROM`, relative
+    to the study folder `ctx.store`), or None: none given, unreadable, or already at the last epoch
+    (then the rerun starts from scratch, as it would have without one)."""
+    from ray import tune
+
+    if not where or ctx.store is None:
+        return None
+    try:
+        with tune.Checkpoint(ctx.store.path(where), filesystem=ctx.store.fs).as_directory() as d:
+            restored = _restore(Path(d), classifier_ref)
+    except Exception as exc:  # noqa: BLE001 - a checkpoint we cannot use costs its epochs, not the trial
+        print(f"trial checkpoint {where!r} not usable ({type(exc).__name__}: {exc}); starting from scratch", flush=True)
+        return None
+    return restored if restored[1] < cfg.epochs else None
 
 
 def _restore(folder: Path, classifier_ref: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
