@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import sys
 import time
@@ -33,6 +34,7 @@ from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, ConfigError, RTType
 from atop.data import DATASETS, DataError, Split, load_split, subset
 from atop.finetune import PurifierTrainer
+from atop.io import atomic_write_bytes
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
 from atop.pretrained_cache import cache_paths, check_entry, import_classifier
 from atop.progress import step
@@ -127,8 +129,14 @@ def accuracy(model: nn.Module, data: Split, settings: PretrainSettings, *, devic
 
 
 def train_classifier(model: nn.Module, train: Split, settings: PretrainSettings, *, seed: int = 0,
-                     device: str | torch.device = "cpu", test: Split | None = None) -> Iterator[dict[str, float]]:
+                     device: str | torch.device = "cpu", test: Split | None = None,
+                     resume: dict[str, Any] | None = None,
+                     save: Callable[[dict[str, Any]], None] | None = None) -> Iterator[dict[str, float]]:
     """Supervised training: SGD-Nesterov, one-cycle schedule (linear warm-up then linear decay).
+
+    Args:
+        resume: a state `save` was given earlier: training goes on after its epoch, as if never stopped.
+        save: called with the whole training state after every epoch (`EpochCheckpoint.save`).
 
     Yields:
         {epoch, loss, train_acc, images_per_s} once per epoch, plus test_acc (on all of `test`,
@@ -143,7 +151,9 @@ def train_classifier(model: nn.Module, train: Split, settings: PretrainSettings,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.classifier_lr, total_steps=steps,
                                                 pct_start=0.25, anneal_strategy="linear")
     gen = torch.Generator().manual_seed(seed)
-    for epoch in range(settings.classifier_epochs):
+    parts = {"model": model, "optimizer": opt, "scheduler": sched}
+    start = _resume(parts, gen, resume)
+    for epoch in range(start, settings.classifier_epochs):
         started = time.perf_counter()
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         with step(f"pretrain classifier epoch {epoch + 1}/{settings.classifier_epochs}",
@@ -168,12 +178,19 @@ def train_classifier(model: nn.Module, train: Split, settings: PretrainSettings,
             progress.finish(f"loss {report['loss']:.3f}, train acc {report['train_acc']:.3f}"
                             + (f", test acc {report['test_acc']:.3f}" if test is not None else "")
                             + f", {report['images_per_s']:.0f} img/s")
+        if save is not None:
+            save(_state(epoch + 1, parts, gen))
         yield report
 
 
 def train_purifier(cfg: Config, purifier: nn.Module, discriminator: nn.Module, classifier: nn.Module, train: Split,
-                   settings: PretrainSettings, *, device: str | torch.device = "cpu") -> Iterator[dict[str, float]]:
+                   settings: PretrainSettings, *, device: str | torch.device = "cpu",
+                   resume: dict[str, Any] | None = None,
+                   save: Callable[[dict[str, Any]], None] | None = None) -> Iterator[dict[str, float]]:
     """L_gen (+ CE of the frozen classifier) on transformed clean images, RT type drawn per batch.
+
+    Args:
+        resume, save: as `train_classifier`'s.
 
     Yields:
         {epoch, loss_d, loss_g_gan, loss_l1, loss_ce, loss_total, images_per_s} once per epoch.
@@ -185,7 +202,9 @@ def train_purifier(cfg: Config, purifier: nn.Module, discriminator: nn.Module, c
     transforms = [RandomTransform.from_config(cfg.replace(rt=rt.value)) for rt in settings.rt_types]
     gen = torch.Generator().manual_seed(cfg.seed)
     train = subset(train, settings.purifier_n_train)
-    for epoch in range(settings.purifier_epochs):
+    parts = {"trainer": trainer}  # purifier, discriminator, optimizers and the RT draws' generator
+    start = _resume(parts, gen, resume)
+    for epoch in range(start, settings.purifier_epochs):
         started, sums, batches = time.perf_counter(), torch.zeros(5, device=device), 0
         with step(f"pretrain purifier epoch {epoch + 1}/{settings.purifier_epochs}",
                   total=-(-len(train) // settings.batch_size), unit="batch") as progress:
@@ -198,7 +217,54 @@ def train_purifier(cfg: Config, purifier: nn.Module, discriminator: nn.Module, c
             report = {"epoch": epoch + 1, "loss_d": d, "loss_g_gan": g, "loss_l1": l1, "loss_ce": ce,
                       "loss_total": total, "images_per_s": len(train) / (time.perf_counter() - started)}
             progress.finish(f"L1 {l1:.4f}, CE {ce:.3f}, D {d:.3f}, G {g:.3f}, {report['images_per_s']:.0f} img/s")
+        if save is not None:
+            save(_state(epoch + 1, parts, gen))
         yield report
+
+
+class EpochCheckpoint:
+    """A pre-training stage's whole state after its last finished epoch, in `<entry>.partial` beside
+    the cache entry it will become, so a killed pre-training (a lost node, a stopped job) goes on
+    from there instead of from epoch 1. Written atomically; removed once the entry exists."""
+
+    def __init__(self, entry: Path):
+        self.path = entry.with_name(entry.name + ".partial")
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None (none, or unreadable: the stage starts again)."""
+        if not self.path.is_file():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a torn or foreign file costs its epochs, not the study
+            return None
+
+    def save(self, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _state(epoch: int, parts: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
+    """Everything that decides the epochs after `epoch`: the states of `parts` (models, optimizers,
+    schedule; a `PurifierTrainer` with its RT generator), the data order's generator and torch's
+    global RNG."""
+    return {"epoch": epoch, **{name: part.state_dict() for name, part in parts.items()},
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}
+
+
+def _resume(parts: dict[str, Any], gen: torch.Generator, state: dict[str, Any] | None) -> int:
+    """Load `state` (from `_state`) into `parts` and the RNGs; returns the epochs already done."""
+    if state is None:
+        return 0
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"])
 
 
 #: the settings that shape the classifier; the purifier depends on all the others, and on the classifier
@@ -257,10 +323,13 @@ def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Pat
     else:
         torch.manual_seed(cfg.seed)
         classifier = CLASSIFIERS[cfg.classifier](DATASETS[cfg.dataset].num_classes)
-        log(f"pretrain classifier: {settings.classifier_epochs} epoch(s) on {len(train)} images")
-        for _ in train_classifier(classifier, train, settings, seed=cfg.seed, device=device):
+        partial = EpochCheckpoint(clf_path)
+        resume = _announce(partial, "classifier", settings.classifier_epochs, f"{len(train)} images", log)
+        for _ in train_classifier(classifier, train, settings, seed=cfg.seed, device=device, resume=resume,
+                                  save=partial.save):
             pass  # each epoch shows its own progress (atop.progress)
         save_checkpoint(clf_path, kind="classifier", cfg=cfg, classifier=classifier)
+        partial.remove()
     if pur_path.is_file():
         check_entry(pur_path, "purifier")
         log(f"reusing pre-trained {pur_path}")
@@ -268,11 +337,25 @@ def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Pat
     torch.manual_seed(cfg.seed)
     purifier, disc = PURIFIERS[cfg.purifier](cfg.purifier_width), PatchDiscriminator()
     images = min(settings.purifier_n_train or len(train), len(train))
-    log(f"pretrain purifier: {settings.purifier_epochs} epoch(s) on {images} images")
-    for _ in train_purifier(cfg, purifier, disc, classifier, train, settings, device=device):
+    partial = EpochCheckpoint(pur_path)
+    resume = _announce(partial, "purifier", settings.purifier_epochs, f"{images} images", log)
+    for _ in train_purifier(cfg, purifier, disc, classifier, train, settings, device=device, resume=resume,
+                            save=partial.save):
         pass  # each epoch shows its own progress (atop.progress)
     save_checkpoint(pur_path, kind="purifier", cfg=cfg, purifier=purifier, discriminator=disc)
+    partial.remove()
     return clf_path, pur_path
+
+
+def _announce(partial: EpochCheckpoint, what: str, epochs: int, data: str,
+              log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Say what pre-training of `what` does now; returns the state to resume from, if any."""
+    resume = partial.load()
+    if resume is None:
+        log(f"pretrain {what}: {epochs} epoch(s) on {data}")
+    else:
+        log(f"pretrain {what}: resuming after epoch {resume['epoch']}/{epochs} on {data} ({partial.path})")
+    return resume
 
 
 def main(argv: list[str] | None = None) -> int:

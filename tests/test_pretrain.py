@@ -79,3 +79,72 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, ne
     for needle in needles:
         assert needle.replace("{tmp}", str(tmp_path)) in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk"]
+
+
+def _stopped_after_first_epoch(run, partial):
+    """Run a training generator until its first epoch is saved, then drop it (as a killed task)."""
+    next(run)
+    run.close()
+    assert partial.path.is_file()
+
+
+def test_a_killed_pretraining_resumes_after_its_last_epoch_as_if_never_stopped(cifar_dir, tmp_path):
+    """Both stages, 2 epochs each: stopped after epoch 1 and resumed from `<entry>.partial`, they end
+    with exactly the weights of an uninterrupted run (same data order, RT draws, optimizer state)."""
+    from atop.pretrain import EpochCheckpoint
+
+    train = subset(load_split("cifar10", "train", cifar_dir), 96, seed=0)
+    settings = PretrainSettings(classifier_epochs=2, purifier_epochs=2, batch_size=32, crop_pad=2,
+                                purifier_ce_weight=0.1, purifier_rts="rt1,rt2")
+    cfg = Config.from_dict({"classifier": "small_cnn", "purifier_width": 8})
+
+    def classifier_run(resume=None, save=None):
+        torch.manual_seed(0)
+        model = CLASSIFIERS["small_cnn"](10)
+        return model, train_classifier(model, train, settings, resume=resume, save=save)
+
+    whole, run = classifier_run()
+    list(run)
+    partial = EpochCheckpoint(tmp_path / "classifier.pt")
+    _, run = classifier_run(save=partial.save)
+    _stopped_after_first_epoch(run, partial)
+    resumed, run = classifier_run(resume=partial.load(), save=partial.save)
+    assert [r["epoch"] for r in run] == [2]  # only the epoch left
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True))
+
+    def purifier_run(resume=None, save=None):
+        torch.manual_seed(0)
+        purifier, disc = PURIFIERS["unet"](8), PatchDiscriminator(8)
+        return purifier, train_purifier(cfg, purifier, disc, whole, train, settings, resume=resume, save=save)
+
+    whole_pur, run = purifier_run()
+    list(run)
+    partial = EpochCheckpoint(tmp_path / "purifier.pt")
+    _, run = purifier_run(save=partial.save)
+    _stopped_after_first_epoch(run, partial)
+    resumed_pur, run = purifier_run(resume=partial.load())
+    assert [r["epoch"] for r in run] == [2]
+    assert all(torch.equal(a, b) for a, b in zip(whole_pur.state_dict().values(), resumed_pur.state_dict().values(),
+                                                 strict=True))
+
+
+def test_ensure_pretrained_goes_on_from_a_partial_stage_and_removes_it(cifar_dir, tmp_path):
+    from atop.pretrain import EpochCheckpoint, ensure_pretrained
+    from atop.pretrained_cache import cache_paths
+
+    train = subset(load_split("cifar10", "train", cifar_dir), 96, seed=0)
+    settings = PretrainSettings(classifier_epochs=2, purifier_epochs=1, batch_size=32, purifier_rts="rt2")
+    cfg = Config.from_dict({"classifier": "small_cnn", "purifier_width": 8})
+    clf_path, _ = cache_paths(cfg, settings, train, tmp_path)
+    partial = EpochCheckpoint(clf_path)
+    torch.manual_seed(cfg.seed)
+    _stopped_after_first_epoch(train_classifier(CLASSIFIERS["small_cnn"](10), train, settings, seed=cfg.seed,
+                                                save=partial.save), partial)
+    (tmp_path / "torn.pt.partial").write_bytes(b"PK\x03\x04 torn")  # an unreadable partial is no resume point
+    assert EpochCheckpoint(tmp_path / "torn.pt").load() is None
+    lines: list[str] = []
+    clf, pur = ensure_pretrained(cfg, settings, tmp_path, train=train, log=lines.append)
+    assert clf == clf_path and clf.is_file() and pur.is_file()
+    assert any(line.startswith("pretrain classifier: resuming after epoch 1/2") for line in lines), lines
+    assert any(line.startswith("pretrain purifier: 1 epoch(s)") for line in lines), lines
+    assert not partial.path.exists() and not list(tmp_path.glob(f"{pur.name}.partial"))
