@@ -197,6 +197,41 @@ def table(confirmed: Sequence[Confirmed], note: str) -> str:
 
 # --- running the stage ------------------------------------------------------------------------------
 
+def progress_callback(total: int, log: Callable[[str], None] = print) -> Any:
+    """A Ray Tune callback printing a line as each confirm trial starts and ends (its time, its
+    test figures): a confirm trial takes minutes to hours, and its own progress stays in its worker."""
+    from ray.tune import Callback
+
+    class ConfirmProgress(Callback):
+        def __init__(self) -> None:
+            self.started: dict[str, float] = {}
+            self.ended = 0
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.started.setdefault(trial.trial_id, time.monotonic())
+            log(f"confirm: {_job_label(trial)} started ({len(self.started)} of {total})")
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._ended(trial, ", ".join(f"{o} {trial.last_result[o]:.3f}" for o in OBJECTIVES
+                                          if o in (trial.last_result or {})) or "no figures")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._ended(trial, "FAILED")
+
+        def _ended(self, trial: Any, what: str) -> None:
+            self.ended += 1
+            minutes = (time.monotonic() - self.started.get(trial.trial_id, time.monotonic())) / 60
+            log(f"confirm: {_job_label(trial)} ended after {minutes:.1f} min, {self.ended} of {total} done: "
+                f"test {what}")
+
+    return ConfirmProgress()
+
+
+def _job_label(trial: Any) -> str:
+    job = trial.config["job"]
+    return f"trial {job['number']} seed {job['seed']}"
+
+
 @dataclass(frozen=True)
 class Job:
     """One confirm trial: a target fine-tuned with one seed; its MLflow `confirm_seed` run."""

@@ -728,7 +728,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
 
     from atop.data import subset
     from search_spaces import SPACES
-    from study.confirm import Fit, run_confirm
+    from study.confirm import Fit, progress_callback, run_confirm
     from trainables.atop_trainable import confirm_atop
 
     s = plan.settings
@@ -753,7 +753,8 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
             run_config=tune.RunConfig(
                 name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[progress_callback(len(jobs), log=lambda line: print(line, flush=True))]))
         grid = tuner.fit()
         by_run: dict[str, dict[str, Any]] = {}
         for r in (grid[i] for i in range(len(grid))):  # ResultGrid is indexed (not typed as iterable)

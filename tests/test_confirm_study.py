@@ -50,6 +50,9 @@ def test_search_scores_on_validation_and_confirm_on_test(cifar_dir, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Confirmed on test (2 seeds per config, 16 test images" in done.stdout, done.stdout[-3000:]
     assert "8 validation images (train split)" in done.stdout
+    # the confirm stage says as each of its trials starts and ends (never silent for a whole trial)
+    assert "confirm: trial " in done.stdout and " started (1 of " in done.stdout, done.stdout[-3000:]
+    assert " ended after " in done.stdout and " done: test clean_acc " in done.stdout
 
     folder = storage / name
     record = json.loads((folder / "study.json").read_text())["validation"]
