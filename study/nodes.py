@@ -71,7 +71,8 @@ def check_tracking_on_nodes(uri: str, storage_root: str | None, cpus_per_trial: 
         try:
             reason = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - a node that cannot run the check cannot run trials
-            reason = f"the check failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+            last = [line for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
+            reason = f"the check failed there ({last[0].strip()[:200]})"
         if reason:
             problems.append(f"{_name(pending[ref])}: {reason}")
     for ref in late:
