@@ -49,7 +49,7 @@ from atop.config import Config
 from atop.io import atomic_write_text
 from study import lease, optuna_storage
 from study.args import STUDY_FILE, StudyError, check_args, check_gpus, check_mlflow_uri, study_name
-from study.storage import Storage, leave_job_working_dir, local_folder
+from study.storage import JOB_ENV, Storage, leave_job_working_dir, local_folder
 from study.tables import pareto_table
 from tracking import mlflow_log
 from tracking.contract import (
@@ -247,8 +247,9 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
 
     if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
         # A cluster's workers get the raylet's environment, not this driver's: the test-only fault
-        # hook (trainables.faults.FAULT_ENV) must travel in the job's runtime env.
-        fault = os.environ.get(FAULT_ENV)
+        # hook (trainables.faults.FAULT_ENV) must travel in a runtime env. A submitted job's own
+        # runtime env already carries it (and Ray refuses a second one that sets the same variable).
+        fault = os.environ.get(FAULT_ENV) if not os.environ.get(JOB_ENV) else None
         context = ray.init(log_to_driver=True, logging_level=level,
                            runtime_env={"env_vars": {FAULT_ENV: fault}} if fault else None)
     else:  # embedded: a local Ray bound to 127.0.0.1, workers importing this checkout
