@@ -59,6 +59,8 @@ NUM_TRIALS = 5
 def _states(db, name="killed"):
     import optuna
 
+    if not list(db.parent.glob("tune-*")):  # before Tune starts the driver may still be creating the database:
+        return {}  # opening it then would race its creation (both would stamp the schema version)
     try:
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     except Exception:  # noqa: BLE001 - not created yet
