@@ -66,7 +66,6 @@ from tracking.contract import (
     PRETRAINED_TAG,
     REFERENCE_TAG,
     SPACE_TAG,
-    STOPPED_BY_TAG,
     STOPPED_TAG,
     STUDY_TAG,
     TEST_PREFIX,
@@ -270,7 +269,6 @@ def join_ray(plan: StudyPlan) -> None:
     (`study.nodes`): the driver's own check says nothing about the other nodes."""
     s = plan.settings
     init_ray(s.cpus, s.gpus, plan.verbose)
-    stop_on_signals()  # ray.init set its own SIGTERM handler
     if not os.environ.get("RAY_ADDRESS"):  # embedded: this machine is the only node
         return
     from study.nodes import check_tracking_on_nodes
@@ -504,7 +502,6 @@ def run(plan: StudyPlan) -> int:
         join_ray(plan)
     opened = open_study(plan)
     try:
-        stop_on_signals()
         finished = finished_count(opened.study)
         remaining = plan.settings.num_trials - finished
         s = plan.settings
@@ -523,58 +520,9 @@ def run(plan: StudyPlan) -> int:
             confirmed, confirmed_now = confirm(plan, opened, ctx)
         settle(plan)
         report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now)
-    except Stopped as stop:
-        return stopped(plan, opened, stop)
     finally:
         opened.lease.release()  # (ending the process would too)
     return 0
-
-
-class Stopped(BaseException):
-    """The driver was asked to stop (`ray job stop` sends SIGTERM); a BaseException, like
-    KeyboardInterrupt, so that no library's `except Exception` takes it for an error to retry."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-    @property
-    def name(self) -> str:
-        import signal
-
-        return signal.Signals(self.signum).name
-
-
-def stop_on_signals() -> None:
-    """Turn SIGTERM into `Stopped` in the main thread (again after `ray.init`, which sets its own)."""
-    import signal
-
-    def handler(signum: int, frame: Any) -> None:
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the driver at once
-        raise Stopped(signum)
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def stopped(plan: StudyPlan, opened: OpenStudy, stop: Stopped) -> int:
-    """Settle a stopped study at once, as a `--resume` would settle a killed one: its running trials
-    FAIL with user attr `interrupted` and are enqueued again, their MLflow runs KILLED; the parent
-    run KILLED with tag `atop.stopped_by`. Returns the exit code (128 + the signal).
-
-    `ray job stop` allows 3 s before SIGKILL (`RAY_JOB_STOP_WAIT_TIME_S` on the cluster raises it);
-    what a SIGKILL cuts short here, the next `--resume` settles.
-    """
-    from study.resume import settle_interrupted
-
-    print(f"study {plan.name}: stopped by {stop.name}; settling its running trials", flush=True)
-    n = settle_interrupted(opened.study, opened.storage, plan.mlflow_uri, opened.experiment_id,
-                           opened.parent_id, log=lambda line: print(line, flush=True), store=plan.store)
-    client = mlflow_log.client(plan.mlflow_uri)
-    client.set_tag(opened.parent_id, STOPPED_BY_TAG, stop.name)
-    client.set_terminated(opened.parent_id, "KILLED")
-    print(f"study {plan.name}: stopped; {n} running trial(s) marked interrupted and enqueued again; continue it "
-          "with --resume (the same --study-name and --storage-path)", flush=True)
-    return 128 + stop.signum
 
 
 def where_to_watch(plan: StudyPlan, opened: OpenStudy) -> list[str]:
@@ -856,11 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command: check every input, then run the study; bad input is one `error: ...` line, exit 2."""
     asks_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
     args = build_parser(listing=asks_help).parse_args(argv)
-    try:
-        return one_line_errors(lambda: run(prepare(args)), (StudyError,))
-    except Stopped as stop:  # before the study was open: nothing to settle
-        print(f"stopped by {stop.name} before the study was opened", file=sys.stderr, flush=True)
-        return 128 + stop.signum
+    return one_line_errors(lambda: run(prepare(args)), (StudyError,))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,6 @@ session only) and records how many there were. Then `--resume`:
 - a second `--resume` with nothing left to run exits 0 without starting Ray.
 A `--resume` while the first driver still runs is refused in one line naming it (study.lease), with
 the live study's trials untouched; once the driver is killed, its lease is free.
-
-A submitted study stopped by `ray job stop` (SIGTERM) settles its running trials itself before it
-exits, so MLflow and Optuna show the stop at once instead of RUNNING runs until the next resume.
 While the driver runs, every TCP socket its session listens on is bound to 127.0.0.1.
 """
 from __future__ import annotations
@@ -32,12 +29,9 @@ import pytest
 
 from tests.conftest import (
     LOOPBACK,
-    REPO,
     STUDY_PY,
-    VENV_BIN,
     kill_session,
     listening,
-    service_env,
     session_procs,
     start_study,
     stop_study,
@@ -48,7 +42,6 @@ from tracking.contract import (
     RESTORED_TAG,
     RESUMED_FROM_TAG,
     SPACE_TAG,
-    STOPPED_BY_TAG,
     TRIAL_TAG,
 )
 
@@ -181,64 +174,3 @@ def test_a_trial_killed_before_its_run_existed_gets_one_killed_run(tmp_path):
     settle_interrupted(study, storage, uri, exp, parent, log=lambda m: None)  # a second resume adds none
     assert len(mlflow_log.client(uri).search_runs([exp], "tags.`atop.role` = 'trial'")) == 1
 
-
-def test_ray_job_stop_settles_the_study_at_once(ray_head, cifar_dir, tmp_path):
-    """`ray job stop` (SIGTERM, then SIGKILL 3 s later) on a submitted study whose two trials run:
-    the driver settles them itself before it exits (FAIL + `interrupted`, runs KILLED, enqueued
-    again; the parent run KILLED with `atop.stopped_by=SIGTERM`), and a `--resume` finishes the study."""
-    import json
-
-    import optuna
-    from mlflow import MlflowClient
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    storage, name, job_id = tmp_path / "studies", "stopped", f"atop-stop-{int(time.time())}"
-    folder = storage / name
-    hold = "sleep@trial=*,epoch=1,seconds=600"
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.address, "--working-dir", str(REPO),
-           "--submission-id", job_id, "--no-wait",
-           "--runtime-env-json", json.dumps({"env_vars": {"ATOP_FAULT_INJECT": hold}}), "--",
-           "python", "study/run.py", "--preset", "tiny", "--num-trials", "3", "--max-concurrent", "2", "--cpus", "0.5",
-           "--data-dir", str(cifar_dir), "--storage-path", str(storage), "--study-name", name]
-    submitted = subprocess.run(cmd, capture_output=True, text=True, env=service_env(RAY_AUTH_MODE="disabled"),
-                               timeout=300, check=False)
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    jobs = JobSubmissionClient(ray_head.address)
-    try:
-        def held():
-            if jobs.get_job_status(job_id) in (JobStatus.FAILED, JobStatus.SUCCEEDED, JobStatus.STOPPED):
-                raise AssertionError(f"the job ended first:\n{jobs.get_job_logs(job_id)[-4000:]}")
-            running = [n for n, s in _states(folder / "optuna.db", name).items() if s == "RUNNING"]
-            return running if len(running) == 2 and len(list(folder.glob("tune-*/trial-*/checkpoint_000000"))) == 2 \
-                else None
-
-        running = wait_for(held, 900, "two trials RUNNING with an epoch-1 checkpoint", every_s=2)
-        asked = time.monotonic()
-        jobs.stop_job(job_id)
-        wait_for(lambda: jobs.get_job_status(job_id) == JobStatus.STOPPED, 60, "the job to stop", every_s=0.5)
-        stop_s = time.monotonic() - asked
-        logs = jobs.get_job_logs(job_id)
-    finally:
-        if jobs.get_job_status(job_id) not in (JobStatus.FAILED, JobStatus.SUCCEEDED, JobStatus.STOPPED):
-            jobs.stop_job(job_id)
-    assert "stopped by SIGTERM" in logs and "2 running trial(s) marked interrupted" in logs, logs[-4000:]
-
-    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
-    assert not [t for t in trials if t.state.name == "RUNNING"]
-    assert sorted(t.number for t in trials if t.user_attrs.get("interrupted")) == sorted(running)
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(name)
-    for run in client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'"):
-        if int(run.data.tags[TRIAL_TAG]) in running:
-            assert run.info.status == "KILLED" and run.data.tags[INTERRUPTED_TAG] == "true"
-    parent = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'study'")[0]
-    assert parent.info.status == "KILLED" and parent.data.tags[STOPPED_BY_TAG] == "SIGTERM"
-
-    resumed = subprocess.run([sys.executable, str(STUDY_PY), "--study-name", name, "--storage-path", str(storage),
-                              "--resume"], capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
-    done = [t for t in trials if t.state.name == "COMPLETE"]
-    assert len(done) == 3 and not [t for t in trials if t.state.name == "RUNNING"]
-    print(f"\nray job stop: settled by the driver {stop_s:.1f} s after the request (2 trials interrupted); "
-          f"--resume finished the study with {len(done)} COMPLETE trials")

@@ -100,8 +100,6 @@ RESTORED_TAG: Final = "atop.restored_from_epoch"
 RESUMED_FROM_TAG: Final = "atop.resumed_from"
 STOPPED_TAG: Final = "atop.stopped"
 INTERRUPTED_TAG: Final = "atop.interrupted"
-#: on the parent run of a study whose driver was stopped (`ray job stop`, kill): the signal, e.g. SIGTERM
-STOPPED_BY_TAG: Final = "atop.stopped_by"
 ERROR_TAG: Final = "atop.error"
 LAST_ERROR_TAG: Final = "atop.last_error"
 OPTUNA_STATE_TAG: Final = "optuna.state"
