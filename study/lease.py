@@ -44,6 +44,14 @@ class Lease:
             self._release()
             self._release = None
 
+    # Tune pickles the searcher, whose callbacks see the driver's open study and so this lease:
+    # a copy holds nothing (the lock stays with this process's descriptor or connection).
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._release = None
+
 
 def take(optuna_url: str, study: str) -> Lease:
     """The lease of `study`, whose Optuna trials are at `optuna_url` (password included).

@@ -78,3 +78,15 @@ def test_postgres_lease_names_its_holder_and_dies_with_it(tmp_path: Path) -> Non
 
     with postgres(tmp_path) as url:
         check_held_then_freed_by_sigkill(url, "s1", f"atop-driver {socket.gethostname()} {{pid}}")
+
+
+def test_a_pickled_copy_of_a_lease_holds_nothing(tmp_path: Path) -> None:
+    import pickle
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    held = take(url, "s1")
+    copy = pickle.loads(pickle.dumps(held))  # as Tune pickles the searcher that sees the open study
+    copy.release()
+    assert refused(url, "s1") is not None  # still held by the original
+    held.release()
+    assert refused(url, "s1") is None
