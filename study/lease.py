@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from study.args import StudyError
+from study.storage import job_submission_id
 
 #: suffix of the lease file beside an sqlite database
 LEASE_SUFFIX = ".lease"
@@ -76,10 +77,8 @@ def take(optuna_url: str, study: str) -> Lease:
 
 def holder() -> dict[str, Any]:
     """Who this driver is, as the lease records it."""
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {}).get(
-        "job_submission_id")
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ray_job": job}
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ray_job": job_submission_id()}
 
 
 def describe(who: dict[str, Any]) -> str:
@@ -122,6 +121,12 @@ def _server_lease(optuna_url: str, backend: str, study: str) -> Lease:
     engine = create_engine(optuna_url, poolclass=NullPool, connect_args=args,
                            isolation_level="AUTOCOMMIT")  # idle between statements, never "idle in transaction"
     conn = engine.connect()
+
+    def release() -> None:
+        with contextlib.suppress(Exception):  # a connection already gone has released the lock
+            conn.close()
+        engine.dispose()
+
     try:
         key = _lock_key(study)
         if backend == "postgresql":
@@ -132,19 +137,11 @@ def _server_lease(optuna_url: str, backend: str, study: str) -> Lease:
             got = conn.execute(text("SELECT GET_LOCK(:n, 0)"), {"n": lock}).scalar() == 1
             who = None if got else f"MySQL connection {conn.execute(text('SELECT IS_USED_LOCK(:n)'), {'n': lock}).scalar()}"
     except BaseException:
-        conn.close()
-        engine.dispose()
+        release()
         raise
     if not got:
-        conn.close()
-        engine.dispose()
+        release()
         raise refusal(study, who or "unknown")
-
-    def release() -> None:
-        with contextlib.suppress(Exception):  # a connection already gone has released the lock
-            conn.close()
-        engine.dispose()
-
     return Lease(release)
 
 

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from study.args import StudyError
+from tracking.uri import store_path
 
 #: how long a node's check may take, its worker's start-up included
 NODE_CHECK_TIMEOUT_S = 120.0
@@ -31,7 +32,7 @@ def probe_folder(uri: str, storage_root: str | None) -> str | None:
     default store, inside a study folder not made yet) `storage_root`; None for a server."""
     if not uri.startswith(("sqlite:", "file:")):
         return None
-    path = uri.split(":///", 1)[-1] if uri.startswith("sqlite:") else uri.removeprefix("file://").removeprefix("file:")
+    path = store_path(uri)
     folder = os.path.dirname(path) if uri.startswith("sqlite:") else path
     return folder if os.path.isdir(folder) or not storage_root else storage_root
 

@@ -49,7 +49,7 @@ from atop.config import Config
 from atop.io import atomic_write_text
 from study import lease, optuna_storage
 from study.args import STUDY_FILE, StudyError, check_args, check_gpus, check_mlflow_uri, study_name
-from study.storage import JOB_ENV, Storage, leave_job_working_dir, local_folder
+from study.storage import Storage, job_submission_id, leave_job_working_dir, local_folder, submitted
 from study.tables import pareto_table
 from tracking import mlflow_log
 from tracking.contract import (
@@ -248,7 +248,7 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
         # A cluster's workers get the raylet's environment, not this driver's: the test-only fault
         # hook (trainables.faults.FAULT_ENV) must travel in a runtime env. A submitted job's own
         # runtime env already carries it (and Ray refuses a second one that sets the same variable).
-        fault = os.environ.get(FAULT_ENV) if not os.environ.get(JOB_ENV) else None
+        fault = os.environ.get(FAULT_ENV) if not submitted() else None
         context = ray.init(log_to_driver=True, logging_level=level,
                            runtime_env={"env_vars": {FAULT_ENV: fault}} if fault else None)
     else:  # embedded: a local Ray bound to 127.0.0.1, workers importing this checkout
@@ -531,8 +531,7 @@ def where_to_watch(plan: StudyPlan, opened: OpenStudy) -> list[str]:
     uri = plan.mlflow_uri
     lines = [f"MLflow experiment: {uri.rstrip('/')}/#/experiments/{opened.experiment_id}"
              if uri.startswith(("http:", "https:")) else f"MLflow: mlflow ui --backend-store-uri {uri}"]
-    submission = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {}).get(
-        "job_submission_id")
+    submission = job_submission_id()
     if submission:  # under `ray job submit`: how to follow and stop this job
         lines.append(f"Ray job {submission}: follow with `ray job logs -f {submission}`, stop with "
                      f"`ray job stop {submission}`")

@@ -133,6 +133,11 @@ def submitted() -> bool:
     return JOB_ENV in os.environ
 
 
+def job_submission_id() -> str | None:
+    """The submission id of the `ray job submit` job this process drives, or None."""
+    return json.loads(os.environ.get(JOB_ENV, "{}")).get("metadata", {}).get("job_submission_id")
+
+
 def parse(value: str, *, job: bool | None = None) -> Storage:
     """`--storage-path VALUE` as a `Storage`; creates nothing (pyarrow may look up an S3 bucket's
     region, or cloud credentials, unless the URI or environment names them; `Storage.check` contacts).

@@ -15,6 +15,14 @@ class TrackingURIError(ValueError):
     """An unusable tracking URI; the message is one line naming it and what is accepted."""
 
 
+def store_path(uri: str) -> str:
+    """The local path of a file store's URI: the database of `sqlite:///PATH`, the folder of
+    `file:PATH` (a plain path is its own)."""
+    if uri.startswith("sqlite:"):
+        return uri.split(":///", 1)[-1]
+    return uri.removeprefix("file://").removeprefix("file:")
+
+
 def check_tracking_uri(uri: str, *, existing_store: bool, timeout_s: float = 5.0) -> None:
     """Raise `TrackingURIError` unless `uri` can work.
 
@@ -38,7 +46,7 @@ def check_tracking_uri(uri: str, *, existing_store: bool, timeout_s: float = 5.0
         if status != 200:
             raise TrackingURIError(f"--mlflow-uri {uri!r} answered HTTP {status} on /health")
     elif scheme == "sqlite":
-        path = uri.split(":///", 1)[-1]
+        path = store_path(uri)
         if existing_store:
             if not os.path.isfile(path):
                 raise TrackingURIError(f"--mlflow-uri {uri!r}: no MLflow database at {path!r}")
@@ -50,7 +58,7 @@ def check_tracking_uri(uri: str, *, existing_store: bool, timeout_s: float = 5.0
     elif scheme == "databricks" or (scheme == "file" and not existing_store):
         pass
     elif scheme == "file" or (scheme == "" and existing_store):
-        path = uri.removeprefix("file://").removeprefix("file:")
+        path = store_path(uri)
         if not os.path.isdir(path):
             raise TrackingURIError(f"--mlflow-uri {uri!r}: no MLflow store directory at {path!r}")
     else:
