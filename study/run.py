@@ -65,6 +65,7 @@ from tracking.contract import (
     PARETO_ARTIFACT,
     PRETRAINED_TAG,
     REFERENCE_TAG,
+    SEARCH_STOPPED_TAG,
     SPACE_TAG,
     STOPPED_TAG,
     STUDY_TAG,
@@ -88,7 +89,8 @@ if TYPE_CHECKING:
 #: flags that shape the study itself; on --resume they must match what the study was started with
 SHAPING = ("space", "sampler", "population_size", "config", "pretrain", "constraints", "references")
 #: flags a resumed study may change besides the trial count and resources
-SCHEDULING = ("scheduler", "grace_period", "reduction_factor", "confirm_top", "confirm_seeds")
+SCHEDULING = ("scheduler", "grace_period", "reduction_factor", "confirm_top", "confirm_seeds", "time_budget_h",
+              "stop_on_plateau")
 
 
 def build_parser(listing: bool = True) -> argparse.ArgumentParser:
@@ -135,6 +137,11 @@ def build_parser(listing: bool = True) -> argparse.ArgumentParser:
                    "object store, $ATOP_CACHE_DIR or ~/.cache/atop/pretrained on the driver's node)")
     p.add_argument("--constraint", action="append", metavar="OBJ>=X", help="a bound a configuration must meet, "
                    "e.g. clean_acc>=0.7 (repeatable); breaking trials are kept but never on the front")
+    p.add_argument("--time-budget", type=float, dest="time_budget_h", metavar="HOURS", help="no new trial starts "
+                   "HOURS after this driver started (running trials run to their end, then the confirm stage; a "
+                   "--resume starts a new budget); study/stopping.py")
+    p.add_argument("--stop-on-plateau", metavar="K,EPS", help="no new trial starts once the last K finished trials "
+                   "grew the front's hypervolume (reference point 0, in [0, 1]) by EPS or less, e.g. 8,0.002")
     p.add_argument("--confirm-top", type=int, help="after the search, confirm up to K Pareto-optimal configurations "
                    "(spread over the front) on test images (default 3)")
     p.add_argument("--confirm-seeds", type=int, help="new fine-tuning seeds per confirmed configuration (default 2; "
@@ -509,17 +516,17 @@ def run(plan: StudyPlan) -> int:
               f"({s.space} space, {s.sampler} sampler, {s.max_concurrent} at once)", flush=True)
         for line in where_to_watch(plan, opened):
             print(line, flush=True)
-        ctx = None
+        ctx, stopped = None, None
         if remaining > 0:  # a resume with nothing left to run starts no Ray
             if plan.resume:
                 join_ray(plan)
             ctx = shared_context(plan, opened)
-            search(plan, opened, ctx, remaining)
+            stopped = search(plan, opened, ctx, remaining, started)
         confirmed, confirmed_now = None, False
         if s.confirm:
             confirmed, confirmed_now = confirm(plan, opened, ctx)
         settle(plan)
-        report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now)
+        report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now, stopped=stopped)
     finally:
         opened.lease.release()  # (ending the process would too)
     return 0
@@ -613,8 +620,9 @@ def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
         store=plan.store)
 
 
-def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int) -> None:
-    """Run `n_trials` more trials with Ray Tune, asked from and told to the Optuna study."""
+def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int, started: float) -> str | None:
+    """Run `n_trials` more trials with Ray Tune, asked from and told to the Optuna study; returns why
+    `--time-budget` (counted from `started`) or `--stop-on-plateau` ended it early, if either did."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -649,7 +657,8 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
 
     scheduler = make_scheduler(settings, plan.cfg.epochs, study)
     searcher = AskTellSearcher(study, space, plan.cfg, n_trials, new_run, settle_run, constraints,
-                               max_trials=scheduler.trials_for(n_trials) if scheduler else None)
+                               max_trials=scheduler.trials_for(n_trials) if scheduler else None,
+                               stop=settings.search_stop(started))
     trainable = tune.with_resources(tune.with_parameters(train_atop, ctx=ctx),
                                     {"cpu": settings.cpus, "gpu": settings.gpus})
     tuner = tune.Tuner(
@@ -664,6 +673,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int)
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     tuner.fit()
+    return searcher.stopped
 
 
 def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tuple[list[Any], bool]:
@@ -735,10 +745,12 @@ def level_note(cfg: Config) -> str:
                            audit_images=cfg.audit_images)
 
 
-def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[Any] | None, ran: bool = True) -> None:
+def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[Any] | None, ran: bool = True,
+           stopped: str | None = None) -> None:
     """Print the Pareto table (validation), the confirm table (test; None: --no-confirm) and the
     study's whereabouts; log the table and counts to the parent run where this driver ran anything
-    (`ran`; a resume with nothing left to run leaves the parent run's figures alone).
+    (`ran`; a resume with nothing left to run leaves the parent run's figures alone) and, where
+    `stopped` says why the search ended early, that too.
 
     The parent run's calls go through a spool like a trial's, so an MLflow server down at the very
     end leaves them in `spool/driver-study.jsonl` (replayed by `python -m tracking upload`).
@@ -765,12 +777,16 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
         log.log_artifact(atomic_write_text(folder / PARETO_ARTIFACT, table + "\n"))
         log.log_metrics({**{TRIAL_COUNT_METRIC.format(state=k): c[k] for k in ("complete", "pruned", "fail")},
                          DRIVER_WALL_S: wall_s}, step=0)
+    if stopped:
+        log.set_tags({SEARCH_STOPPED_TAG: stopped})
     log.set_status("FINISHED")
     _say_unsent(plan, log.close())
     broke = [t.number for t in study.trials if t.state.name == "COMPLETE" and infeasible(t)]
     if broke:
         print(f"\n{len(broke)} complete trial(s) broke a --constraint ({', '.join(plan.settings.constraints)}) "
               f"and are kept off the front: {broke}")
+    if stopped:
+        print(f"\nthe search stopped before --num-trials {plan.settings.num_trials}: {stopped}")
     print(f"\ntrials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed"
           + (f"; driver wall time {wall_s:.0f} s" if ran else "; nothing left to run (the study's figures unchanged)"))
     print(f"MLflow: {uri}  experiment {name!r}  parent run {opened.parent_id}")

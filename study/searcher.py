@@ -28,6 +28,7 @@ from search_spaces import Space
 from study.constraints import Constraint
 from study.resume import COUNTED_STATES
 from study.scheduler import ATTR_EPOCH_OBJECTIVES, objective_vector
+from study.stopping import SearchStop
 from tracking.contract import (
     ATTR_ERROR,
     ATTR_INTERVALS,
@@ -72,21 +73,27 @@ class AskTellSearcher(Searcher):
             `builtins.print` once a worker's output reaches the driver, after which the original
             `print` no longer pickles ("it's not the same object as builtins.print").
         constraints: `--constraint`s, set on each COMPLETE trial before it is told.
+        stop: `--time-budget` / `--stop-on-plateau` (`study.stopping`): once it says so, no new
+            trial is asked; `stopped` then holds why, for the driver's report.
     """
 
     def __init__(self, study: optuna.Study, space: Space, base: Config, n_trials: int,
                  new_run: Callable[[int], str | None], settle: Settle, constraints: Sequence[Constraint] = (),
-                 max_trials: int | None = None, log: Callable[[str], None] | None = None):
+                 max_trials: int | None = None, log: Callable[[str], None] | None = None,
+                 stop: SearchStop | None = None):
         super().__init__(metric=None, mode=None)
         self.study, self.space, self.base, self.n_trials = study, space, base.to_dict(), n_trials
         self.new_run, self.settle, self.max_trials, self.log = new_run, settle, max_trials, log or say
         self.constraints = tuple(constraints)
+        self.stop = stop
+        self.stopped: str | None = None  # why `stop` ended the search
         self.counted = 0  # trials asked here that ended COMPLETE or FAIL
         self.pruned = 0
         self.capped = False  # max_trials reached with fewer than n_trials counted
         self.live: dict[str, tuple[optuna.Trial, int]] = {}  # tune trial id -> (optuna trial, epochs)
         self.last: dict[str, dict[str, Any]] = {}
         self.vectors: dict[str, dict[str, dict[str, Any]]] = {}  # tune trial id -> ATTR_EPOCH_OBJECTIVES
+        self._check_plateau()  # a resumed study may have reached it already
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # the space comes from `space`, the objectives are fixed
@@ -109,7 +116,7 @@ class AskTellSearcher(Searcher):
             self.live[trial_id] = (trial, cfg.epochs)
             resume = trial.user_attrs.get(ATTR_RESUME_FROM)  # a rerun of an interrupted trial (study.resume)
             return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id, **({RESUME_FROM: resume} if resume else {})}
-        if self.max_trials is not None and self.counted < self.n_trials and not self.capped:
+        if self.max_trials is not None and self.counted < self.n_trials and not self.capped and not self.stopped:
             if self.live:
                 return None  # a running trial may yet be pruned: ask again when one ends
             self.capped = True
@@ -119,6 +126,10 @@ class AskTellSearcher(Searcher):
 
     def _more(self) -> bool:
         """Whether to ask another trial now."""
+        if self.stop is not None and not self.stopped:
+            self._stop_because(self.stop.expired())
+        if self.stopped:
+            return False
         asked = self.counted + len(self.live) + self.pruned
         if self.max_trials is None:
             return asked < self.n_trials
@@ -177,6 +188,16 @@ class AskTellSearcher(Searcher):
             self.pruned += 1
         number = trial.number
         self.settle(number, state, summary)
+        self._check_plateau()
+
+    def _check_plateau(self) -> None:
+        if self.stop is not None and not self.stopped:
+            self._stop_because(self.stop.plateaued(self.study))
+
+    def _stop_because(self, reason: str | None) -> None:
+        if reason:
+            self.stopped = reason
+            self.log(f"search: no new trials: {reason}; {len(self.live)} running trial(s) run to their end")
 
     # The Optuna storage holds the state; Tune's searcher checkpoints need none.
     def save(self, checkpoint_path: str) -> None:

@@ -52,6 +52,8 @@ class StudySettings:
     grace_period: int = 1  # mo-asha: first rung, in epochs
     reduction_factor: int = 3  # mo-asha: about 1 in reduction_factor trials passes each rung
     constraints: list[str] = field(default_factory=list)  # `--constraint`s (study/constraints.py)
+    time_budget_h: float | None = None  # no new trial starts this many hours after the driver started
+    stop_on_plateau: str | None = None  # "K,EPS": stop once K finished trials grew the front by <= EPS
     #: reference configurations run first and always confirmed, as `--enqueue FILE`'s entries (study/enqueue.py)
     references: list[dict[str, Any]] = field(default_factory=list)
     confirm: bool = True  # after the search, confirm its front on test images (study/confirm.py)
@@ -82,6 +84,7 @@ class StudySettings:
         self.pretrain_settings()
         self.confirm_base()
         self.parsed_constraints()
+        self.search_stop(started=0.0)
         if self.scheduler == "mo-asha":
             self._check_grace_period()
 
@@ -121,6 +124,14 @@ class StudySettings:
             return Config.from_dict({**space.fixed, **self.config})
         except ConfigError as exc:
             raise StudyError(str(exc)) from None
+
+    def search_stop(self, started: float) -> Any:
+        """`study.stopping.SearchStop` of `time_budget_h` and `stop_on_plateau` counted from
+        `started` (None: neither set; a bad one: `StudyError`)."""
+        from study.stopping import SearchStop, check_time_budget
+
+        check_time_budget(self.time_budget_h)
+        return SearchStop.of(self.time_budget_h, self.stop_on_plateau, started)
 
     def parsed_constraints(self) -> tuple[Any, ...]:
         """`constraints` as `study.constraints.Constraint`s (a bad one: `StudyError`)."""

@@ -122,6 +122,8 @@ REFERENCE_TAG: Final = "atop.reference"
 AUDIT_TAG: Final = "atop.audit"
 #: on a trial that broke a `--constraint`: the bounds it broke (kept, never on the front)
 INFEASIBLE_TAG: Final = "atop.infeasible"
+#: on the study's parent run: why this driver's search stopped before `--num-trials` (`study.stopping`)
+SEARCH_STOPPED_TAG: Final = "atop.search_stopped"
 #: MLflow run statuses that end a run
 TERMINAL_STATUSES: Final = ("FINISHED", "FAILED", "KILLED")
 
