@@ -147,7 +147,7 @@ def training_attack(cfg: Config, classifier: nn.Module, defense: Defense) -> Att
 
 def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discriminator: nn.Module, train: Split,
              test: Split, *, device: str | torch.device = "cpu", state: dict[str, Any] | None = None,
-             start_epoch: int = 0) -> Iterator[EpochReport]:
+             start_epoch: int = 0, score_every_epoch: bool = True) -> Iterator[EpochReport]:
     """Fine-tune the purifier with AToP, yielding metrics once per epoch.
 
     Args:
@@ -158,6 +158,8 @@ def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discrimina
         train: training images (the caller picks the subset); test: evaluation images.
         state: `EpochReport.state` of an earlier epoch, to resume exactly where it stopped.
         start_epoch: epochs already done (from the checkpoint that `state` came from).
+        score_every_epoch: False: only the last epoch is evaluated; the others report their losses
+            and speed only (what is scored is the final purifier, e.g. in a study's confirm stage).
 
     Yields:
         EpochReport: `metrics` holds `clean_acc`, `robust_acc_seen`, `robust_acc_unseen` (fractions),
@@ -204,10 +206,12 @@ def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discrimina
             raise FloatingPointError(f"loss became non-finite in epoch {epoch + 1}: "
                                      + ", ".join(f"{n}={v:.4g}" for n, v in zip(LOSS_NAMES, losses)))
         defense.eval()
+        trained = {**dict(zip(LOSS_NAMES, losses)), "ce_weight": ce_weight, "images_per_s": images / train_s}
+        if epoch + 1 < cfg.epochs and not score_every_epoch:
+            yield EpochReport(epoch + 1, {**trained, "epoch_s": time.perf_counter() - started}, trainer.state_dict())
+            continue
         # Screen-level attacks every epoch keep trials cheap; the config's level runs on the last epoch.
         level = cfg.eval_level if epoch + 1 == cfg.epochs else EvalLevel.SCREEN
         result = evaluate(defense, test, cfg, level=level, device=device)
-        metrics = {**result.metrics, **dict(zip(LOSS_NAMES, losses)), "ce_weight": ce_weight,
-                   "images_per_s": images / train_s, "epoch_s": time.perf_counter() - started}
-        yield EpochReport(epoch + 1, metrics, trainer.state_dict(), result.per_example, result.settings,
-                          result.rates, result.audit)
+        yield EpochReport(epoch + 1, {**result.metrics, **trained, "epoch_s": time.perf_counter() - started},
+                          trainer.state_dict(), result.per_example, result.settings, result.rates, result.audit)

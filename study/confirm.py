@@ -13,7 +13,9 @@ Figures over seeds (`Figure`): the mean of the seeds' accuracies, their standard
 seeds: it covers which images were drawn and how much fine-tuning varies with the seed.
 
 Pure planning and aggregation (`targets`, `spread`, `aggregate`, `table`) plus `run_confirm`,
-which runs the trials and records them.
+which runs the trials and records each configuration (MLflow, `confirm.json`) as soon as its last
+seed ends, so that a driver stopped in the middle of the stage resumes with the rest. A confirm
+trial scores its purifier on test images once, after its last epoch (`finetune(score_every_epoch=False)`).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from tracking.contract import (
     EVAL_LEVEL_TAG,
     EVAL_SPLIT_TAG,
     GAP_PREFIX,
+    INTERRUPTED_TAG,
     OBJECTIVES,
     PARENT_TAG,
     REFERENCE_TAG,
@@ -197,32 +200,46 @@ def table(confirmed: Sequence[Confirmed], note: str) -> str:
 
 # --- running the stage ------------------------------------------------------------------------------
 
-def progress_callback(total: int, log: Callable[[str], None] = print) -> Any:
+def progress_callback(total: int, ended: Ended | None = None, log: Callable[[str], None] = print) -> Any:
     """A Ray Tune callback printing a line as each confirm trial starts and ends (its time, its
-    test figures): a confirm trial takes minutes to hours, and its own progress stays in its worker."""
+    test figures), and handing each ended trial's job and last result to `ended` ({} when it
+    failed): a confirm trial takes minutes to hours, and its own progress stays in its worker."""
     from ray.tune import Callback
 
     class ConfirmProgress(Callback):
         def __init__(self) -> None:
             self.started: dict[str, float] = {}
             self.ended = 0
+            self.hook = ended
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its run config (this callback) into the experiment; the hook holds the
+            # driver's MLflow client and store, and no restored Tuner needs it
+            return {**self.__dict__, "hook": None}
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.started.setdefault(trial.trial_id, time.monotonic())
             log(f"confirm: {_job_label(trial)} started ({len(self.started)} of {total})")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._ended(trial, ", ".join(f"{o} {trial.last_result[o]:.3f}" for o in OBJECTIVES
-                                          if o in (trial.last_result or {})) or "no figures")
+            result = dict(trial.last_result or {})
+            self._ended(trial, result, ", ".join(f"{o} {result[o]:.3f}" for o in OBJECTIVES if o in result)
+                        or "no figures")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._ended(trial, "FAILED")
+            self._ended(trial, {}, "FAILED")
 
-        def _ended(self, trial: Any, what: str) -> None:
+        def _ended(self, trial: Any, result: dict[str, Any], what: str) -> None:
             self.ended += 1
             minutes = (time.monotonic() - self.started.get(trial.trial_id, time.monotonic())) / 60
             log(f"confirm: {_job_label(trial)} ended after {minutes:.1f} min, {self.ended} of {total} done: "
                 f"test {what}")
+            if self.hook is not None:
+                try:
+                    self.hook(trial.config["job"], result)
+                except Exception as exc:  # noqa: BLE001 - never end the other confirm trials for it
+                    log(f"confirm: could not record {_job_label(trial)} yet ({type(exc).__name__}: {exc}); "
+                        "it is recorded when the stage ends")
 
     return ConfirmProgress()
 
@@ -250,9 +267,10 @@ def load_state(store: Storage) -> dict[int, Confirmed]:
     return {int(k): Confirmed.from_dict(v) for k, v in store.read_json(STATE_FILE).items()}
 
 
-#: runs confirm jobs' Tune configs (dicts with `job`) as Ray Tune trials; returns each one's last
-#: result (or {} when it failed), in order
-Fit = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+#: (job, its trial's last result or {} when it failed): called in the driver as each confirm trial ends
+Ended = Callable[[dict[str, Any], dict[str, Any]], None]
+#: runs confirm jobs (dicts: number, seed, run_id, config) as Ray Tune trials, calling `Ended` as each ends
+Fit = Callable[[list[dict[str, Any]], Ended], None]
 
 
 def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[str, Any], top: int, seeds: int,
@@ -288,6 +306,9 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
         started = time.time()
         tags, fit = start()
         client = mlflow_log.client(uri)
+        if killed := end_interrupted_runs(client, experiment_id, {t.number for t in todo}):
+            log(f"confirm: {killed} run(s) a stopped driver left RUNNING ended KILLED ({INTERRUPTED_TAG}=true); "
+                "their configurations are confirmed again")
         jobs: list[Job] = []
         parents: dict[int, str] = {}
         for t in todo:
@@ -309,11 +330,26 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
                                               ROLE_TAG: Role.CONFIRM_SEED.value, CONFIRM_SEED_TAG: str(seed)})
                 cfg = confirm_config(base, space, t, overrides, seed)
                 jobs.append(Job(t.number, seed, run.info.run_id, cfg.to_dict()))
-        results = fit([{"number": j.number, "seed": j.seed, "run_id": j.run_id, "config": j.config} for j in jobs])
-        for t in todo:
-            done[t.number] = _record(t, [(j, r) for j, r in zip(jobs, results) if j.number == t.number],
+        results: dict[str | None, dict[str, Any]] = {}
+
+        def record(t: Target) -> None:
+            """Aggregate and log `t` once all its seeds ended, and keep it in `confirm.json` at once:
+            a driver stopped later in the stage resumes without confirming it again. Called again
+            at the stage's end if it raised (then it logs its figures twice, the same)."""
+            done[t.number] = _record(t, [(j, results.get(j.run_id, {})) for j in jobs if j.number == t.number],
                                      uri, parents[t.number], folder)
-        store.write_json(STATE_FILE, {str(k): asdict(v) for k, v in done.items()})
+            store.write_json(STATE_FILE, {str(k): asdict(v) for k, v in done.items()})
+
+        def ended(job: dict[str, Any], result: dict[str, Any]) -> None:
+            results.setdefault(job["run_id"], result)
+            t = next(t for t in todo if t.number == int(job["number"]))
+            if t.number not in done and all(j.run_id in results for j in jobs if j.number == t.number):
+                record(t)
+
+        fit([{"number": j.number, "seed": j.seed, "run_id": j.run_id, "config": j.config} for j in jobs], ended)
+        for t in todo:  # a trial whose end Tune never reported (the stage was interrupted) counts as failed
+            if t.number not in done:
+                record(t)
         log(f"confirm: {len(jobs)} trial(s) in {time.time() - started:.0f} s")
     confirmed = [done[t.number] for t in chosen if t.number in done]
     text = table(confirmed, note)
@@ -321,6 +357,19 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
     logger.log_artifact(atomic_write_text(folder / CONFIRM_ARTIFACT, text + "\n"))
     logger.close()
     return confirmed, bool(todo)
+
+
+def end_interrupted_runs(client: Any, experiment_id: str, numbers: set[int]) -> int:
+    """End KILLED (tagged `INTERRUPTED_TAG`) the confirm runs of `numbers` that a stopped driver left
+    RUNNING; returns how many. Only the driver holding the study's lease runs its confirm stage."""
+    running = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                 f"tags.`{STAGE_TAG}` = '{Stage.CONFIRM.value}'", max_results=50_000)
+    stale = [r for r in running if r.data.tags.get(CONFIRM_OF_TAG, "").isdigit()
+             and int(r.data.tags[CONFIRM_OF_TAG]) in numbers]
+    for run in stale:
+        client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(stale)
 
 
 def _record(target: Target, finished: list[tuple[Job, dict[str, Any]]], uri: str, run_id: str,
@@ -331,8 +380,10 @@ def _record(target: Target, finished: list[tuple[Job, dict[str, Any]]], uri: str
 
     ok = [(j, r) for j, r in finished if r.get(PER_IMAGE_KEY)]
     for j, r in finished:
-        if j.run_id and not r.get(PER_IMAGE_KEY):
-            mlflow_log.client(uri).set_terminated(j.run_id, status="FAILED")
+        if j.run_id and not r.get(PER_IMAGE_KEY):  # spooled: an MLflow outage must not lose the stage
+            failed = mlflow_log.RunLogger(uri, j.run_id, folder / "spool" / f"driver-confirm-{j.number:04d}-seed{j.seed}.jsonl")
+            failed.set_status("FAILED")
+            failed.close()
     log = mlflow_log.RunLogger(uri, run_id, folder / "spool" / f"confirm-{target.number:04d}.jsonl")
     per_seed = [json.loads(r[PER_IMAGE_KEY]) for _, r in ok]
     figures = aggregate(per_seed) if per_seed else {}

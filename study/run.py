@@ -686,7 +686,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
 
     from atop.data import subset
     from search_spaces import SPACES
-    from study.confirm import Fit, progress_callback, run_confirm
+    from study.confirm import Ended, Fit, progress_callback, run_confirm
     from trainables.atop_trainable import confirm_atop
 
     s = plan.settings
@@ -699,7 +699,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
             ctx = shared_context(plan, opened)
         return ctx.tags, functools.partial(fit, ctx)
 
-    def fit(context: StudyContext, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def fit(context: StudyContext, jobs: list[dict[str, Any]], ended: Ended) -> None:
         test_ctx = dataclasses.replace(context, eval_data=subset(plan.test, base.n_eval), eval_split=EvalSplit.TEST.value,
                                        stage=Stage.CONFIRM.value, metric_prefix=TEST_PREFIX)
         trainable = tune.with_resources(tune.with_parameters(confirm_atop, ctx=test_ctx),
@@ -712,13 +712,8 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
                 name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[progress_callback(len(jobs), log=lambda line: print(line, flush=True))]))
-        grid = tuner.fit()
-        by_run: dict[str, dict[str, Any]] = {}
-        for r in (grid[i] for i in range(len(grid))):  # ResultGrid is indexed (not typed as iterable)
-            assert r.config is not None  # a grid trial always has its config
-            by_run[r.config["job"]["run_id"]] = (r.metrics or {}) if r.error is None else {}
-        return [by_run.get(j["run_id"], {}) for j in jobs]
+                callbacks=[progress_callback(len(jobs), ended, log=lambda line: print(line, flush=True))]))
+        tuner.fit()
 
     return run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config,
                        top=s.confirm_top, seeds=s.confirm_seeds, folder=plan.folder, store=plan.store,

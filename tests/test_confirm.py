@@ -118,3 +118,68 @@ def test_confirm_settings_are_checked():
     with pytest.raises(StudyError, match="confirm_config: .*eval_level"):
         StudySettings(space="tiny", confirm_config={"eval_level": "medium"}).validate()
     assert StudySettings(space="tiny").confirm_base().eval_level.value == "full"
+
+
+def test_each_configuration_is_kept_as_soon_as_its_seeds_end_and_a_resumed_stage_skips_it(tmp_path):
+    """`confirm.json` is written as each configuration's last seed ends, not when the stage ends: a
+    driver stopped in the middle of the stage (here: the `fit` raises after the first configuration)
+    keeps what it confirmed. Real Optuna, MLflow (sqlite) and study folder; `fit` stands in for
+    Ray Tune (tests/test_confirm_study.py runs the stage under Ray)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from study.confirm import load_state, run_confirm
+    from study.storage import parse
+    from trainables.atop_trainable import AUDIT_KEY, PER_IMAGE_KEY
+
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    for i, values in enumerate([(0.9, 0.1, 0.1), (0.1, 0.9, 0.1)]):  # both on the front: both confirmed
+        study.add_trial(optuna.trial.create_trial(
+            values=list(values), params={"rt": "rt1", "lambda_ce": 0.05 + 0.05 * i},
+            distributions={"rt": optuna.distributions.CategoricalDistribution(["rt1", "rt2"]),
+                           "lambda_ce": optuna.distributions.FloatDistribution(0, 1)}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("confirm")
+    parent = client.create_run(experiment).info.run_id
+    store = parse(str(tmp_path / "study"))
+    store.fs.create_dir(store.base)
+    rates = {o: [1.0, 0.0, 1.0, 1.0] for o in OBJECTIVES}
+    kept_when_first_ended: list[dict] = []
+
+    def stopped_after_the_first(jobs, ended):
+        first = [j for j in jobs if j["number"] == jobs[0]["number"]]
+        for job in first:
+            ended(job, {PER_IMAGE_KEY: json.dumps(rates), AUDIT_KEY: ""})
+        kept_when_first_ended.append(load_state(store))
+        raise KeyboardInterrupt  # the driver is stopped with the second configuration's seeds running
+
+    def confirm(fit):
+        return run_confirm(study=study, space=SPACES["paper"], base=Config(epochs=1, seed=0), overrides={}, top=2, seeds=2,
+                           folder=tmp_path / "local", store=store, uri=uri, experiment_id=experiment,
+                           parent_id=parent, start=lambda: ({}, fit), note="test", log=lambda line: None)
+
+    with pytest.raises(KeyboardInterrupt):
+        confirm(stopped_after_the_first)
+    assert list(kept_when_first_ended[0]) == [0] and list(load_state(store)) == [0]
+    assert load_state(store)[0].figures["clean_acc"].mean == pytest.approx(0.75)
+
+    asked: list[dict] = []
+
+    def all_fail(jobs, ended):
+        asked.extend(jobs)
+        for job in jobs:
+            ended(job, {})
+
+    confirmed, ran = confirm(all_fail)
+    assert ran and {j["number"] for j in asked} == {1} and len(asked) == 2  # trial 0 is not confirmed again
+    assert [c.number for c in confirmed] == [0, 1] and confirmed[1].failed_seeds == [1, 2]
+    runs_of_1 = [r for r in client.search_runs([experiment]) if r.data.tags.get("atop.confirm_of") == "1"]
+    # the stopped driver's runs of trial 1 (a confirm run and two seed runs) ended KILLED, the new ones ran
+    assert sorted(r.info.status for r in runs_of_1) == ["FAILED"] * 3 + ["KILLED"] * 3
+    assert all(r.data.tags.get("atop.interrupted") == "true" for r in runs_of_1 if r.info.status == "KILLED")
+    # trial 0's confirm run was ended when its seeds ended, and nothing of it was killed on resume (its seed
+    # runs are ended by the trainable, which this test's `fit` does not run)
+    assert [r.info.status for r in client.search_runs([experiment]) if r.data.tags.get("atop.confirm_of") == "0"
+            and r.data.tags.get("atop.role") == "confirm"] == ["FINISHED"]

@@ -104,6 +104,10 @@ def test_search_scores_on_validation_and_confirm_on_test(cifar_dir, tmp_path):
         for s in children:
             assert s.info.status == "FINISHED" and s.data.tags[EVAL_SPLIT_TAG] == "test"
             assert "test/clean_acc" in s.data.metrics and "clean_acc" not in s.data.metrics
+            # test images are scored once, after the last epoch (tiny: 2); every epoch reports its losses
+            history = {k: [m.step for m in client.get_metric_history(s.info.run_id, k)]
+                       for k in ("test/clean_acc", "test/loss/total")}
+            assert history == {"test/clean_acc": [2], "test/loss/total": [1, 2]}, history
             path = client.download_artifacts(s.info.run_id, "per_example.parquet", str(tmp_path / s.info.run_id))
             assert pq.read_table(path).column("index").to_pylist() == list(range(16))
     assert (folder / "confirm.json").is_file() and (folder / "confirm.txt").is_file()

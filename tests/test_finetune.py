@@ -62,6 +62,25 @@ def test_zero_epochs_scores_the_pretrained_defense_once_and_trains_nothing():
         Config.from_dict({**CFG, "epochs": -1})
 
 
+def test_scoring_the_last_epoch_only_trains_the_same_purifier_and_scores_it_the_same():
+    """What the confirm stage asks for: the epochs before the last report losses only, and skipping
+    their evaluation changes neither the training (evaluation draws from generators of its own) nor
+    the final figures."""
+    cfg = Config.from_dict({**CFG, "epochs": 3, "rt": "rt3"})
+    runs = {}
+    for every in (True, False):
+        clf, pur, disc = models()
+        torch.manual_seed(0)
+        runs[every] = (list(finetune(cfg, clf, pur, disc, tiny_data(), tiny_data(8, seed=1), score_every_epoch=every)),
+                       pur.state_dict())
+    (scored, weights), (last_only, weights_last_only) = runs[True], runs[False]
+    assert [r.epoch for r in last_only] == [1, 2, 3]
+    assert all(name not in r.metrics and not r.rates for r in last_only[:2] for name in OBJECTIVES)
+    assert all(r.metrics["loss/total"] == s.metrics["loss/total"] for r, s in zip(last_only, scored))
+    assert all(torch.equal(v, weights[k]) for k, v in weights_last_only.items())
+    assert {k: last_only[-1].metrics[k] for k in OBJECTIVES} == {k: scored[-1].metrics[k] for k in OBJECTIVES}
+
+
 def test_ce_gradient_reaches_the_purifier_through_the_frozen_classifier():
     cfg = Config.from_dict({**CFG, "gan_weight": 0.0, "l1_weight": 0.0})
     clf, pur, disc = models()

@@ -114,3 +114,30 @@ def test_a_spent_time_budget_starts_no_trial_and_an_unspent_one_does():
     assert "--time-budget" in spent.stopped
     fresh = _searcher(study, SearchStop.of(1.0, "3,0", started=time.time()))
     assert isinstance(fresh.suggest("t1"), dict)
+
+
+@pytest.mark.slow
+def test_a_real_study_on_its_plateau_stops_asking_and_says_why(cifar_dir, tmp_path):
+    """The driver end to end (Ray in-process, MLflow sqlite, tiny preset): a plateau of one trial
+    with EPS 1 holds as soon as one trial has finished (no front grows by more than 1)."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from tests.conftest import REPO
+    from tracking.contract import ROLE_TAG, SEARCH_STOPPED_TAG, Role
+
+    name, storage = "plateau", tmp_path / "studies"
+    cmd = [sys.executable, "study/run.py", "--preset", "tiny", "--num-trials", "5", "--max-concurrent", "1",
+           "--epochs", "1", "--stop-on-plateau", "1,1", "--no-confirm", "--data-dir", str(cifar_dir),
+           "--storage-path", str(storage), "--study-name", name]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage / name / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]  # one at a time: nothing else was asked
+    assert "the search stopped before --num-trials 5: the last 1 finished trials" in done.stdout
+    client = MlflowClient(f"sqlite:///{storage / name / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    parent = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(ROLE_TAG) == Role.STUDY.value]
+    assert len(parent) == 1 and "--stop-on-plateau" in parent[0].data.tags[SEARCH_STOPPED_TAG]

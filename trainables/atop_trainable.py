@@ -298,8 +298,9 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
 
         started = time.perf_counter()
         final = None  # the last epoch's report, if any epoch ran here
+        # a confirm trial scores its final purifier only: test images are not scored after every epoch
         for report in finetune(cfg, classifier, purifier, discriminator, ctx.train, ctx.eval_data, device=device,
-                               state=state, start_epoch=start_epoch):
+                               state=state, start_epoch=start_epoch, score_every_epoch=ctx.stage == Stage.SEARCH.value):
             metrics = {**report.metrics, COMPUTE_S: compute_s + time.perf_counter() - started}
             if log:
                 log.log_metrics({ctx.metric_prefix + k: v for k, v in metrics.items()}, step=report.epoch)
