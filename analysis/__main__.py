@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, study: Study | None = None) -> Path:
     from analysis.confirmed import confirm_table
     from analysis.draw import write_figures
     from analysis.per_example import load_per_image
-    from analysis.report import evaluations, render
+    from analysis.report import evaluations, figure_caption, render
     from analysis.uncertainty import assess
 
     try:
@@ -161,13 +161,17 @@ def run(args: argparse.Namespace, study: Study | None = None) -> Path:
             f"--log-to-mlflow: experiment {args.experiment!r} has no parent run "
             "(tag atop.role=study) to log to"
         )
-    cmp = None
+    evaluated = evaluations(study.table, info.run_ids)
+    cmp, compare_caption = None, ""
     if args.compare:
         others = [load_study(args.mlflow_uri, name, minimise) for name in args.compare]
         infos = [info, *(analyse(s.table, objectives, info.ref_point) for s in others)]
         studies = [study, *others]
         cmp = compare(
             infos, [s.name for s in studies], [study_label(s.table, s.name) for s in studies]
+        )
+        compare_caption = figure_caption(
+            sorted({e for s, i in zip(studies, infos) for e in evaluations(s.table, i.run_ids)})
         )
 
     per = load_per_image(args.mlflow_uri, info, study.table)
@@ -185,10 +189,11 @@ def run(args: argparse.Namespace, study: Study | None = None) -> Path:
     try:
         pq.write_table(study.table, tmp / "runs.parquet")
         pq.write_table(pareto_table(info, study.table, sure), tmp / "pareto.parquet")
-        files = ["runs.parquet", "pareto.parquet", *write_figures(info, tmp, study.name, cmp)]
+        files = ["runs.parquet", "pareto.parquet", *write_figures(info, tmp, study.name, cmp, figure_caption(evaluated),
+                                                                   compare_caption)]
         files.append("report.md")
         text = render(info, study.name, args.mlflow_uri, files, cmp, per=per, sure=sure,
-                      confirmed=confirm_table(study.table), evaluations=evaluations(study.table, info.run_ids))
+                      confirmed=confirm_table(study.table), evaluations=evaluated)
         (tmp / "report.md").write_text(text, encoding="utf-8")
         out.mkdir(exist_ok=True)
         for name in files:

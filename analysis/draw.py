@@ -5,6 +5,8 @@ with plotly (hover shows run id, trial, RT type and objective values).
 
 from __future__ import annotations
 
+import html
+import textwrap
 from itertools import combinations
 from pathlib import Path
 
@@ -27,6 +29,16 @@ MARGIN = 0.02
 MIN_SPAN = 0.05
 #: what the error bars show (the trial's `<objective>_lo`/`_hi` metrics)
 INTERVAL_LABEL = "95% interval (Wilson over images)"
+
+
+def _save(fig, path: Path, caption: str) -> None:
+    """Write ``fig`` with ``caption`` (how its figures were obtained) in small print below it;
+    ``bbox_inches="tight"`` grows the image to keep the caption and any clipped title."""
+    if caption:
+        wrapped = textwrap.fill(caption, width=int(fig.get_figwidth() * 16))
+        fig.text(0.01, -0.01, wrapped, ha="left", va="top", fontsize=7.5, color="dimgrey")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def axis_label(objective: Objective) -> str:
@@ -166,7 +178,7 @@ def _legend_handles(info: FrontInfo, bars: bool = False) -> list:
     return handles
 
 
-def front_pairs_png(info: FrontInfo, path: Path, title: str) -> None:
+def front_pairs_png(info: FrontInfo, path: Path, title: str, caption: str = "") -> None:
     """One panel per pair of objectives: every kept run coloured by RT type, the first front
     (in all objectives) outlined in black, the knee ringed, runs at one point counted."""
     pairs = list(combinations(range(len(info.objectives)), 2))
@@ -189,11 +201,10 @@ def front_pairs_png(info: FrontInfo, path: Path, title: str) -> None:
         + (f"\nerror bars: {INTERVAL_LABEL}" if bars else "")
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, caption)
 
 
-def front_3d_png(info: FrontInfo, path: Path, title: str) -> None:
+def front_3d_png(info: FrontInfo, path: Path, title: str, caption: str = "") -> None:
     """The three objectives in one 3-D view, styled as :func:`front_pairs_png`."""
     fig = plt.figure(figsize=(7, 6.5))
     ax = fig.add_subplot(projection="3d")
@@ -205,11 +216,10 @@ def front_3d_png(info: FrontInfo, path: Path, title: str) -> None:
     ax.set_zlabel(info.objectives[2].name)
     ax.legend(handles=_legend_handles(info), loc="upper left", fontsize=8)
     ax.set_title(f"{title}: {info.on_front.sum()} runs on the first front")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, caption)
 
 
-def convergence_png(info: FrontInfo, path: Path, title: str) -> None:
+def convergence_png(info: FrontInfo, path: Path, title: str, caption: str = "") -> None:
     """Hypervolume of the runs finished up to each trial, against the trial number."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     x = info.trial_numbers
@@ -222,8 +232,7 @@ def convergence_png(info: FrontInfo, path: Path, title: str) -> None:
     ax.set_title(f"{title}: hypervolume over trials (reference point ({ref}))")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, caption)
 
 
 def _axes_values(info: FrontInfo) -> list[tuple[str, np.ndarray, list[str] | None]]:
@@ -240,7 +249,7 @@ def _axes_values(info: FrontInfo) -> list[tuple[str, np.ndarray, list[str] | Non
     return axes
 
 
-def params_png(info: FrontInfo, path: Path, title: str) -> None:
+def params_png(info: FrontInfo, path: Path, title: str, caption: str = "") -> None:
     """Parallel coordinates: each varying hyperparameter and each objective is an axis, each run
     a line coloured by RT type; first-front runs are drawn thick."""
     axes = _axes_values(info)
@@ -278,15 +287,14 @@ def params_png(info: FrontInfo, path: Path, title: str) -> None:
     )
     ax.set_title(f"{title}: hyperparameters and objectives\n(each axis scaled to its own range)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, caption)
 
 
 def _compare_colours(cmp: CompareInfo) -> list[tuple]:
     return [PALETTE[i % len(PALETTE)] for i in range(len(cmp.names))]
 
 
-def compare_png(cmp: CompareInfo, path: Path) -> None:
+def compare_png(cmp: CompareInfo, path: Path, caption: str = "") -> None:
     """Overlay of every study's runs and 2-D front in the compared pair of objectives (solid:
     left side of the EAF difference, dashed: right side), next to the EAF difference."""
     maximise = np.array([o.maximise for o in cmp.pair])
@@ -337,8 +345,7 @@ def compare_png(cmp: CompareInfo, path: Path) -> None:
         a.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, caption)
 
 
 def _plotly_pairs(info: FrontInfo) -> go.Figure:
@@ -484,7 +491,12 @@ def _plotly_compare(cmp: CompareInfo) -> go.Figure:
 
 
 def write_figures(
-    info: FrontInfo, out_dir: Path, title: str, cmp: CompareInfo | None = None
+    info: FrontInfo,
+    out_dir: Path,
+    title: str,
+    cmp: CompareInfo | None = None,
+    caption: str = "",
+    compare_caption: str = "",
 ) -> list[str]:
     """Write every figure of a study into ``out_dir``.
 
@@ -493,6 +505,9 @@ def write_figures(
         out_dir: Existing directory.
         title: Study name, used in figure titles.
         cmp: Comparison with other studies, or None.
+        caption: How the study's objectives were obtained (``analysis.report.figure_caption``),
+            printed under every figure of the study and atop the HTML page.
+        compare_caption: The same for every compared study, under ``compare.png``.
 
     Returns:
         Names of the files written: ``front_pairs.png``, ``front_3d.png`` (3 objectives only),
@@ -508,11 +523,11 @@ def write_figures(
         pngs.append(("params.png", params_png, _plotly_params))
     figures = []
     for name, draw_png, draw_html in pngs:
-        draw_png(info, out_dir / name, title)
+        draw_png(info, out_dir / name, title, caption)
         figures.append(draw_html(info))
     written = [name for name, _, _ in pngs]
     if cmp is not None:
-        compare_png(cmp, out_dir / "compare.png")
+        compare_png(cmp, out_dir / "compare.png", compare_caption)
         figures.append(_plotly_compare(cmp))
         written.append("compare.png")
     # One self-contained page: plotly.js is inlined once, so it opens offline and in the MLflow
@@ -520,8 +535,10 @@ def write_figures(
     body = "\n".join(
         fig.to_html(full_html=False, include_plotlyjs=(k == 0)) for k, fig in enumerate(figures)
     )
-    html = (
-        f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>{body}</body></html>"
+    if caption:
+        body = f"<p style='font-family:sans-serif;font-size:13px;color:#444'>{html.escape(caption)}</p>\n{body}"
+    page = (
+        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>{body}</body></html>"
     )
-    (out_dir / "figures.html").write_text(html, encoding="utf-8")
+    (out_dir / "figures.html").write_text(page, encoding="utf-8")
     return [*written, "figures.html"]

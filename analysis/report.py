@@ -105,6 +105,15 @@ def evaluations(table: pa.Table, run_ids: Sequence[str]) -> list[str]:
                    if r in wanted and e})
 
 
+def figure_caption(lines: Sequence[str]) -> str:
+    """How the objectives were obtained (``evaluations``' lines), as a figure's caption."""
+    if not lines:
+        return "How the objectives were obtained: not recorded on these runs (tag atop.evaluation)."
+    if len(lines) == 1:
+        return f"Objectives: {lines[0]}."
+    return "Objectives obtained differently between the runs (not comparable): " + " | ".join(lines) + "."
+
+
 def _how(lines: Sequence[str]) -> str:
     if not lines:
         return "- How the objectives were obtained: not recorded on these runs (tag `atop.evaluation`)"

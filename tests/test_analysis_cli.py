@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import socket
 import subprocess
@@ -189,7 +190,8 @@ def test_cli_end_to_end(store, tmp_path):
     assert "1 stopped early" in report and "1 status FAILED" in report
     assert "1 status RUNNING" in report
     assert f"- How the objectives were obtained (tag `atop.evaluation`): {HOW}\n" in report
-    assert "plotly" in (out / "figures.html").read_text()[:200000]
+    page = (out / "figures.html").read_text()
+    assert "plotly" in page[:200000] and html.escape(f"Objectives: {HOW}.") in page  # the caption, atop the page
     # --log-to-mlflow: every file is an artifact of the parent run, under analysis/.
     client = MlflowClient(tracking_uri=store["uri"])
     parent = load_study(store["uri"], "study-a").parent_run_id

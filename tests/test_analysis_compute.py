@@ -295,3 +295,27 @@ def test_the_report_says_how_the_kept_runs_figures_were_obtained_and_when_they_d
     assert evaluations(pa.table({"run_id": ["a"]}), ["a"]) == []
     assert "differs between the kept runs" in _how(["full", "screen; 64 val"])
     assert "not recorded" in _how([])
+
+
+def test_every_png_carries_its_caption_below_the_plot(tmp_path) -> None:
+    """The caption (how the objectives were obtained) is drawn under each figure: the saved image
+    is taller than the same figure without it, and the pixels added are not blank."""
+    import matplotlib.image as mpimg
+
+    from analysis.draw import write_figures
+    from analysis.report import figure_caption
+    from tracking.contract import OBJECTIVES
+
+    objectives = tuple(Objective(o) for o in OBJECTIVES)
+    info = analyse(table(np.random.default_rng(0).uniform(0.2, 0.8, (6, 3)), objectives), objectives)
+    caption = figure_caption(["screening (PGD-10, EOT 2, 1 draw): not a final robustness figure; 64 val images"])
+    assert caption.startswith("Objectives: screening (PGD-10") and "not comparable" in figure_caption(["a", "b"])
+    (tmp_path / "with").mkdir()
+    (tmp_path / "without").mkdir()
+    written = write_figures(info, tmp_path / "with", "s", caption=caption)
+    write_figures(info, tmp_path / "without", "s")
+    for name in (n for n in written if n.endswith(".png")):
+        with_caption, without = mpimg.imread(tmp_path / "with" / name), mpimg.imread(tmp_path / "without" / name)
+        assert with_caption.shape[0] > without.shape[0], name
+        added = with_caption[without.shape[0]:, :, :3]
+        assert added.min() < 0.9, name  # dark pixels: text, not white margin
