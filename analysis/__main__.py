@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, study: Study | None = None) -> Path:
     from analysis.confirmed import confirm_table
     from analysis.draw import write_figures
     from analysis.per_example import load_per_image
-    from analysis.report import evaluations, figure_caption, render
+    from analysis.report import evaluations, figure_caption, importances, render
     from analysis.uncertainty import assess
 
     try:
@@ -193,7 +193,8 @@ def run(args: argparse.Namespace, study: Study | None = None) -> Path:
                                                                    compare_caption)]
         files.append("report.md")
         text = render(info, study.name, args.mlflow_uri, files, cmp, per=per, sure=sure,
-                      confirmed=confirm_table(study.table), evaluations=evaluated)
+                      confirmed=confirm_table(study.table), evaluations=evaluated,
+                      importances=importances(study.table, study.parent_run_id))
         (tmp / "report.md").write_text(text, encoding="utf-8")
         out.mkdir(exist_ok=True)
         for name in files:

@@ -12,6 +12,7 @@ from analysis.compute import CompareInfo, FrontInfo
 from analysis.confirmed import ConfirmRow, render_table
 from analysis.per_example import PER_EXAMPLE_ARTIFACT, PerImage
 from analysis.uncertainty import FrontUncertainty
+from tracking.contract import IMPORTANCE_METRIC, IMPORTANCE_TRIALS_METRIC
 
 
 def _fmt(values: Sequence[float] | np.ndarray) -> str:
@@ -29,6 +30,7 @@ def render(
     sure: FrontUncertainty | None = None,
     confirmed: tuple[ConfirmRow, ...] = (),
     evaluations: Sequence[str] = (),
+    importances: tuple[dict[str, dict[str, float]], int] = ({}, 0),
 ) -> str:
     """Render the report.
 
@@ -42,6 +44,7 @@ def render(
         sure: The bootstrap's answers, or None when it could not run.
         confirmed: The confirm runs (``analysis.confirmed.confirm_table``).
         evaluations: How the kept runs' figures were obtained (``evaluations``), distinct lines.
+        importances: The parent run's hyperparameter importances and trial count (``importances``).
 
     Returns:
         Markdown text.
@@ -89,6 +92,7 @@ def render(
         )
     if per is not None:
         lines += _sure_section(info, per, sure)
+    lines += _importance_section(*importances)
     lines += ["", "## Confirmed on test", "", render_table(confirmed)]
     if cmp is not None:
         lines += _compare_section(cmp)
@@ -103,6 +107,41 @@ def evaluations(table: pa.Table, run_ids: Sequence[str]) -> list[str]:
     wanted = set(run_ids)
     return sorted({e for r, e in zip(table["run_id"].to_pylist(), table["evaluation"].to_pylist(), strict=True)
                    if r in wanted and e})
+
+
+def importances(table: pa.Table, parent_run_id: str | None) -> tuple[dict[str, dict[str, float]], int]:
+    """(objective -> parameter -> importance, trials fitted) from the study's parent run, as the
+    driver logged them (``study.importance``); empty when it logged none."""
+    prefix = "final." + IMPORTANCE_METRIC.split("{", 1)[0]
+    rows = [r for r in table.to_pylist() if r.get("run_id") == parent_run_id]
+    if not rows:
+        return {}, 0
+    found: dict[str, dict[str, float]] = {}
+    for key, value in rows[0].items():
+        if key.startswith(prefix) and value is not None and key.count("/") == 2:
+            objective, param = key.removeprefix(prefix).split("/")
+            found.setdefault(objective, {})[param] = float(value)
+    n = rows[0].get("final." + IMPORTANCE_TRIALS_METRIC)
+    return found, int(n) if n is not None else 0
+
+
+def _importance_section(found: dict[str, dict[str, float]], n_trials: int) -> list[str]:
+    if not found:
+        return []
+    objectives = list(found)
+    params = sorted({p for by in found.values() for p in by}, key=lambda p: -sum(found[o].get(p, 0.0) for o in objectives))
+    return [
+        "",
+        "## Hyperparameter importances",
+        "",
+        (f"Optuna's fANOVA over the study's {n_trials} complete trials, as the driver logged them on the parent "
+        "run (`importance/<objective>/<param>`); each objective's importances sum to 1. A point estimate "
+        "without an interval: with few trials, indicative only."),
+        "",
+        "| parameter | " + " | ".join(objectives) + " |",
+        "|---|" + "---:|" * len(objectives),
+        *(f"| {p} | " + " | ".join(f"{found[o].get(p, 0.0):.2f}" for o in objectives) + " |" for p in params),
+    ]
 
 
 def figure_caption(lines: Sequence[str]) -> str:

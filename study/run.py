@@ -750,6 +750,7 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
     The parent run's calls go through a spool like a trial's, so an MLflow server down at the very
     end leaves them in `spool/driver-study.jsonl` (replayed by `python -m tracking upload`).
     """
+    from study import importance
     from study.constraints import infeasible
     from study.resume import counts
 
@@ -767,11 +768,13 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
     else:
         print("\nno confirm stage (--no-confirm): the figures above are validation figures, not test figures")
     c = counts(study)
+    found = importance.importances(study, seed=plan.cfg.seed)
+    print("\n" + importance.table(found, c["complete"]), flush=True)
     log = mlflow_log.RunLogger(uri, opened.parent_id, plan.spool_dir / "driver-study.jsonl")
     if ran:
         log.log_artifact(atomic_write_text(folder / PARETO_ARTIFACT, table + "\n"))
         log.log_metrics({**{TRIAL_COUNT_METRIC.format(state=k): c[k] for k in ("complete", "pruned", "fail")},
-                         DRIVER_WALL_S: wall_s}, step=0)
+                         DRIVER_WALL_S: wall_s, **importance.metrics(found, c["complete"])}, step=0)
     if stopped:
         log.set_tags({SEARCH_STOPPED_TAG: stopped})
     log.set_status("FINISHED")

@@ -134,6 +134,10 @@ IMAGES_PER_S: Final = "images_per_s"
 DRIVER_WALL_S: Final = "driver_wall_s"
 #: the parent run's trial counts: `trials_complete`, `trials_pruned`, `trials_fail`
 TRIAL_COUNT_METRIC: Final = "trials_{state}"
+#: on the study's parent run: fANOVA importance of a searched parameter for an objective (`study.importance`)
+IMPORTANCE_METRIC: Final = "importance/{objective}/{param}"
+#: on the study's parent run: the COMPLETE trials the importances were fitted to
+IMPORTANCE_TRIALS_METRIC: Final = "importance/n_trials"
 PARETO_ARTIFACT: Final = "pareto.txt"
 #: confirm stage metrics. A `confirm_seed` run logs its figures as `test/<figure>` (with `_lo`/`_hi`,
 #: Wilson over test images). A `confirm` run logs, for each objective: `test/<objective>` (mean over
