@@ -186,7 +186,7 @@ def worker_floor() -> dict[str, float]:
     import psutil
     import ray
 
-    from study.run import loopback_ray
+    from study.cluster import loopback_ray
 
     # Defined here, not at module level: cloudpickle then ships the class by value, so the worker does
     # not import this module, whose package imports atop (measured: a module-level class loaded atop).
@@ -222,7 +222,7 @@ def startup_seconds(*, trials: int, reuse: bool) -> float:
     import ray
     from ray import tune
 
-    from study.run import ROOT, loopback_ray
+    from study.cluster import ROOT, loopback_ray
 
     loopback_ray()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)

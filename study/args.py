@@ -85,7 +85,7 @@ def check_gpus(gpus: float) -> None:
     """Refuse `gpus` per trial that this machine cannot give, without starting Ray.
 
     Under `ray job submit` (`RAY_ADDRESS` set) the cluster's GPUs count, not this machine's:
-    `study.run.init_ray` checks those once it has joined.
+    `study.cluster.init_ray` checks those once it has joined.
     """
     if not gpus > 0 or os.environ.get("RAY_ADDRESS"):  # a bad number is `StudySettings.validate`'s to refuse
         return

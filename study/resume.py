@@ -76,7 +76,7 @@ def settle_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage
 def latest_checkpoint(store: Storage, number: int) -> str | None:
     """The newest complete Tune checkpoint trial `number` left in the study folder `store`, as a path
     relative to it (None: none). Tune's layout there: `tune-<time>/trial-<NNNN>-<id>/checkpoint_<k>/`
-    (`study.run._trial_name`); a checkpoint counts only with every file of `CHECKPOINT_FILES` (a
+    (`study.phases._trial_name`); a checkpoint counts only with every file of `CHECKPOINT_FILES` (a
     driver killed while Tune copied one leaves it incomplete)."""
     found: list[tuple[int, str]] = []
     for experiment in (e for e in store.listdir() if e.startswith("tune-")):

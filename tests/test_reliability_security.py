@@ -104,7 +104,7 @@ def test_settings_files_cannot_hold_paths():
 def test_trial_folders_and_spools_are_named_by_numbers():
     from types import SimpleNamespace
 
-    from study.run import _trial_name
+    from study.phases import _trial_name
 
     trial = SimpleNamespace(config={"optuna_trial_number": 7, "rt": "../../x"}, trial_id="abc_00001")
     assert _trial_name(trial) == "trial-0007-abc_00001"
@@ -116,11 +116,11 @@ def test_trial_folders_and_spools_are_named_by_numbers():
         spool_file("search", "../../x", 0)  # type: ignore[arg-type]
 
 
-#: the driver's own Ray start-up (`study.run.init_ray`, as `study/run.py` calls it), one task run so a
+#: the driver's own Ray start-up (`study.cluster.init_ray`, as `study/run.py` calls it), one task run so a
 #: worker is up too; then it waits for its stdin to close before shutting Ray down
 _EMBEDDED_RAY = """
 import sys
-from study.run import init_ray
+from study.cluster import init_ray
 init_ray(1, 0)
 import ray
 ray.get(ray.remote(num_cpus=0)(lambda: 1).remote())

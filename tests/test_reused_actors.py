@@ -54,7 +54,7 @@ def test_weights_are_read_once_per_process_and_every_trial_gets_fresh_modules(tm
 
 @pytest.mark.slow
 def test_a_reused_actor_reports_what_fresh_actors_report(tmp_path):
-    from study.run import loopback_ray
+    from study.cluster import loopback_ray
 
     loopback_ray()  # before the first `import ray`: bind loopback only
     import ray

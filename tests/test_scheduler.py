@@ -11,7 +11,8 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import TrialScheduler
 
 from search_spaces import SPACES
-from study.run import build_parser, make_scheduler, resolve_settings
+from study.phases import make_scheduler
+from study.run import build_parser, resolve_settings
 from study.scheduler import ATTR_EPOCH_OBJECTIVES, MOASHAScheduler, crowding_distance, decide, rungs
 from study.searcher import AskTellSearcher
 from study.settings import StudyError, StudySettings

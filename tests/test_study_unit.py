@@ -147,7 +147,7 @@ def _plan(tmp_path, uri):
     import torch
 
     from atop.data import Split
-    from study.run import StudyPlan
+    from study.plan import StudyPlan
     from study.storage import parse
 
     settings = StudySettings(space="tiny", config={"epochs": 1})
@@ -165,7 +165,8 @@ def _finished_study():
 
 
 def test_report_logs_the_table_and_counts_to_the_parent_run(tmp_path, capsys):
-    from study.run import OpenStudy, report
+    from study.phases import report
+    from study.plan import OpenStudy
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = mlflow_log.ensure_experiment(uri, "s", (tmp_path / "art").as_uri())
@@ -182,7 +183,8 @@ def test_report_logs_the_table_and_counts_to_the_parent_run(tmp_path, capsys):
 
 
 def test_report_with_mlflow_down_at_the_end_spools_instead_of_raising(tmp_path, capsys, monkeypatch):
-    from study.run import OpenStudy, report
+    from study.phases import report
+    from study.plan import OpenStudy
     from tests.conftest import free_port
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

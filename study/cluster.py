@@ -1,0 +1,87 @@
+"""The study's Ray: an embedded Ray bound to 127.0.0.1, or the cluster of `ray job submit`, joined
+and checked (resources for one trial; the MLflow store reachable from every node)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+# Only light modules here: bad input is refused (study.args, then `prepare`) before torch, Optuna,
+# MLflow or Ray are imported; each function imports the heavy modules it needs (tests/test_refusal.py).
+from study.args import StudyError
+from study.storage import submitted
+
+#: this checkout: embedded Ray workers import its packages
+ROOT = Path(__file__).resolve().parent.parent
+
+if TYPE_CHECKING:
+    from study.plan import StudyPlan
+
+
+def loopback_ray() -> None:
+    """Before the first `import ray`: an embedded Ray listens on 127.0.0.1 only.
+
+    Ray on Linux turns a node IP of 127.0.0.1 into the machine's external IP and binds its gRPC
+    servers (GCS, raylet, workers) there or on all interfaces; with "cluster mode" off it keeps
+    127.0.0.1 and binds loopback only. Read once, when ray is imported. See docs/RELIABILITY.md.
+    """
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False) -> None:
+    """Join the cluster of `ray job submit`, or start a local Ray; Ray's own INFO logs only if `verbose`."""
+    loopback_ray()
+    import logging
+
+    import ray
+
+    level = logging.INFO if verbose else logging.WARNING
+
+    from trainables.faults import FAULT_ENV
+
+    if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
+        # A cluster's workers get the raylet's environment, not this driver's: the test-only fault
+        # hook (trainables.faults.FAULT_ENV) must travel in a runtime env. A submitted job's own
+        # runtime env already carries it (and Ray refuses a second one that sets the same variable).
+        fault = os.environ.get(FAULT_ENV) if not submitted() else None
+        context = ray.init(log_to_driver=True, logging_level=level,
+                           runtime_env={"env_vars": {FAULT_ENV: fault}} if fault else None)
+    else:  # embedded: a local Ray bound to 127.0.0.1, workers importing this checkout
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        context = ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=level,
+                           runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
+    if getattr(context, "dashboard_url", None):
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+    total = ray.cluster_resources()
+    if cpus_per_trial > total.get("CPU", 0) or gpus_per_trial > total.get("GPU", 0):
+        ray.shutdown()
+        raise StudyError(f"a trial asks for {cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU but the Ray cluster "
+                         f"has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU")
+
+
+def join_ray(plan: StudyPlan) -> None:
+    """`init_ray`, then on a cluster check the MLflow store from every node that can run a trial
+    (`study.nodes`): the driver's own check says nothing about the other nodes."""
+    s = plan.settings
+    init_ray(s.cpus, s.gpus, plan.verbose)
+    if not os.environ.get("RAY_ADDRESS"):  # embedded: this machine is the only node
+        return
+    from study.nodes import check_tracking_on_nodes
+
+    root = plan.folder.parent  # a new study's default store will be inside it: nodes must see it
+    if plan.mlflow_uri.startswith(("sqlite:", "file:")):
+        root.mkdir(parents=True, exist_ok=True)
+    n = check_tracking_on_nodes(plan.mlflow_uri, str(root), s.cpus, s.gpus)
+    print(f"MLflow store reachable from all {n} Ray node(s) that can run a trial", flush=True)
+
+
+# --- the study: resolve settings -> open the study -> data and weights -> search -> settle -> report --------
+
+
+def ray_cpus() -> float:
+    """CPUs of the largest alive node: one task (pre-training) must fit on one node."""
+    import ray
+
+    per_node = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return max(per_node, default=0.0) or ray.cluster_resources().get("CPU", 1.0)
