@@ -25,7 +25,9 @@ MIN_TRIALS = 5
 def importances(study: optuna.Study, seed: int = 0) -> dict[str, dict[str, float]]:
     """Objective -> searched parameter -> fANOVA importance (sums to 1 per objective).
 
-    Empty when fewer than `MIN_TRIALS` trials are COMPLETE or no parameter varies over them.
+    Empty when fewer than `MIN_TRIALS` trials are COMPLETE or no parameter varies over them; an
+    objective with nothing to attribute (the same value in every trial, or a forest that explains
+    none of its variance) is left out.
     """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < MIN_TRIALS:
@@ -34,10 +36,17 @@ def importances(study: optuna.Study, seed: int = 0) -> dict[str, dict[str, float
                if all(p in t.params for t in complete) and len({repr(t.params[p]) for t in complete}) > 1]
     if not varying:
         return {}
-    return {objective: optuna.importance.get_param_importances(
+    out = {}
+    for k, objective in enumerate(OBJECTIVES):
+        if len({t.values[k] for t in complete}) < 2:
+            continue
+        try:
+            out[objective] = optuna.importance.get_param_importances(
                 study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed), params=varying,
                 target=functools.partial(_value, k))
-            for k, objective in enumerate(OBJECTIVES)}
+        except (RuntimeError, ValueError):  # fANOVA: "zero total variance in all trees" (explains nothing)
+            continue
+    return out
 
 
 def _value(k: int, trial: optuna.trial.FrozenTrial) -> float:
@@ -57,10 +66,12 @@ def table(found: Mapping[str, Mapping[str, float]], n_trials: int) -> str:
     """The importances as a text table, parameters as rows (most important first on average)."""
     if not found:
         return (f"hyperparameter importances: not computed ({n_trials} complete trial(s); at least "
-                f"{MIN_TRIALS}, with a parameter that varies, are needed)")
+                f"{MIN_TRIALS}, with a parameter and an objective that vary, are needed)")
     params = sorted({p for by_param in found.values() for p in by_param},
                     key=lambda p: -sum(found[o].get(p, 0.0) for o in found))
     rows = [[p, *(f"{found[o].get(p, 0.0):.2f}" for o in found)] for p in params]
     title = (f"hyperparameter importances (Optuna fANOVA over {n_trials} complete trials; each objective's "
              "sum to 1; a point estimate without an interval, indicative with few trials):")
-    return "\n".join([title, *columns(["parameter", *found], rows)])
+    missing = [o for o in OBJECTIVES if o not in found]
+    note = [f"not attributed (no variance the parameters explain): {', '.join(missing)}"] if missing else []
+    return "\n".join([title, *columns(["parameter", *found], rows), *note])

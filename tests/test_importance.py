@@ -37,6 +37,23 @@ def test_each_objective_is_attributed_to_the_parameter_it_follows():
     assert "fANOVA over 30 complete trials" in text and text.splitlines()[3].startswith("lambda_ce")
 
 
+def test_an_objective_that_never_varies_is_left_out_not_an_error():
+    """The tiny preset's trials often score the same on 8 images: fANOVA raises on zero variance."""
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    dists = {"lambda_ce": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for i in range(6):
+        study.add_trial(optuna.trial.create_trial(values=[0.125, 0.125, 0.1 * i], params={"lambda_ce": 0.1 * i},
+                                                  distributions=dists))
+    found = importances(study)
+    assert list(found) == ["robust_acc_unseen"] and found["robust_acc_unseen"]["lambda_ce"] == 1.0
+    assert "not attributed (no variance the parameters explain): clean_acc, robust_acc_seen" in table(found, 6)
+    flat = optuna.create_study(directions=list(DIRECTIONS))
+    for i in range(6):
+        flat.add_trial(optuna.trial.create_trial(values=[0.125] * 3, params={"lambda_ce": 0.1 * i},
+                                                 distributions=dists))
+    assert importances(flat) == {}
+
+
 def test_too_few_trials_compute_nothing_and_say_so():
     assert importances(_study(MIN_TRIALS - 1)) == {}
     assert metrics({}, 4) == {}
