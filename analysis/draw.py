@@ -197,7 +197,8 @@ def front_pairs_png(info: FrontInfo, path: Path, title: str, caption: str = "") 
     distinct = len(np.unique(info.points[info.on_front], axis=0))
     fig.suptitle(
         f"{title}: {info.on_front.sum()} of {len(info.points)} runs on the first front"
-        + (f" ({distinct} distinct points; ×k marks k runs at one point)" if distinct < info.on_front.sum() else "")
+        + (f" ({distinct} distinct point{'s' if distinct > 1 else ''}; ×k marks k runs at one point)"
+           if distinct < info.on_front.sum() else "")
         + (f"\nerror bars: {INTERVAL_LABEL}" if bars else "")
     )
     fig.tight_layout()

@@ -32,8 +32,12 @@ class StudyError(ValueError):
 
 
 def study_name(args: argparse.Namespace) -> str:
-    """`--study-name`, or `<preset>-<date>-<time>`."""
-    return args.study_name or f"{args.preset or 'smoke'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """`--study-name`, or `<preset>-<date>-<time>`, fixed in `args` the first time it is asked for:
+    the folder, the Optuna study and the MLflow experiment must get one name even when the clock
+    ticks between the checks and `prepare` (it did: a folder `...-162924` held experiment `...-162926`)."""
+    if not args.study_name:
+        args.study_name = f"{args.preset or 'smoke'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args.study_name
 
 
 def check_args(args: argparse.Namespace) -> tuple[Storage, Storage]:

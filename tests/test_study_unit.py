@@ -230,3 +230,18 @@ def test_an_interrupted_trial_is_rerun_from_its_newest_complete_checkpoint(tmp_p
     assert latest_checkpoint(store, 13) is None  # a folder without the files is no checkpoint
     assert latest_checkpoint(store, 4) is None
     assert latest_checkpoint(parse(str(tmp_path / "nothing"), job=False), 3) is None
+
+
+def test_the_default_study_name_is_chosen_once(monkeypatch):
+    """The folder (named in `check_args`) and the Optuna study and MLflow experiment (named in
+    `prepare`) share one default name even when the clock ticks between the two."""
+    import itertools
+
+    from study import args as study_args
+    from study.run import build_parser
+
+    ticks = itertools.count()
+    monkeypatch.setattr(study_args.time, "strftime", lambda fmt: f"20261130-1629{next(ticks):02d}")
+    args = build_parser(listing=False).parse_args(["--preset", "tiny"])
+    first = study_args.study_name(args)
+    assert first == "tiny-20261130-162900" == study_args.study_name(args) == args.study_name
