@@ -141,7 +141,7 @@ def test_each_configuration_is_kept_as_soon_as_its_seeds_end_and_a_resumed_stage
                            "lambda_ce": optuna.distributions.FloatDistribution(0, 1)}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment = client.create_experiment("confirm")
+    experiment = client.create_experiment("confirm", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(experiment).info.run_id
     store = parse(str(tmp_path / "study"))
     store.fs.create_dir(store.base)
