@@ -134,8 +134,10 @@ def spread(points: np.ndarray, k: int) -> list[int]:
 
 def targets(study: Any, top: int) -> list[Target]:
     """The configurations to confirm: `top` Pareto-optimal trials (`spread`) and every reference."""
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    front = sorted(study.best_trials, key=lambda t: t.number) if complete else []
+    from study.warmstart import own, own_front  # (study.settings imports this module)
+
+    complete = own(t for t in study.trials if t.state.name == "COMPLETE")
+    front = own_front(study)
     picked = [front[i] for i in spread(np.array([t.values for t in front]), top)] if front else []
     refs = [t for t in complete if t.user_attrs.get(ATTR_REFERENCE) and t not in picked]
     return [Target(t.number, t.user_attrs.get(ATTR_RUN_ID), dict(t.params), tuple(t.values),

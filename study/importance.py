@@ -1,6 +1,6 @@
 """Which searched hyperparameters move each objective: Optuna's fANOVA importances, per objective.
 
-The driver computes them at the end of each run from the study's COMPLETE trials (feasible or not:
+The driver computes them at the end of each run from the study's own COMPLETE trials (feasible or not:
 importance describes the response surface, not the front), prints them, and logs them to the
 study's parent run as metrics `importance/<objective>/<param>` (each objective's importances sum
 to 1) with `importance/n_trials`; `analysis` puts them in report.md. They are point estimates of a
@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from study.tables import columns
+from study.warmstart import own
 from tracking.contract import IMPORTANCE_METRIC, IMPORTANCE_TRIALS_METRIC, OBJECTIVES
 
 #: fewer COMPLETE trials than this and no importance is computed (a forest on 3 points says nothing)
@@ -30,6 +31,10 @@ def importances(study: optuna.Study, seed: int = 0) -> dict[str, dict[str, float
     none of its variance) is left out.
     """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(own(complete)) < len(complete):  # `--warm-start` copies: this study's trials only
+        complete = own(complete)
+        study = optuna.create_study(directions=study.directions)
+        study.add_trials(complete)
     if len(complete) < MIN_TRIALS:
         return {}
     varying = [p for p in sorted({p for t in complete for p in t.params})

@@ -127,11 +127,15 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     plan.store.make()
     folder.mkdir(parents=True, exist_ok=True)
     held = lease.take(plan.optuna_url, name)  # refused: another driver is in the folder, leave it as it is
+    warm = plan.warm_start.study if plan.warm_start else None
+    if plan.resume:  # kept from when the study was created (its trials were copied then)
+        warm = plan.store.read_json(STUDY_FILE).get("warm_start")
     try:
         plan.store.write_json(STUDY_FILE, {
             "settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir,
             "validation": plan.validation_record, "pretrained": plan.pretrained,
             "space_fingerprint": fingerprint(SPACES[settings.space]),
+            "warm_start": warm,
             "optuna_storage": optuna_storage.public(plan.optuna_url)})
         storage = optuna.storages.RDBStorage(plan.optuna_url)
         optuna.logging.set_verbosity(optuna.logging.INFO if plan.verbose else optuna.logging.WARNING)
@@ -140,6 +144,11 @@ def open_study(plan: StudyPlan) -> OpenStudy:
                                     load_if_exists=True, sampler=make_sampler(
                                         settings.sampler, plan.cfg.seed, settings.population_size, n_existing))
         study.set_metric_names(list(OBJECTIVES))
+        if plan.warm_start and not plan.resume:
+            from study.warmstart import copy_trials
+
+            copied = copy_trials(study, plan.warm_start.study, plan.warm_start.url, settings.parsed_constraints())
+            print(plan.warm_start.note(copied), flush=True)
         local_store = not uri.startswith(("http:", "https:", "databricks"))
         experiment_id = mlflow_log.ensure_experiment(
             uri, name, artifact_location=(folder / "mlartifacts").as_uri() if local_store else None)
@@ -147,7 +156,7 @@ def open_study(plan: StudyPlan) -> OpenStudy:
         parent_id = mlflow_log.ensure_parent_run(uri, experiment_id, name, {
             "preset": settings.to_dict(), "space": settings.space, "sampler": settings.sampler,
             "num_trials": settings.num_trials, "study_folder": plan.store.where(),
-            "validation": json.dumps(plan.validation_record)},
+            "validation": json.dumps(plan.validation_record), **({"warm_start": warm} if warm else {})},
             {**tags, SPACE_TAG: settings.space, EVAL_LEVEL_TAG: plan.cfg.eval_level.value})
     except Exception:
         held.release()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from study.enqueue import Reference
     from study.lease import Lease
     from study.settings import StudySettings
+    from study.warmstart import WarmStart
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class StudyPlan:
         references: `--enqueue FILE`'s configurations, put at the head of the study (once).
         pretrained: `--pretrained DIR` (kept in study.json: a resumed study uses the same weights).
         resume: continue the study in `folder` instead of creating it.
+        verbose: Ray's and Optuna's own INFO logs.
+        warm_start: `--warm-start STUDY`, checked (`study.warmstart`): copied when the study is created.
     """
 
     settings: StudySettings
@@ -61,6 +64,7 @@ class StudyPlan:
     pretrained: str | None = None
     resume: bool = False
     verbose: bool = False
+    warm_start: WarmStart | None = None
 
     @property
     def optuna_url(self) -> str:

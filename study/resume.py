@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from study.storage import Storage
+from study.warmstart import own
 from tracking import mlflow_log
 from tracking.contract import (
     ATTR_INTERRUPTED,
@@ -89,10 +90,12 @@ def latest_checkpoint(store: Storage, number: int) -> str | None:
 
 
 def finished_count(study: optuna.Study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False, states=COUNTED_STATES)
+    """This study's own trials that count towards `--num-trials` (`--warm-start` copies do not)."""
+    return sum(1 for t in own(study.get_trials(deepcopy=False, states=COUNTED_STATES))
                if not t.user_attrs.get(ATTR_INTERRUPTED))
 
 
 def counts(study: optuna.Study) -> dict[str, Any]:
-    trials = study.get_trials(deepcopy=False)
+    """This study's own trials by state (lower-case state names)."""
+    trials = own(study.get_trials(deepcopy=False))
     return {state.name.lower(): sum(1 for t in trials if t.state is state) for state in TrialState}

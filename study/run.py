@@ -117,6 +117,9 @@ def build_parser(listing: bool = True) -> argparse.ArgumentParser:
                    "parameters, each with an optional name) run first and always confirmed (study/enqueue.py)")
     p.add_argument("--pretrained", metavar="DIR", help="use DIR/classifier.pt (and DIR/purifier.pt if present) "
                    "instead of pre-training (study/pretrained.py)")
+    p.add_argument("--warm-start", metavar="STUDY", help="a new study starts with the COMPLETE trials of STUDY (same "
+                   "--storage-path, same space) for its sampler only: no runs, not counted, never on the front "
+                   "(study/warmstart.py)")
     p.add_argument("--study-name", help="study name (default <preset>-<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the study of --study-name")
     return p
@@ -204,6 +207,13 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
         raise StudyError(f"confirm_config n_eval={n_test} test images but the test split has {len(test)}; "
                          f"accepted: 1..{len(test)}")
     references = _references(settings, cfg, args.enqueue)
+    warm = None
+    if args.warm_start:  # a resumed study refused it above (its trials were copied when it was created)
+        from search_spaces import SPACES, fingerprint
+        from study.warmstart import source
+
+        warm = source(storage, args.warm_start, name, fingerprint(SPACES[settings.space]),
+                      optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
     if pretrained:
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
@@ -211,7 +221,7 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
                      mlflow_uri=mlflow_uri,
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
                      optuna_storage=optuna_url, references=tuple(references), pretrained=pretrained,
-                     resume=bool(args.resume), verbose=bool(args.verbose))
+                     resume=bool(args.resume), verbose=bool(args.verbose), warm_start=warm)
 
 
 def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> list[Reference]:
@@ -284,9 +294,9 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
                                                               "max_failures", *SCHEDULING) if getattr(args, k) is not None}
     if args.no_confirm:
         override["confirm"] = False
-    for flag in ("space", "sampler", "dataset", "epochs", "seed", "constraint"):
+    for flag in ("space", "sampler", "dataset", "epochs", "seed", "constraint", "warm_start"):
         if getattr(args, flag) is not None:
-            raise StudyError(f"--resume cannot change --{flag} of study {name!r}")
+            raise StudyError(f"--resume cannot change --{flag.replace('_', '-')} of study {name!r}")
     settings = merge(settings, override, "the command line")
     settings.validate()
     return settings, args.mlflow_uri or saved["mlflow_uri"], args.data_dir or saved.get("data_dir")

@@ -28,6 +28,7 @@ import optuna
 from study.args import StudyError
 from study.constraints import infeasible
 from study.resume import COUNTED_STATES
+from study.warmstart import own
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Plateau:
 
     def reached(self, study: optuna.Study) -> str | None:
         """Why the search should stop (a sentence), or None while the front still grows."""
-        finished = sorted(study.get_trials(deepcopy=False, states=COUNTED_STATES),
+        finished = sorted(own(study.get_trials(deepcopy=False, states=COUNTED_STATES)),
                           key=lambda t: (t.datetime_complete or 0, t.number))
         if len(finished) < self.trials:
             return None

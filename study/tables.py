@@ -32,7 +32,9 @@ def pareto_table(study: Any, note: str | None = None) -> str:
         note: a last line saying how strong the evaluation behind the figures was
             (`tracking.contract.eval_level_note`).
     """
-    best = sorted(study.best_trials, key=lambda t: t.number)
+    from study.warmstart import own_front  # (imports Optuna: this module stays light)
+
+    best = own_front(study)
     tail = [f"figures at {note}"] if note else []
     if not best:
         return "\n".join(["Pareto-optimal trials: none (no trial completed)", *tail])

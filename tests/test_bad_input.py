@@ -102,6 +102,8 @@ CASES: dict[str, Case] = {
                                                             {"t.yaml": "confirm_config: {n_eval: 20000}\n"}),
     "study: name escaping the study folder": Case("study", ["--study-name", "../escape"], ["'../escape'", "accepted"]),
     "study: resume of a missing study": Case("study", ["--resume"], ["no study 'bad'"]),
+    "study: warm start from a missing study": Case("study", ["--warm-start", "nosuch"],
+                                                   ["--warm-start 'nosuch'", "no study of that name"]),
     "study: missing data dir": Case("study", ["--data-dir", "/nonexistent/atop-data"], ["/nonexistent/atop-data"]),
     "study: data dir without the data": Case("study", ["--data-dir", "{tmp}/empty"], ["cifar10"], {"empty/.keep": ""}),
     "study: unreachable tracking URI": Case("study", ["--mlflow-uri", "http://127.0.0.1:{port}"],

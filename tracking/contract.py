@@ -173,6 +173,9 @@ ATTR_RERUN_OF: Final = "rerun_of"
 ATTR_RESUME_FROM: Final = "resume_from"
 #: the name of an enqueued reference configuration (`--enqueue FILE`)
 ATTR_REFERENCE: Final = "reference"
+#: on a trial copied from another study by `--warm-start` (`study.warmstart`): "<study>#<number>";
+#: it guides the sampler only (no MLflow run, never counted, never on this study's front)
+ATTR_WARM_START: Final = "warm_start_of"
 #: objective -> [lo, hi]: the 95% interval of each validation objective (`<objective>_lo`/`_hi`)
 ATTR_INTERVALS: Final = "intervals"
 
