@@ -1,6 +1,6 @@
 """Trials that share a worker process (`reuse_actors=True`) leak nothing into each other.
 
-The weights cache (`trainables.atop_trainable.pretrained`) is checked without Ray; the slow test
+The weights cache (`trainables.worker.pretrained`) is checked without Ray; the slow test
 runs the real trainable under a real in-process Ray: two different configurations one after the
 other in one reused actor report exactly what each reports in a fresh actor of its own.
 """
@@ -14,7 +14,8 @@ from atop.config import Config
 from atop.data import Split
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
 from tracking.contract import OBJECTIVES
-from trainables.atop_trainable import _PRETRAINED, StudyContext, pretrained
+from trainables.atop_trainable import StudyContext
+from trainables.worker import _PRETRAINED, pretrained
 
 CFG = Config.from_dict({"n_train": 16, "n_eval": 8, "epochs": 2, "batch_size": 8, "purifier_width": 4,
                         "rt": "rt2", "unseen_attacks": "fgsm_linf"})
@@ -37,8 +38,9 @@ def _context(tmp_path, purifier_seed: int = 0) -> StudyContext:
 
 def test_weights_are_read_once_per_process_and_every_trial_gets_fresh_modules(tmp_path):
     ctx = _context(tmp_path)
-    first = pretrained(ctx)
-    assert pretrained(ctx) is first  # the second trial of this process reads nothing
+    ckpts = ctx.classifier_ckpt, ctx.purifier_ckpt
+    first = pretrained(*ckpts)
+    assert pretrained(*ckpts) is first  # the second trial of this process reads nothing
     clf, pur, disc = first.build()
     before = {k: v.clone() for k, v in first.purifier["purifier"]["state_dict"].items()}
     with torch.no_grad():  # what a trial does to its modules (trains them, NaN faults) stays in them
@@ -48,7 +50,8 @@ def test_weights_are_read_once_per_process_and_every_trial_gets_fresh_modules(tm
     assert all(torch.equal(before[k], v) for k, v in first.purifier["purifier"]["state_dict"].items())
     assert all(torch.isfinite(p).all() for p in pur2.parameters())
     assert clf2 is not clf and pur2 is not pur and disc2 is not disc
-    other = pretrained(_context(tmp_path, purifier_seed=1))  # another study's weights: read, and only they kept
+    other_ctx = _context(tmp_path, purifier_seed=1)  # another study's weights: read, and only they kept
+    other = pretrained(other_ctx.classifier_ckpt, other_ctx.purifier_ckpt)
     assert other.key != first.key and list(_PRETRAINED) == [other.key]
 
 
@@ -98,7 +101,7 @@ def test_a_reused_actor_reports_what_fresh_actors_report(tmp_path):
 _TRIAL_THEN_RELEASE = """
 import json, threading
 import psutil
-from trainables.atop_trainable import _MALLOC_TRIM, release_freed_memory
+from trainables.worker import _MALLOC_TRIM, release_freed_memory
 if _MALLOC_TRIM is None:
     raise SystemExit(3)
 me, kept = psutil.Process(), []

@@ -10,19 +10,14 @@ from atop.data import Split
 from atop.finetune import finetune
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
 from tracking.contract import RUN_ID, TRIAL_NUMBER
-from trainables.atop_trainable import (
-    DEFENSE_FILE,
+from trainables.atop_trainable import DEFENSE_FILE, STATE_FILE, _restore, _save, split_config
+from trainables.worker import (
     PERMANENT,
-    STATE_FILE,
     DeviceError,
-    StudyContext,
-    _device,
-    _restore,
-    _save,
     failure_message,
     memory_fraction,
     select_device,
-    split_config,
+    trial_device,
 )
 
 CFG = Config.from_dict({"n_train": 16, "n_eval": 8, "epochs": 2, "batch_size": 8, "purifier_width": 4,
@@ -106,11 +101,9 @@ def test_device_selection_and_memory_cap():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a node without CUDA")
 def test_a_gpu_trial_on_a_node_without_cuda_fails_instead_of_running_on_the_cpu():
-    ctx = StudyContext(train=_data(4, 0), eval_data=_data(4, 1), classifier_ckpt=b"", purifier_ckpt=b"",
-                       mlflow_uri="", spool_dir="", gpus_per_trial=0.5)
     with pytest.raises(DeviceError, match="CUDA is not available"):
-        _device(ctx)
-    assert _device(StudyContext(**{**ctx.__dict__, "gpus_per_trial": 0.0})).type == "cpu"
+        trial_device(0.5)
+    assert trial_device(0.0).type == "cpu"
 
 
 def test_cuda_out_of_memory_names_the_batch_size_and_the_gpu_share():

@@ -12,31 +12,27 @@ MLflow run. Failures that a retry cannot fix (NaN loss, bad config, bad checkpoi
 with a result carrying `atop_failed=1` and `atop_error` instead of raising, so Tune does not retry
 them; anything else raises and is retried from the last checkpoint.
 
-Trials reuse their worker process (`reuse_actors=True` in `study/run.py`): imports, Ray's actor
-start and the pre-trained weights, deserialized once per process (`pretrained`), are paid once per
-worker instead of once per trial. Nothing else outlives a trial: each builds fresh modules from the
-cached state dicts, seeds torch's global generator with its own seed, sets its own thread count,
-and opens its own MLflow logger and fault plan.
+Trials reuse their worker process (`reuse_actors=True` in `study/phases.py`): imports, Ray's actor
+start and the pre-trained weights, deserialized once per process (`trainables.worker.pretrained`),
+are paid once per worker instead of once per trial. Nothing else outlives a trial: each builds
+fresh modules from the cached state dicts, hands back the heap earlier trials freed, seeds torch's
+global generator with its own seed, sets its own thread count, and opens its own MLflow logger and
+fault plan.
 
 Checkpoints and the final `defense.pt` name the frozen classifier by sha256 (`classifier_ref`)
 instead of holding it: the study stores it once, in its pre-training cache, where
 `atop.load_defense` finds it (see docs/CHECKPOINTS.md).
 
 GPUs: a fractional `gpus_per_trial` caps the trial process's CUDA memory to that fraction; asking
-for a GPU on a node without CUDA, and running out of CUDA memory, are permanent failures.
+for a GPU on a node without CUDA, and running out of CUDA memory, are permanent failures
+(`trainables.worker`).
 
 The names exchanged with the driver and MLflow are in `tracking.contract`; the artifacts are made
 by `atop.artifacts`, the test-only fault hook is `trainables.faults`.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
-import hashlib
 import json
-import platform
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,14 +43,7 @@ import torch
 
 from atop import progress
 from atop.artifacts import image_grid, write_parquet
-from atop.checkpoint import (
-    CheckpointError,
-    build_classifier,
-    build_purifier,
-    classifier_reference,
-    load_checkpoint,
-    save_checkpoint,
-)
+from atop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from atop.config import Config, ConfigError
 from atop.data import Split
 from atop.defense import Defense
@@ -84,18 +73,19 @@ from tracking.contract import (
 )
 from tracking.mlflow_log import RunLogger, quiet_http
 from trainables.faults import FaultPlan
+from trainables.worker import (
+    PERMANENT,
+    device_name,
+    failure_message,
+    pretrained,
+    release_freed_memory,
+    trial_device,
+)
 
 if TYPE_CHECKING:
     from study.storage import Storage
 
 
-class DeviceError(RuntimeError):
-    """A trial asked for a GPU on a node where CUDA is not available; one-line message."""
-
-
-#: errors a retry cannot fix: reported as a failed result, not raised (no Tune retry). A CUDA
-#: out-of-memory error comes back on every retry of the same batch size and GPU share.
-PERMANENT = (FloatingPointError, ConfigError, CheckpointError, DeviceError, torch.cuda.OutOfMemoryError)
 DEFENSE_FILE, STATE_FILE = CHECKPOINT_FILES
 PER_EXAMPLE_FILE, GRID_FILE = "per_example.parquet", "images.png"
 #: keys of a confirm trial's last result: per-image rates (JSON) and the audit's flags
@@ -127,125 +117,10 @@ class StudyContext:
     store: Storage | None = None  # the study folder: where an interrupted trial's checkpoint is (`RESUME_FROM`)
 
 
-@dataclass(frozen=True)
-class Pretrained:
-    """The study's pre-trained checkpoints, read and checked once per worker process.
-
-    The blobs are read-only: `build` loads copies of their state dicts into fresh modules for every
-    trial, because a trial trains the purifier and moves all three (device, memory format).
-    """
-
-    key: str  # sha256 of the classifier file's bytes, then the purifier file's
-    classifier: dict[str, Any]
-    classifier_ref: dict[str, Any]
-    purifier: dict[str, Any]
-
-    def build(self) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-        """(classifier, purifier, discriminator), fresh modules with the pre-trained weights.
-
-        Raises:
-            CheckpointError: the purifier checkpoint holds no discriminator.
-        """
-        purifier, discriminator = build_purifier(self.purifier)
-        if discriminator is None:
-            raise CheckpointError("the pre-trained purifier checkpoint holds no discriminator")
-        return build_classifier(self.classifier), purifier, discriminator
-
-
-#: this worker process's `Pretrained`, by key; one entry (a worker serves one study at a time)
-_PRETRAINED: dict[str, Pretrained] = {}
-
-
-def pretrained(ctx: StudyContext) -> Pretrained:
-    """The context's pre-trained checkpoints, deserialized on the first trial of this process only.
-
-    Raises:
-        CheckpointError: a checkpoint is unreadable or of the wrong kind.
-    """
-    digest = hashlib.sha256(ctx.classifier_ckpt)
-    digest.update(ctx.purifier_ckpt)
-    key = digest.hexdigest()
-    if key not in _PRETRAINED:
-        classifier = load_checkpoint(ctx.classifier_ckpt, kind="classifier")
-        loaded = Pretrained(key, classifier, classifier_reference(ctx.classifier_ckpt, classifier),
-                            load_checkpoint(ctx.purifier_ckpt, kind="purifier"))
-        _PRETRAINED.clear()
-        _PRETRAINED[key] = loaded
-    return _PRETRAINED[key]
-
-
-def _libc_malloc_trim() -> Any:
-    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand the heap earlier trials of this worker freed back to the OS.
-
-    glibc keeps freed memory in its arenas, and each trial runs on a new thread (Ray's function
-    trainable), so a reused worker's footprint grew trial after trial (USS ~1.0 GB after its first
-    smoke trial, ~1.8 GB during its third, measured); `malloc_trim(0)` returns the free pages.
-    """
-    gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def split_config(config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """(typed config, reserved trial keys); unknown keys raise `ConfigError`."""
     reserved: dict[str, Any] = {k: config[k] for k in TRIAL_KEYS if k in config}
     return Config.from_dict({k: v for k, v in config.items() if k not in TRIAL_KEYS}), reserved
-
-
-def select_device(gpus: float, *, cuda_available: bool) -> torch.device:
-    """CUDA for a trial given a GPU (or a share of one), else the CPU.
-
-    Raises:
-        DeviceError: `gpus > 0` on a node without CUDA (a silent CPU run would be far slower and
-            report a GPU it never had).
-    """
-    if gpus <= 0:
-        return torch.device("cpu")
-    if not cuda_available:
-        raise DeviceError(f"gpus_per_trial={gpus} but CUDA is not available on node {platform.node()!r} "
-                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
-                          "run the study with --gpus 0 or on GPU nodes")
-    return torch.device("cuda")
-
-
-def memory_fraction(gpus: float) -> float | None:
-    """The share of its GPU's memory a trial may take: its share of the GPU below one GPU, else none
-    (no cap). Ray shares a GPU by bookkeeping only; the cap keeps one trial from starving the others."""
-    return float(gpus) if 0 < gpus < 1 else None
-
-
-def failure_message(exc: BaseException, cfg: Config, gpus: float) -> str:
-    """The one-line `atop_error` of a permanent failure; a CUDA out-of-memory error names the batch
-    size and the GPU share, the two settings that fix it."""
-    if not isinstance(exc, torch.cuda.OutOfMemoryError):
-        return f"{type(exc).__name__}: {exc}"
-    fraction = memory_fraction(gpus)
-    share = f"capped to {fraction:g} of the GPU's memory (gpus_per_trial={gpus})" if fraction is not None \
-        else f"gpus_per_trial={gpus}, no memory cap"
-    asked = re.search(r"Tried to allocate [\d.]+ \w+", str(exc))
-    return (f"OutOfMemoryError: CUDA out of memory at batch_size={cfg.batch_size} ({share})"
-            f"{'; ' + asked.group(0) if asked else ''}; lower batch_size or give each trial more of a GPU (--gpus)")
-
-
-def _device(ctx: StudyContext) -> torch.device:
-    """The trial's device, its CUDA memory capped to its GPU share (see `memory_fraction`)."""
-    device = select_device(ctx.gpus_per_trial, cuda_available=torch.cuda.is_available())
-    fraction = memory_fraction(ctx.gpus_per_trial)
-    if device.type == "cuda" and fraction is not None:
-        torch.cuda.set_per_process_memory_fraction(fraction)
-    return device
 
 
 def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
@@ -269,8 +144,8 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     checkpoint = tune.get_checkpoint()  # this trial's own (Tune retries it from there)
     state, start_epoch, compute_s = None, 0, 0.0
     try:
-        device = _device(ctx)
-        weights = pretrained(ctx)
+        device = trial_device(ctx.gpus_per_trial)
+        weights = pretrained(ctx.classifier_ckpt, ctx.purifier_ckpt)
         classifier_ref = weights.classifier_ref
         classifier, purifier, discriminator = weights.build()
         if checkpoint is not None:
@@ -283,7 +158,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             log.set_status("RUNNING")
             if checkpoint is None:
                 log.log_params(cfg.to_dict())
-                log.set_tags({**ctx.tags, "seed": cfg.seed, "device": _device_name(device),
+                log.set_tags({**ctx.tags, "seed": cfg.seed, "device": device_name(device),
                               RESOURCES_TAG: f"cpu={ctx.cpus_per_trial},gpu={ctx.gpus_per_trial}",
                               EVAL_LEVEL_TAG: cfg.eval_level.value, EVAL_SPLIT_TAG: ctx.eval_split,
                               EVALUATION_TAG: how_obtained(cfg, len(ctx.eval_data), ctx.eval_split),
@@ -416,12 +291,6 @@ def audit_flags(audit: dict[str, Any] | None) -> str:
     if audit is None:
         return NOT_AUDITED
     return ",".join(k for k, v in audit["flags"].items() if v is True and k != "gradient_masking_suspected")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _final_artifacts(log: RunLogger, number: int, cfg: Config, ctx: StudyContext, classifier: torch.nn.Module,
