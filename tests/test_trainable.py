@@ -10,7 +10,8 @@ from atop.data import Split
 from atop.finetune import finetune
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
 from tracking.contract import RUN_ID, TRIAL_NUMBER
-from trainables.atop_trainable import DEFENSE_FILE, STATE_FILE, _restore, _save, split_config
+from trainables.atop_trainable import split_config
+from trainables.trial_state import DEFENSE_FILE, STATE_FILE, restore_state, save_state
 from trainables.worker import (
     PERMANENT,
     DeviceError,
@@ -57,9 +58,9 @@ def test_checkpoint_roundtrip_resumes_to_the_same_result(tmp_path):
     ref = _ref(clf2, tmp_path)
     folder = tmp_path / "checkpoint_000000"
     folder.mkdir()
-    _save(folder, CFG, first, ref, pur2, disc2, compute_s=1.5)
+    save_state(folder, CFG, first, ref, pur2, disc2, compute_s=1.5)
     assert "classifier" not in load_checkpoint(folder / DEFENSE_FILE)  # by reference only
-    state, start, compute_s = _restore(folder, ref)
+    state, start, compute_s = restore_state(folder, ref)
     assert (start, compute_s) == (1, 1.5)
     clf3, pur3, disc3 = _models()
     resumed = list(finetune(CFG, clf3, pur3, disc3, train, test, state=state, start_epoch=start))
@@ -72,17 +73,17 @@ def test_restore_refuses_a_checkpoint_of_another_classifier_and_reads_old_self_c
     clf, pur, disc = _models()
     first = next(finetune(CFG.replace(epochs=1), clf, pur, disc, train, test))
     (tmp_path / "new").mkdir()
-    _save(tmp_path / "new", CFG, first, _ref(clf, tmp_path), pur, disc, compute_s=1.0)
+    save_state(tmp_path / "new", CFG, first, _ref(clf, tmp_path), pur, disc, compute_s=1.0)
     other = _ref(CLASSIFIERS["small_cnn"](10), tmp_path / "new")
     with pytest.raises(CheckpointError, match="made with classifier sha256") as info:
-        _restore(tmp_path / "new", other)
+        restore_state(tmp_path / "new", other)
     assert other["sha256"] in str(info.value) and "\n" not in str(info.value)
     # a Tune checkpoint of the code before references (classifier embedded) still resumes
     (tmp_path / "old").mkdir()
     save_checkpoint(tmp_path / "old" / DEFENSE_FILE, kind="defense", cfg=CFG, classifier=clf, purifier=pur,
                     discriminator=disc, optimizers=first.state["optimizers"], epoch=1, metrics=first.metrics)
     torch.save({"generator": None, "compute_s": 2.0}, tmp_path / "old" / STATE_FILE)
-    state, start, compute_s = _restore(tmp_path / "old", other)
+    state, start, compute_s = restore_state(tmp_path / "old", other)
     assert (start, compute_s) == (1, 2.0) and set(state) == {"purifier", "discriminator", "optimizers"}
 
 

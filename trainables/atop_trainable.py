@@ -19,9 +19,9 @@ fresh modules from the cached state dicts, hands back the heap earlier trials fr
 global generator with its own seed, sets its own thread count, and opens its own MLflow logger and
 fault plan.
 
-Checkpoints and the final `defense.pt` name the frozen classifier by sha256 (`classifier_ref`)
-instead of holding it: the study stores it once, in its pre-training cache, where
-`atop.load_defense` finds it (see docs/CHECKPOINTS.md).
+Checkpoints and the final `defense.pt` (`trainables.trial_state`) name the frozen classifier by
+sha256 (`classifier_ref`) instead of holding it: the study stores it once, in its pre-training
+cache, where `atop.load_defense` finds it (see docs/CHECKPOINTS.md).
 
 GPUs: a fractional `gpus_per_trial` caps the trial process's CUDA memory to that fraction; asking
 for a GPU on a node without CUDA, and running out of CUDA memory, are permanent failures
@@ -43,14 +43,12 @@ import torch
 
 from atop import progress
 from atop.artifacts import image_grid, write_parquet
-from atop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from atop.config import Config, ConfigError
 from atop.data import Split
 from atop.defense import Defense
 from atop.evaluate import evaluate, how_obtained
 from atop.finetune import finetune
 from tracking.contract import (
-    CHECKPOINT_FILES,
     COMPUTE_S,
     EPOCH,
     ERROR_KEY,
@@ -73,6 +71,7 @@ from tracking.contract import (
 )
 from tracking.mlflow_log import RunLogger, quiet_http
 from trainables.faults import FaultPlan
+from trainables.trial_state import DEFENSE_FILE, restore_state, save_final, save_state
 from trainables.worker import (
     PERMANENT,
     device_name,
@@ -86,7 +85,6 @@ if TYPE_CHECKING:
     from study.storage import Storage
 
 
-DEFENSE_FILE, STATE_FILE = CHECKPOINT_FILES
 PER_EXAMPLE_FILE, GRID_FILE = "per_example.parquet", "images.png"
 #: keys of a confirm trial's last result: per-image rates (JSON) and the audit's flags
 PER_IMAGE_KEY, AUDIT_KEY, NOT_AUDITED = "atop_per_image", "atop_audit_flags", "not audited"
@@ -150,7 +148,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
         classifier, purifier, discriminator = weights.build()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                state, start_epoch, compute_s = _restore(Path(d), classifier_ref)
+                state, start_epoch, compute_s = restore_state(Path(d), classifier_ref)
         carried = _carried(reserved.get(RESUME_FROM), ctx, classifier_ref, cfg) if checkpoint is None else None
         if carried is not None:
             state, start_epoch, compute_s = carried
@@ -182,7 +180,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             last = {PER_IMAGE_KEY: per_image_payload(report), AUDIT_KEY: audit_flags(report.audit)} \
                 if ctx.stage == Stage.CONFIRM.value and report.epoch == cfg.epochs else {}
             with tempfile.TemporaryDirectory(prefix="atop-ckpt-") as d:
-                _save(Path(d), cfg, report, classifier_ref, purifier, discriminator, metrics[COMPUTE_S])
+                save_state(Path(d), cfg, report, classifier_ref, purifier, discriminator, metrics[COMPUTE_S])
                 tune.report({**metrics, **last, EPOCH: report.epoch, TRIAL_NUMBER: number},
                             checkpoint=tune.Checkpoint.from_directory(d))
             faults.at(report.epoch, purifier)
@@ -233,20 +231,9 @@ def _check_sizes(cfg: Config, ctx: StudyContext) -> None:
         raise ConfigError(f"n_eval={cfg.n_eval} but the study shared {len(ctx.eval_data)} evaluation images")
 
 
-def _save(folder: Path, cfg: Config, report: Any, classifier_ref: dict[str, Any], purifier: torch.nn.Module,
-          discriminator: torch.nn.Module, compute_s: float) -> None:
-    """A Tune checkpoint: a defense checkpoint naming the classifier by sha256 (the study holds it;
-    a copy per epoch per trial would be most of the bytes), plus what resuming needs besides."""
-    save_checkpoint(folder / DEFENSE_FILE, kind="defense", cfg=cfg, classifier_ref=classifier_ref, purifier=purifier,
-                    discriminator=discriminator, optimizers=report.state["optimizers"], epoch=report.epoch,
-                    metrics=report.metrics)
-    extra = {"generator": report.state.get("generator"), "compute_s": compute_s}
-    torch.save(extra, folder / STATE_FILE)
-
-
 def _carried(where: str | None, ctx: StudyContext, classifier_ref: dict[str, Any],
              cfg: Config) -> tuple[dict[str, Any], int, float] | None:
-    """`_restore` of the interrupted trial's checkpoint a rerun was given (`RESUME_FROM`, relative
+    """`restore_state` of the interrupted trial's checkpoint a rerun was given (`RESUME_FROM`, relative
     to the study folder `ctx.store`), or None: none given, unreadable, or already at the last epoch
     (then the rerun starts from scratch, as it would have without one)."""
     from ray import tune
@@ -255,30 +242,11 @@ def _carried(where: str | None, ctx: StudyContext, classifier_ref: dict[str, Any
         return None
     try:
         with tune.Checkpoint(ctx.store.path(where), filesystem=ctx.store.fs).as_directory() as d:
-            restored = _restore(Path(d), classifier_ref)
+            restored = restore_state(Path(d), classifier_ref)
     except Exception as exc:  # noqa: BLE001 - a checkpoint we cannot use costs its epochs, not the trial
         print(f"trial checkpoint {where!r} not usable ({type(exc).__name__}: {exc}); starting from scratch", flush=True)
         return None
     return restored if restored[1] < cfg.epochs else None
-
-
-def _restore(folder: Path, classifier_ref: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
-    """(state, epochs done, compute seconds) of a Tune checkpoint made with this trial's classifier.
-
-    Raises:
-        CheckpointError: the checkpoint names another classifier (the study's changed under it).
-    """
-    blob = load_checkpoint(folder / DEFENSE_FILE, kind="defense")
-    made_with = blob.get("classifier_ref", {}).get("sha256")
-    if made_with is not None and made_with != classifier_ref["sha256"]:
-        raise CheckpointError(f"Tune checkpoint {blob['path']!r} was made with classifier sha256 {made_with}; "
-                              f"the study now shares sha256 {classifier_ref['sha256']}")
-    extra = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    state = {"purifier": blob["purifier"]["state_dict"], "discriminator": blob["discriminator"]["state_dict"],
-             "optimizers": blob["optimizers"]}
-    if extra.get("generator") is not None:
-        state["generator"] = extra["generator"]
-    return state, int(blob["epoch"]), float(extra.get("compute_s", 0.0))
 
 
 def per_image_payload(report: Any) -> str:
@@ -300,8 +268,8 @@ def _final_artifacts(log: RunLogger, number: int, cfg: Config, ctx: StudyContext
     in the trial folder and logged."""
     out = trial_dir / "artifacts"
     out.mkdir(parents=True, exist_ok=True)
-    _save_artifact(out / DEFENSE_FILE, cfg, classifier_ref, purifier, discriminator,
-                   final.metrics if final is not None else {})
+    save_final(out / DEFENSE_FILE, cfg, classifier_ref, purifier, discriminator,
+               final.metrics if final is not None else {})
     defense = Defense.from_config(cfg, purifier, classifier).to(device).eval()
     if final is not None:  # the last epoch's evaluation, at the config's level
         per_example = final.per_example
@@ -311,10 +279,3 @@ def _final_artifacts(log: RunLogger, number: int, cfg: Config, ctx: StudyContext
     image_grid(defense, ctx.eval_data, cfg, out / GRID_FILE, n=ctx.grid_images, device=device)
     for name in (DEFENSE_FILE, PER_EXAMPLE_FILE, GRID_FILE):
         log.log_artifact(out / name)
-
-
-def _save_artifact(path: Path, cfg: Config, classifier_ref: dict[str, Any], purifier: torch.nn.Module,
-                   discriminator: torch.nn.Module, metrics: dict[str, float]) -> Path:
-    """The trial's final `defense.pt`: purifier and discriminator, the classifier by reference."""
-    return save_checkpoint(path, kind="defense", cfg=cfg, classifier_ref=classifier_ref, purifier=purifier,
-                           discriminator=discriminator, epoch=cfg.epochs, metrics=metrics)
