@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, data_dir, free_port
+from tracking.contract import PARENT_TAG, ROLE_TAG, Role
 
 
 @dataclass
@@ -186,9 +187,9 @@ def artifacts(tmp_path_factory) -> dict[str, str]:
     client = MlflowClient(uri)
     client.create_experiment("empty", artifact_location=(root / "a-empty").as_uri())
     one = client.create_experiment("one", artifact_location=(root / "a-one").as_uri())
-    parent = client.create_run(one, tags={"atop.role": "study"}).info.run_id
+    parent = client.create_run(one, tags={ROLE_TAG: Role.STUDY.value}).info.run_id
     for trial in range(3):
-        run = client.create_run(one, tags={"atop.role": "trial", "mlflow.parentRunId": parent,
+        run = client.create_run(one, tags={ROLE_TAG: Role.TRIAL.value, PARENT_TAG: parent,
                                            "optuna.trial_number": str(trial)}).info.run_id
         client.log_param(run, "rt", "rt1")
         for m, v in (("clean_acc", 0.5 + trial / 10), ("robust_acc_seen", 0.4 - trial / 10), ("robust_acc_unseen", 0.2)):

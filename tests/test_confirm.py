@@ -19,7 +19,17 @@ from study.confirm import (
     verdict,
 )
 from study.settings import StudyError, StudySettings
-from tracking.contract import ATTR_INTERVALS, ATTR_REFERENCE, ATTR_RUN_ID, DIRECTIONS, OBJECTIVES
+from tracking.contract import (
+    ATTR_INTERVALS,
+    ATTR_REFERENCE,
+    ATTR_RUN_ID,
+    CONFIRM_OF_TAG,
+    DIRECTIONS,
+    INTERRUPTED_TAG,
+    OBJECTIVES,
+    ROLE_TAG,
+    Role,
+)
 
 
 def _study(points: list[tuple[float, float, float]], refs: dict[int, str] | None = None) -> optuna.Study:
@@ -175,11 +185,11 @@ def test_each_configuration_is_kept_as_soon_as_its_seeds_end_and_a_resumed_stage
     confirmed, ran = confirm(all_fail)
     assert ran and {j["number"] for j in asked} == {1} and len(asked) == 2  # trial 0 is not confirmed again
     assert [c.number for c in confirmed] == [0, 1] and confirmed[1].failed_seeds == [1, 2]
-    runs_of_1 = [r for r in client.search_runs([experiment]) if r.data.tags.get("atop.confirm_of") == "1"]
+    runs_of_1 = [r for r in client.search_runs([experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "1"]
     # the stopped driver's runs of trial 1 (a confirm run and two seed runs) ended KILLED, the new ones ran
     assert sorted(r.info.status for r in runs_of_1) == ["FAILED"] * 3 + ["KILLED"] * 3
-    assert all(r.data.tags.get("atop.interrupted") == "true" for r in runs_of_1 if r.info.status == "KILLED")
+    assert all(r.data.tags.get(INTERRUPTED_TAG) == "true" for r in runs_of_1 if r.info.status == "KILLED")
     # trial 0's confirm run was ended when its seeds ended, and nothing of it was killed on resume (its seed
     # runs are ended by the trainable, which this test's `fit` does not run)
-    assert [r.info.status for r in client.search_runs([experiment]) if r.data.tags.get("atop.confirm_of") == "0"
-            and r.data.tags.get("atop.role") == "confirm"] == ["FINISHED"]
+    assert [r.info.status for r in client.search_runs([experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "0"
+            and r.data.tags.get(ROLE_TAG) == Role.CONFIRM.value] == ["FINISHED"]

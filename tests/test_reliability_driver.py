@@ -43,6 +43,8 @@ from tracking.contract import (
     RESUMED_FROM_TAG,
     SPACE_TAG,
     TRIAL_TAG,
+    Role,
+    role_filter,
 )
 
 pytestmark = pytest.mark.slow
@@ -124,7 +126,7 @@ def test_driver_sigkill_then_resume(cifar_dir, tmp_path):
 
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'", max_results=1000)
+    runs = client.search_runs([exp.experiment_id], role_filter(Role.TRIAL), max_results=1000)
     numbers = [int(r.data.tags[TRIAL_TAG]) for r in runs]
     assert sorted(numbers) == sorted(t.number for t in trials), "exactly one MLflow run per Optuna trial"
     by_number = {int(r.data.tags[TRIAL_TAG]): r for r in runs}
@@ -140,7 +142,7 @@ def test_driver_sigkill_then_resume(cifar_dir, tmp_path):
         tags = by_number[t.number].data.tags
         assert tags.get(RESTORED_TAG) == "1" and f"/trial-{t.user_attrs['rerun_of']:04d}-" in tags[RESUMED_FROM_TAG]
         assert [h.step for h in client.get_metric_history(by_number[t.number].info.run_id, "clean_acc")] == [2]
-    parent = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'study'")
+    parent = client.search_runs([exp.experiment_id], role_filter(Role.STUDY))
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
 
     again = subprocess.run([sys.executable, str(STUDY_PY), "--study-name", name, "--storage-path", str(storage),
@@ -172,5 +174,5 @@ def test_a_trial_killed_before_its_run_existed_gets_one_killed_run(tmp_path):
     assert run.info.status == "KILLED" and run.data.tags[INTERRUPTED_TAG] == "true"
     assert run.data.tags[SPACE_TAG] == "tiny"
     settle_interrupted(study, storage, uri, exp, parent, log=lambda m: None)  # a second resume adds none
-    assert len(mlflow_log.client(uri).search_runs([exp], "tags.`atop.role` = 'trial'")) == 1
+    assert len(mlflow_log.client(uri).search_runs([exp], role_filter(Role.TRIAL))) == 1
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, STUDY_PY
-from tracking.contract import OBJECTIVES, TRIAL_TAG
+from tracking.contract import OBJECTIVES, TRIAL_TAG, Role, role_filter
 
 pytestmark = pytest.mark.slow
 NUM_TRIALS = 100
@@ -43,7 +43,7 @@ def test_hundred_tiny_trials_at_concurrency_four(cifar_dir, tmp_path):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'", max_results=1000)
+    runs = client.search_runs([exp.experiment_id], role_filter(Role.TRIAL), max_results=1000)
     assert sorted(int(r.data.tags[TRIAL_TAG]) for r in runs) == list(range(NUM_TRIALS))
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(set(OBJECTIVES) <= set(r.data.metrics) for r in runs)

@@ -25,7 +25,7 @@ from tests.conftest import (
     stop_study,
     wait_for,
 )
-from tracking.contract import COMPUTE_S, ERROR_TAG, OBJECTIVES, TRIAL_TAG
+from tracking.contract import COMPUTE_S, ERROR_TAG, OBJECTIVES, TRIAL_TAG, Role, role_filter
 
 METRICS = (*OBJECTIVES, "loss/l1", COMPUTE_S)
 NUM_TRIALS = 3
@@ -66,7 +66,7 @@ def test_mlflow_server_outage(cifar_dir, tmp_path):
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 return False
-            runs = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'")
+            runs = client.search_runs([exp.experiment_id], role_filter(Role.TRIAL))
             return any("clean_acc" in r.data.metrics for r in runs)
 
         wait_for(first_epoch_logged, 900, "a trial's epoch-1 metrics on the server", every_s=1, proc=study)
@@ -90,7 +90,7 @@ def test_mlflow_server_outage(cifar_dir, tmp_path):
         assert not list(spool.glob("*.jsonl")), "spool files left unsent"
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(name)
-        runs = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'")
+        runs = client.search_runs([exp.experiment_id], role_filter(Role.TRIAL))
         numbers = sorted(int(r.data.tags[TRIAL_TAG]) for r in runs)
         assert numbers == list(range(NUM_TRIALS)), numbers
         lost = duplicated = 0

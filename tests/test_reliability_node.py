@@ -34,7 +34,7 @@ from tests.conftest import (
     stop_study,
     wait_for,
 )
-from tracking.contract import RESTORED_TAG, TRIAL_TAG
+from tracking.contract import RESTORED_TAG, TRIAL_TAG, Role, role_filter
 
 pytestmark = pytest.mark.slow
 NUM_TRIALS = 3
@@ -112,7 +112,7 @@ def test_worker_node_killed_mid_trial(ray_head, cifar_dir, tmp_path):
     assert [t.state.name for t in opt.trials] == ["COMPLETE"] * NUM_TRIALS
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'")
+    runs = client.search_runs([exp.experiment_id], role_filter(Role.TRIAL))
     assert sorted(int(r.data.tags[TRIAL_TAG]) for r in runs) == list(range(NUM_TRIALS))
     assert all(r.info.status == "FINISHED" for r in runs)
     restored = [r for r in runs if r.data.tags.get(RESTORED_TAG) == "1"]

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.conftest import STUDY_PY, service_env
-from tracking.contract import ERROR_TAG, OBJECTIVES, RESTORED_TAG, TRIAL_TAG
+from tracking.contract import ERROR_TAG, OBJECTIVES, RESTORED_TAG, TRIAL_TAG, Role, role_filter
 
 
 @pytest.mark.slow
@@ -49,7 +49,7 @@ def test_raise_nan_and_transient_faults(cifar_dir, tmp_path):
     client = MlflowClient(f"sqlite:///{storage / name / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
     runs = {int(r.data.tags[TRIAL_TAG]): r
-            for r in client.search_runs([exp.experiment_id], "tags.`atop.role` = 'trial'")}
+            for r in client.search_runs([exp.experiment_id], role_filter(Role.TRIAL))}
     assert sorted(runs) == [0, 1, 2, 3]  # exactly one run per Optuna trial
     status = {n: r.info.status for n, r in runs.items()}
     assert status == {0: "FAILED", 1: "FAILED", 2: "FINISHED", 3: "FINISHED"}, status

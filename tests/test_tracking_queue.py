@@ -18,6 +18,7 @@ import time
 import pytest
 
 from tests.conftest import free_port, start_mlflow_server, stop_by_pid
+from tracking.contract import OPTUNA_STATE_TAG, PARENT_TAG, ROLE_TAG, SPACE_TAG, STUDY_TAG, Role
 from tracking.mlflow_log import (
     RunLogger,
     TrialRunKey,
@@ -115,20 +116,20 @@ def test_the_driver_opens_a_trial_run_without_waiting_and_the_trial_logs_under_i
 
     client = MlflowClient(server.uri)
     exp = client.create_experiment("keyed")
-    parent = client.create_run(exp, tags={"atop.role": "study"}).info.run_id
+    parent = client.create_run(exp, tags={ROLE_TAG: Role.STUDY.value}).info.run_id
     key = TrialRunKey(exp, parent, 3)
     assert TrialRunKey.parse(key.ref) == key and TrialRunKey.parse(parent) is None
     spool = tmp_path / "spool"
 
     server.stop()
     started = time.perf_counter()
-    driver = open_trial_run(server.uri, key, spool / "driver-0003.jsonl", "paper", {"atop.study": "keyed"})
+    driver = open_trial_run(server.uri, key, spool / "driver-0003.jsonl", "paper", {STUDY_TAG: "keyed"})
     trial = RunLogger(server.uri, key.ref, spool / "trial-0003.jsonl")
     trial.set_status("RUNNING")
     for epoch in (1, 2):
         trial.log_metrics({"clean_acc": epoch / 4}, step=epoch)
     trial.set_status("FINISHED")
-    driver.set_tags({"optuna.state": "COMPLETE"})
+    driver.set_tags({OPTUNA_STATE_TAG: "COMPLETE"})
     driver.set_status("FINISHED")
     took = time.perf_counter() - started
     assert took < 5 * AT_ONCE_S and driver.run_id is None, took
@@ -140,8 +141,8 @@ def test_the_driver_opens_a_trial_run_without_waiting_and_the_trial_logs_under_i
     runs = client.search_runs([exp], "tags.`optuna.trial_number` = '3'")
     assert [r.info.run_id for r in runs] == [run_id]  # one run for the trial
     run = client.get_run(run_id)
-    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["atop.space"] == "paper"
-    assert run.data.tags["optuna.state"] == "COMPLETE" and run.data.tags["atop.study"] == "keyed"
+    assert run.data.tags[PARENT_TAG] == parent and run.data.tags[SPACE_TAG] == "paper"
+    assert run.data.tags[OPTUNA_STATE_TAG] == "COMPLETE" and run.data.tags[STUDY_TAG] == "keyed"
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "clean_acc")] == [(1, 0.25), (2, 0.5)]
     # whichever queue ran first, the driver's later FINISHED is the run's final word
     assert run.info.status == "FINISHED" and all("stale" in line for line in trial.skipped), trial.skipped

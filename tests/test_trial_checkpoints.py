@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import STUDY_PY, service_env
-from tracking.contract import RESTORED_TAG
+from tracking.contract import RESTORED_TAG, Role, role_filter
 
 
 @pytest.mark.slow
@@ -45,5 +45,5 @@ def test_trial_checkpoints_and_artifacts_reference_the_study_classifier(cifar_di
     assert not [p for p in outside if "classifier" in torch.load(p, weights_only=True)], outside  # no copy anywhere
 
     client = MlflowClient(f"sqlite:///{storage / name / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id], "tags.`atop.role` = 'trial'")
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id], role_filter(Role.TRIAL))
     assert run.info.status == "FINISHED" and run.data.tags.get(RESTORED_TAG) == "1", run.data.tags

@@ -127,6 +127,11 @@ SEARCH_STOPPED_TAG: Final = "atop.search_stopped"
 #: MLflow run statuses that end a run
 TERMINAL_STATUSES: Final = ("FINISHED", "FAILED", "KILLED")
 
+
+def role_filter(role: Role) -> str:
+    """MLflow `search_runs` filter string for a study's runs of one role, e.g. every search trial."""
+    return f"tags.`{ROLE_TAG}` = '{role.value}'"
+
 # --- metric names besides the objectives -----------------------------------------------------
 EPOCH: Final = "epoch"
 COMPUTE_S: Final = "compute_s"

@@ -60,6 +60,7 @@ from tracking.contract import (
     TERMINAL_STATUSES,
     TRIAL_TAG,
     Role,
+    role_filter,
 )
 
 #: backoff between two tries while the server is down: doubles from the first to the second
@@ -100,7 +101,7 @@ def ensure_parent_run(uri: str, experiment_id: str, study_name: str, params: Map
                       tags: Mapping[str, str]) -> str:
     """The study's parent run: reused on resume (and set RUNNING again), else created."""
     c = client(uri)
-    found = c.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{Role.STUDY.value}'",
+    found = c.search_runs([experiment_id], filter_string=role_filter(Role.STUDY),
                           order_by=["attributes.start_time DESC"], max_results=1)
     if found:
         run_id = found[0].info.run_id
