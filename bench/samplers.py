@@ -68,7 +68,7 @@ def synthetic_objectives(p: dict[str, Any], rng: np.random.Generator | None = No
 #: each is built by the study's own `make_sampler`, so the rows measure what a study runs
 SAMPLERS: dict[str, tuple[str, Callable[[int], int]]] = {
     "random": ("random", lambda conc: 16),
-    "nsga2 pop 16": ("nsga2", lambda conc: 16),
+    "nsga2 pop 50": ("nsga2", lambda conc: 50),  # the study's default population
     "nsga2 pop=conc": ("nsga2", lambda conc: max(conc, 4)),
     "tpe": ("tpe", lambda conc: 16),
     "gp": ("gp", lambda conc: 16),
@@ -83,7 +83,7 @@ def hypervolume_trace(sampler: str, *, concurrency: int, n_trials: int, seed: in
     name, population = SAMPLERS[sampler]
     study = optuna.create_study(directions=["maximize"] * 3,
                                 sampler=make_sampler(name, seed, population(concurrency), n_existing=0))
-    suggest = SPACES[space].suggest
+    searched = SPACES[space]
     noise = np.random.default_rng(10_000 + seed)
     running: deque[tuple[optuna.trial.Trial, dict[str, Any]]] = deque()
     told: list[np.ndarray] = []
@@ -92,7 +92,7 @@ def hypervolume_trace(sampler: str, *, concurrency: int, n_trials: int, seed: in
     while len(told) < n_trials:
         while len(running) < concurrency and asked < n_trials:
             trial = study.ask()
-            running.append((trial, suggest(trial)))
+            running.append((trial, {**searched.fixed, **searched.suggest(trial)}))
             asked += 1
         trial, params = running.popleft()
         values = synthetic_objectives(params, noise)

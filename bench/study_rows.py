@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench.core import Context, Result, row
+from study.stopping import front_hypervolume
 from tracking.contract import COMPUTE_S
 
 #: studies already run in this process, by their settings (rows share them)
@@ -319,14 +320,11 @@ def memory_rows(ctx: Context) -> list[Result]:
 
 
 def hypervolume_curve(trials: list, t0) -> tuple[np.ndarray, np.ndarray]:
-    """(seconds since `t0`, hypervolume of the COMPLETE trials told by then), ref point 0, maximised."""
-    import moocore
-
+    """(seconds since `t0`, the study's front hypervolume by then) at each COMPLETE trial's end: the
+    hypervolume `--stop-on-plateau` watches (`study.stopping.front_hypervolume`)."""
     done = sorted((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.datetime_complete)
     times = np.array([(t.datetime_complete - t0).total_seconds() for t in done])
-    points = np.array([t.values for t in done], dtype=float).reshape(len(done), -1)
-    hv = np.array([moocore.hypervolume(points[: k + 1], ref=np.zeros(points.shape[1]), maximise=True)
-                   for k in range(len(done))])
+    hv = np.array([front_hypervolume(done[: k + 1]) for k in range(len(done))])
     return times, hv
 
 
