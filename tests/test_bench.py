@@ -161,3 +161,47 @@ def test_bench_precision_compares_bf16_with_fp32_on_one_checkpoint(tmp_path, cap
     assert diff == lo == hi == 1.0
     assert main(["--checkpoint", str(ckpt), "--n-images", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --n-images=0")
+
+
+def test_moasha_learning_curve_starts_at_the_pretrained_defense_and_ends_at_the_trial():
+    """Epoch 1 is near the defense without fine-tuning; the last epoch is the trial's objectives;
+    lambda_ce changes nothing before the CE warm-up has ended."""
+    import numpy as np
+
+    from bench.moasha import learning_curve
+    from bench.samplers import synthetic_objectives
+
+    p = {"rt": "rt2", "mask_ratio": 0.25, "noise_std": 0.1, "block_size": 4, "train_attack": "pgd",
+         "train_norm": "linf", "train_eps": 8 / 255, "train_grad_path": "classifier", "lambda_ce": 0.3,
+         "lr": 1e-4, "ce_warmup_epochs": 2}
+    curve = learning_curve(p, 10)
+    assert curve.shape == (10, 3)
+    assert np.allclose(curve[-1], synthetic_objectives(p))
+    untrained = synthetic_objectives({**p, "lambda_ce": 0.0, "lr": 1e-7})
+    assert np.abs(curve[0] - untrained).max() < np.abs(curve[-1] - untrained).max()
+    no_adv = learning_curve({**p, "lambda_ce": 0.0}, 10)
+    assert np.allclose(curve[:2], no_adv[:2]) and not np.allclose(curve[2:], no_adv[2:])
+
+
+def test_moasha_simulation_stops_trials_at_rungs_and_spends_the_freed_time_on_new_ones():
+    import math
+
+    import numpy as np
+
+    from bench.moasha import Pair, Setting, simulate
+    from study.scheduler import rungs
+
+    # the first trials at a rung mostly continue (3 objectives: most vectors are non-dominated)
+    setting = Setting(epochs=4, concurrency=2, n_trials=16, grace_period=1, reduction_factor=2)
+    none = simulate(setting, "none", seed=0)
+    assert none.started == len(none.times) == 16 and not none.stopped_at
+    assert none.epochs_run == 16 * 4
+    mo = simulate(setting, "mo-asha", seed=0, until=none.end)
+    assert mo.stopped_at and set(mo.stopped_at) <= set(rungs(1, 2, 4))
+    assert mo.started > none.started  # freed slots went to new trials
+    assert mo.started == len(mo.times) + len(mo.stopped_at)
+    pair = Pair(none, mo)
+    ratio = pair.time_to_none_hv()
+    assert ratio == math.inf or 0 < ratio <= 1
+    assert Pair(none, none).time_to_none_hv() <= 1  # an arm reaches its own hypervolume by its end
+    assert np.allclose(pair.none.by(math.inf), np.array(none.true))
