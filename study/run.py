@@ -74,7 +74,7 @@ def build_parser(listing: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="data set (config key `dataset`)")
     p.add_argument("--data-dir", help="folder with <dataset>_<split>.npz (default $ATOP_DATA_DIR)")
     p.add_argument("--space", help=f"search space (default paper){names['space']}")
-    p.add_argument("--sampler", help=f"Optuna sampler (default nsga2){names['sampler']}")
+    p.add_argument("--sampler", help=f"Optuna sampler (default tpe){names['sampler']}")
     p.add_argument("--num-trials", type=int, help="trials the study should have that ended COMPLETE or FAIL; "
                    "trials mo-asha stops early (PRUNED) do not count and are replaced by new ones, up to "
                    "N * reduction-factor**rungs trials in all")

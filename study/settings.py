@@ -11,6 +11,7 @@ can point a study outside its folder. Unknown keys and bad values raise `StudyEr
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,22 @@ from study.args import NAME_RE, StudyError  # defined with the light checks
 from study.confirm import CONFIRM_KEYS
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def _tpe(seed: int) -> optuna.samplers.TPESampler:
+    """Multivariate TPE (grouped: the RT parameters are conditional) with the constant liar, so trials
+    asked while others run are not proposed at the same point. The default: the only sampler above
+    random search within 64 trials on `bench/samplers.py`'s table (docs/PERFORMANCE.md)."""
+    with warnings.catch_warnings():  # `group` is marked experimental; say nothing to every study
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
+
+
 #: sampler name -> factory(seed, population_size); `--sampler NAME` picks one
 SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
     "nsga2": lambda seed, population_size: optuna.samplers.NSGAIISampler(population_size=population_size,
                                                                          seed=seed),
-    "tpe": lambda seed, _: optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True,
-                                                      seed=seed),
+    "tpe": lambda seed, _: _tpe(seed),  # the default
     "gp": lambda seed, _: optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False),
     "random": lambda seed, _: optuna.samplers.RandomSampler(seed=seed),
 }
@@ -41,7 +52,7 @@ SCHEDULERS = ("none", "mo-asha")  # early stopping of trials (study/scheduler.py
 @dataclass
 class StudySettings:
     space: str = "paper"
-    sampler: str = "nsga2"
+    sampler: str = "tpe"
     population_size: int = 50  # NSGA-II generation size
     num_trials: int = 4
     max_concurrent: int = 2
