@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script: import this checkout's package
 
 # Only light modules here: bad input is refused (study.args, then `prepare`) before torch, Optuna,
 # MLflow or Ray are imported; each function imports the heavy modules it needs (tests/test_refusal.py).
-from atop.cli import OneLineParser, one_line_errors
+from atop.cli import OneLineParser, naming_the_file, one_line_errors
 from atop.config import Config
 from study import optuna_storage
 from study.args import STUDY_FILE, StudyError, check_args, check_gpus, check_mlflow_uri, study_name
@@ -130,9 +130,6 @@ def build_parser(listing: bool = True) -> argparse.ArgumentParser:
 def resolve_settings(args: argparse.Namespace) -> StudySettings:
     from study.settings import load_preset, merge, read_file
 
-    settings = load_preset(args.preset or "smoke")
-    if args.config:
-        settings = merge(settings, read_file(args.config), f"--config {args.config}")
     flags: dict[str, Any] = {k: getattr(args, k) for k in ("space", "sampler", "num_trials", "max_concurrent",
                                                             "cpus", "gpus", "max_failures", *SCHEDULING)
                              if getattr(args, k) is not None}
@@ -143,9 +140,16 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
         flags["confirm"] = False
     if args.constraint:
         flags["constraints"] = list(args.constraint)
-    settings = merge(settings, flags, "the command line")
-    settings.validate()
-    return settings
+
+    def build(with_file: bool) -> StudySettings:
+        settings = load_preset(args.preset or "smoke")
+        if with_file and args.config:
+            settings = merge(settings, read_file(args.config), f"--config {args.config}")
+        settings = merge(settings, flags, "the command line")
+        settings.validate()
+        return settings
+
+    return naming_the_file(build, "--config", args.config, StudyError)
 
 
 def load_data(cfg: Config, data_dir: str | None):
