@@ -249,8 +249,26 @@ def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> li
 
 
 def _saved_study(name: str, store: Storage) -> dict[str, Any]:
-    """The study.json of a study to resume (`study.args.check_args` made sure it exists)."""
-    return store.read_json(STUDY_FILE)
+    """The study.json of a study to resume (`study.args.check_args` made sure it exists), or a
+    one-line `StudyError` naming it when it is not one this project wrote."""
+    import dataclasses
+
+    from study.settings import StudySettings
+
+    where = f"--resume: {store.where(STUDY_FILE)!r}"
+    expected = f"expected the {STUDY_FILE} that study {name!r} was started with"
+    try:
+        saved = store.read_json(STUDY_FILE)
+    except (OSError, ValueError) as exc:  # a folder, not UTF-8, not JSON
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise StudyError(f"{where} cannot be read as JSON ({reason}); {expected}") from None
+    settings = saved.get("settings") if isinstance(saved, dict) else None
+    if not isinstance(settings, dict) or not isinstance(saved.get("mlflow_uri"), str):
+        raise StudyError(f"{where} holds no study's settings and MLflow URI; {expected}")
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(StudySettings)})
+    if unknown:
+        raise StudyError(f"{where} has unknown setting(s) {', '.join(map(repr, unknown))}; {expected}")
+    return saved
 
 
 def _check_same_space(name: str, space: str, saved_fingerprint: str | None) -> None:
