@@ -20,6 +20,7 @@ import json
 import os
 import runpy
 import sqlite3
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -144,6 +145,8 @@ def assert_refused(code: object, err: str, names: str, untouched: list[Path]) ->
     assert names in lines[0], lines[0]
     for path in untouched:
         assert not path.exists(), f"{path} was written"
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized(), "Ray was started before refusing"
 
 
 @pytest.fixture(scope="module")
