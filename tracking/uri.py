@@ -54,9 +54,9 @@ def sqlite_file_problem(path: str, owner: str, table: str, *, may_be_new: bool) 
         finally:
             db.close()
     except (OSError, sqlite3.Error) as exc:
-        return f"is not a readable SQLite database ({exc}); {expected}"
-    if verdict != "ok":
-        return f"is a damaged SQLite database ({verdict}); {expected}"
+        return f"is not a readable SQLite database ({' '.join(str(exc).split())[:200]}); {expected}"
+    if verdict != "ok":  # quick_check reports on several lines
+        return f"is a damaged SQLite database ({' '.join(verdict.split())[:200]}); {expected}"
     return None if ours else f"has no table {table!r}: another program's database; {expected}"
 
 
