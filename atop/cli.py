@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from pathlib import Path
+from typing import NoReturn, TypeVar
 
 EXIT_BAD_INPUT = 2
+T = TypeVar("T")
 
 
 class UsageError(ValueError):
@@ -19,6 +21,44 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def check_folder_to_create(flag: str, value: str, holds: str) -> None:
+    """A `UsageError` unless `value` is a folder, or one that can be created (no file in the way).
+
+    Args:
+        flag: the option, as the message names it (e.g. "--pretrained-cache").
+        value: the path given.
+        holds: what the folder is for, as the message says it.
+    """
+    path = Path(value).expanduser()
+    found = next(p for p in (path, *path.parents) if p.exists())  # the root, or ".", always exists
+    if not found.is_dir():
+        raise UsageError(f"{flag} {value!r}: {str(found)!r} is a file; expected a folder (created if missing) "
+                         f"for {holds}")
+
+
+def naming_the_file(build: Callable[[bool], T], flag: str, path: str | None, error: type[Exception]) -> T:
+    """`build(True)`, which uses the values of the file `path` gave; an `error` the file's values cause
+    (`build(False)`, without them, succeeds) is raised again naming the file, so that a bad file is
+    one line that says which file.
+
+    Args:
+        build: makes the result with (True) or without (False) the file's values.
+        flag: the option that named the file (e.g. "--config").
+        path: the file, or None when none was given.
+        error: the exception type of a bad value; raised again with the file named.
+    """
+    try:
+        return build(True)
+    except error as exc:
+        if path is None or path in str(exc):
+            raise
+        try:
+            build(False)
+        except error:
+            raise exc from None
+        raise error(f"{flag} {path!r}: {exc}") from None
 
 
 def one_line_errors(body: Callable[[], int], errors: tuple[type[Exception], ...]) -> int:

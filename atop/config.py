@@ -221,6 +221,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; expected YAML or JSON") from None
     if path.suffix not in (".json", ".yaml", ".yml"):
         raise ConfigError(f"config file {str(path)!r} must end in .json, .yaml or .yml")
     import yaml  # JSON is YAML too: one safe parser for both

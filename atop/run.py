@@ -27,7 +27,13 @@ from typing import Any
 
 # No torch at import: the command line is checked before torch loads (tests/test_refusal.py);
 # `run` and `_run` import what the work needs.
-from atop.cli import OneLineParser, UsageError, one_line_errors
+from atop.cli import (
+    OneLineParser,
+    UsageError,
+    check_folder_to_create,
+    naming_the_file,
+    one_line_errors,
+)
 from atop.config import Config, ConfigError, EvalLevel, read_config_file
 from atop.evaluate import config_budget, describe
 from atop.io import atomic_write_text
@@ -133,6 +139,8 @@ def _check_args(args: argparse.Namespace) -> int:
     if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
         raise UsageError(f"--data-dir {args.data_dir!r} is not a folder; expected one holding <dataset>_train.npz "
                          "and <dataset>_test.npz")
+    if args.pretrained_cache:
+        check_folder_to_create("--pretrained-cache", args.pretrained_cache, "cached pre-trained weights")
     parse_overrides(args.set)
     if args.config:
         read_config_file(args.config)
@@ -155,7 +163,9 @@ def _run(args: argparse.Namespace) -> int:
         # precedence: preset < config file < --set flags; the final evaluation is `full` unless --level
         # (or an eval_level in the config file or --set) says otherwise, whatever the preset's
         level = args.level or overrides.get("eval_level") or file_values.get("eval_level") or "full"
-        cfg = Config.from_dict({**preset.config, **file_values, **overrides, "eval_level": level})
+        flags = {**overrides, "eval_level": level}
+        cfg = naming_the_file(lambda with_file: Config.from_dict({**preset.config, **(file_values if with_file else {}),
+                                                                  **flags}), "--config", args.config, ConfigError)
         out.mkdir(parents=True, exist_ok=True)
         metrics = run(cfg, args.preset, out, data_dir=args.data_dir, device=device,
                       pretrained_cache=args.pretrained_cache)

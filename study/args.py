@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from atop.cli import check_folder_to_create
 from study.devices import visible_gpus
 from tracking.uri import TrackingURIError, check_tracking_uri
 
@@ -76,6 +77,8 @@ def check_args(args: argparse.Namespace) -> tuple[Storage, Storage]:
         if path is not None and not (path.is_file() if kind == "file" else path.is_dir()):
             what = "a folder holding classifier.pt (and purifier.pt if any)" if kind == "folder" else "a file"
             raise StudyError(f"{flag} {value!r} does not exist; expected {what}")
+    if args.pretrained_cache:
+        check_folder_to_create("--pretrained-cache", args.pretrained_cache, "cached pre-trained weights")
     if url := args.optuna_storage or os.environ.get(optuna_storage.ENV):
         optuna_storage.resolve(url)  # its scheme; `study.run.prepare` connects to it
     if args.gpus is not None:

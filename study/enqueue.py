@@ -131,6 +131,9 @@ def _read_list(path: Path, where: str) -> list[Any]:
     except OSError as exc:
         raise StudyError(f"{where} cannot be read ({exc.strerror}); accepted: a YAML or JSON list of "
                          "reference configurations") from None
+    except UnicodeDecodeError:
+        raise StudyError(f"{where} is not UTF-8 text; accepted: a YAML or JSON list of reference "
+                         "configurations") from None
     import yaml  # JSON is YAML too: one safe parser for both
 
     try:

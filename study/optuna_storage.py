@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 
 from study.args import StudyError  # light: the command line's checks use this module
+from tracking.uri import sqlite_file_problem
 
 CONNECT_TIMEOUT_S = 10
 #: environment variable read when `--optuna-storage` is not given (keeps a password off the command line)
@@ -57,7 +58,11 @@ def check(url: str) -> None:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    args = {"connect_timeout": CONNECT_TIMEOUT_S} if make_url(url).get_backend_name() != "sqlite" else {}
+    parsed = make_url(url)
+    sqlite = parsed.get_backend_name() == "sqlite" and parsed.database
+    if sqlite and (problem := sqlite_file_problem(parsed.database, "Optuna", "studies", may_be_new=True)):
+        raise StudyError(f"--optuna-storage {public(url)!r}: {parsed.database!r} {problem}")
+    args = {"connect_timeout": CONNECT_TIMEOUT_S} if parsed.get_backend_name() != "sqlite" else {}
     engine = create_engine(url, connect_args=args)
     try:
         with engine.connect() as conn:

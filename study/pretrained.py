@@ -73,6 +73,9 @@ def given_weights(folder: str | os.PathLike, settings: PretrainSettings) -> Give
     if not path.is_dir():
         raise StudyError(f"{where} is not a folder; accepted: {accepted}")
     clf, pur = path / CLASSIFIER_FILE, path / PURIFIER_FILE
+    for name in (clf, pur):  # a folder of that name is no weights (and must not be taken for "absent")
+        if name.exists() and not name.is_file():
+            raise StudyError(f"{where}: {str(name)!r} is not a file; accepted: {accepted}")
     if not clf.is_file():
         alone = f" (its {PURIFIER_FILE} was pre-trained against a classifier, which must come with it)" \
             if pur.is_file() else ""

@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script: import this checkout's package
 
 # Only light modules here: bad input is refused (study.args, then `prepare`) before torch, Optuna,
 # MLflow or Ray are imported; each function imports the heavy modules it needs (tests/test_refusal.py).
-from atop.cli import OneLineParser, one_line_errors
+from atop.cli import OneLineParser, naming_the_file, one_line_errors
 from atop.config import Config
 from study import optuna_storage
 from study.args import STUDY_FILE, StudyError, check_args, check_gpus, check_mlflow_uri, study_name
@@ -130,9 +130,6 @@ def build_parser(listing: bool = True) -> argparse.ArgumentParser:
 def resolve_settings(args: argparse.Namespace) -> StudySettings:
     from study.settings import load_preset, merge, read_file
 
-    settings = load_preset(args.preset or "smoke")
-    if args.config:
-        settings = merge(settings, read_file(args.config), f"--config {args.config}")
     flags: dict[str, Any] = {k: getattr(args, k) for k in ("space", "sampler", "num_trials", "max_concurrent",
                                                             "cpus", "gpus", "max_failures", *SCHEDULING)
                              if getattr(args, k) is not None}
@@ -143,9 +140,16 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
         flags["confirm"] = False
     if args.constraint:
         flags["constraints"] = list(args.constraint)
-    settings = merge(settings, flags, "the command line")
-    settings.validate()
-    return settings
+
+    def build(with_file: bool) -> StudySettings:
+        settings = load_preset(args.preset or "smoke")
+        if with_file and args.config:
+            settings = merge(settings, read_file(args.config), f"--config {args.config}")
+        settings = merge(settings, flags, "the command line")
+        settings.validate()
+        return settings
+
+    return naming_the_file(build, "--config", args.config, StudyError)
 
 
 def load_data(cfg: Config, data_dir: str | None):
@@ -245,8 +249,26 @@ def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> li
 
 
 def _saved_study(name: str, store: Storage) -> dict[str, Any]:
-    """The study.json of a study to resume (`study.args.check_args` made sure it exists)."""
-    return store.read_json(STUDY_FILE)
+    """The study.json of a study to resume (`study.args.check_args` made sure it exists), or a
+    one-line `StudyError` naming it when it is not one this project wrote."""
+    import dataclasses
+
+    from study.settings import StudySettings
+
+    where = f"--resume: {store.where(STUDY_FILE)!r}"
+    expected = f"expected the {STUDY_FILE} that study {name!r} was started with"
+    try:
+        saved = store.read_json(STUDY_FILE)
+    except (OSError, ValueError) as exc:  # a folder, not UTF-8, not JSON
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise StudyError(f"{where} cannot be read as JSON ({reason}); {expected}") from None
+    settings = saved.get("settings") if isinstance(saved, dict) else None
+    if not isinstance(settings, dict) or not isinstance(saved.get("mlflow_uri"), str):
+        raise StudyError(f"{where} holds no study's settings and MLflow URI; {expected}")
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(StudySettings)})
+    if unknown:
+        raise StudyError(f"{where} has unknown setting(s) {', '.join(map(repr, unknown))}; {expected}")
+    return saved
 
 
 def _check_same_space(name: str, space: str, saved_fingerprint: str | None) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow
 import pyarrow.fs as pafs
 
+from atop.cli import check_folder_to_create
 from atop.io import atomic_write_bytes
 from study.args import StudyError
 
@@ -114,6 +115,7 @@ class Storage:
         Creates nothing; a local folder is created when the study starts.
         """
         if not self.remote:
+            check_folder_to_create("--storage-path", self.base, "the study folders")
             return
         bucket = self.base.split("/", 1)[0]
         try:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atop.cli import OneLineParser
+from atop.cli import OneLineParser, one_line_errors
 from atop.io import atomic_write_text
 from tracking.contract import (
     LAST_ERROR_TAG,
@@ -62,6 +62,7 @@ from tracking.contract import (
     Role,
     role_filter,
 )
+from tracking.uri import TrackingURIError, check_tracking_uri
 
 #: backoff between two tries while the server is down: doubles from the first to the second
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
@@ -362,6 +363,44 @@ def _permanent(exc: BaseException) -> bool:
     return False
 
 
+#: the calls a spool file holds (`_put`'s ops)
+SPOOLED_OPS = ("create", "params", "metrics", "tags", "artifact", "status")
+
+
+class SpoolError(ValueError):
+    """A file given as a spool that is not one; the message is one line naming it."""
+
+
+def check_spool(path: Path) -> None:
+    """A one-line `SpoolError` unless `path` is a spool file (or missing: nothing spooled).
+
+    A spool is UTF-8 text of JSON objects, one call per line, each with a known "op" and a "run_id".
+    Lines that are not JSON are tolerated (a crash cuts one short) as long as some line is a call;
+    a line of JSON that is not a call means another file.
+    """
+    where, expected = f"spool {str(path)!r}", "expected a .jsonl spool of MLflow calls (one JSON call per line)"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    except UnicodeDecodeError:
+        raise SpoolError(f"{where} is not UTF-8 text; {expected}") from None
+    except OSError as exc:
+        raise SpoolError(f"{where} cannot be read ({exc.strerror}); {expected}") from None
+    calls = 0
+    for number, line in enumerate((line for line in text.splitlines() if line.strip()), start=1):
+        try:
+            op = json.loads(line)
+        except ValueError:
+            continue
+        if not (isinstance(op, dict) and op.get("op") in SPOOLED_OPS and isinstance(op.get("run_id"), str)):
+            raise SpoolError(f"{where}: line {number} is JSON but not a spooled call; {expected}")
+        calls += 1
+    if text.strip() and not calls:
+        raise SpoolError(f"{where} holds no spooled call; {expected} (a spool whose only line a crash cut "
+                         "short has nothing to send: delete it)")
+
+
 def _read_spool(path: Path) -> tuple[list[dict[str, Any]], int]:
     """(the ops in a spool file, how many lines could not be read: a line cut by a crash)."""
     try:
@@ -625,11 +664,18 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("spool", nargs="+")
     up.add_argument("--mlflow-uri", required=True)
     args = parser.parse_args(argv)
-    left = sum(upload(p, args.mlflow_uri) for p in _creates_first(args.spool))
-    skipped = sum(len(q.skipped) for q in _QUEUES.values())
-    print(f"{left} call(s) still unsent" if left else "all spooled calls sent", end="")
-    print(f"; {skipped} skipped for good (listed above and in SPOOL.skipped)" if skipped else "")
-    return 1 if left else 0
+
+    def body() -> int:
+        check_tracking_uri(args.mlflow_uri, existing_store=False)  # everything is checked before a call is sent
+        for spool in args.spool:
+            check_spool(Path(spool))
+        left = sum(upload(p, args.mlflow_uri) for p in _creates_first(args.spool))
+        skipped = sum(len(q.skipped) for q in _QUEUES.values())
+        print(f"{left} call(s) still unsent" if left else "all spooled calls sent", end="")
+        print(f"; {skipped} skipped for good (listed above and in SPOOL.skipped)" if skipped else "")
+        return 1 if left else 0
+
+    return one_line_errors(body, (SpoolError, TrackingURIError))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The one check of an MLflow tracking URI, before anything is created or read (pure: urllib only).
+"""The one check of an MLflow tracking URI, before anything is created or read (pure: urllib and
+the standard library's sqlite3 only).
 
 The study driver writes to a store that may not exist yet; `analysis` reads one that must exist.
 Both fail fast here with one line instead of waiting on MLflow's retries or silently creating an
@@ -7,6 +8,7 @@ empty store.
 from __future__ import annotations
 
 import os
+import sqlite3
 import urllib.error
 import urllib.request
 
@@ -21,6 +23,41 @@ def store_path(uri: str) -> str:
     if uri.startswith("sqlite:"):
         return uri.split(":///", 1)[-1]
     return uri.removeprefix("file://").removeprefix("file:")
+
+
+def sqlite_file_problem(path: str, owner: str, table: str, *, may_be_new: bool) -> str | None:
+    """Why the file at `path` cannot be `owner`'s SQLite database, or None when it can.
+
+    Opened read-only and checked (`PRAGMA quick_check`, then `table`), so random bytes, another
+    format, a folder, a truncated database or another program's database are refused before MLflow
+    or Optuna would fail on them with a traceback (or write their tables into them).
+
+    Args:
+        path: the database file.
+        owner: who the database is for, as the message names it ("MLflow", "Optuna").
+        table: a table every database of `owner` has.
+        may_be_new: True for a writer: a missing or empty file is a new database.
+    """
+    expected = f"expected an {owner} SQLite database"
+    if os.path.isdir(path):
+        return f"is a folder; {expected}"
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None if may_be_new else f"does not exist or is empty; {expected}"
+    try:
+        with open(path, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                return f"is not an SQLite database (another format); {expected}"
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            verdict = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            ours = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        finally:
+            db.close()
+    except (OSError, sqlite3.Error) as exc:
+        return f"is not a readable SQLite database ({' '.join(str(exc).split())[:200]}); {expected}"
+    if verdict != "ok":  # quick_check reports on several lines
+        return f"is a damaged SQLite database ({' '.join(verdict.split())[:200]}); {expected}"
+    return None if ours else f"has no table {table!r}: another program's database; {expected}"
 
 
 def check_tracking_uri(uri: str, *, existing_store: bool, timeout_s: float = 5.0) -> None:
@@ -55,6 +92,8 @@ def check_tracking_uri(uri: str, *, existing_store: bool, timeout_s: float = 5.0
                                    "(a trial's working directory is its own folder)")
         elif not os.path.isdir(os.path.dirname(path)):
             raise TrackingURIError(f"--mlflow-uri {uri!r}: folder {os.path.dirname(path)!r} does not exist")
+        if problem := sqlite_file_problem(path, "MLflow", "experiments", may_be_new=not existing_store):
+            raise TrackingURIError(f"--mlflow-uri {uri!r}: {path!r} {problem}")
     elif scheme == "databricks" or (scheme == "file" and not existing_store):
         pass
     elif scheme == "file" or (scheme == "" and existing_store):
