@@ -126,7 +126,7 @@ def simulate(setting: Setting, scheduler: str, seed: int, *, until: float | None
     noise = np.random.default_rng(20_000 + seed)
     rung_epochs = set(rungs(setting.grace_period, setting.reduction_factor, setting.epochs)) \
         if scheduler == "mo-asha" else set()
-    records: dict[int, list[np.ndarray]] = {e: [] for e in rung_epochs}
+    records: dict[int, list[list[float]]] = {e: [] for e in rung_epochs}
     clock, arm = setting.clock, Arm(scheduler)
     events: list[tuple[float, int, Any, np.ndarray | None, int]] = []  # (time, order, trial, curve, epoch)
     order = itertools.count()
@@ -156,14 +156,14 @@ def simulate(setting: Setting, scheduler: str, seed: int, *, until: float | None
             arm.true.append(curve[-1])
             arm.end = max(arm.end, end)
             heapq.heappush(events, (end, next(order), None, None, 0))
-        elif epoch in rung_epochs and not decide(records[epoch], seen, setting.reduction_factor):
-            records[epoch].append(seen)
+        elif epoch in rung_epochs and not decide(records[epoch], seen.tolist(), setting.reduction_factor):
+            records[epoch].append(seen.tolist())
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             arm.stopped_at.append(epoch)
             heapq.heappush(events, (t + clock.stopped, next(order), None, None, 0))
         else:
             if epoch in rung_epochs:
-                records[epoch].append(seen)
+                records[epoch].append(seen.tolist())
             heapq.heappush(events, (t + 1.0, next(order), trial, curve, epoch + 1))
     return arm
 

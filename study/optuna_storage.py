@@ -59,9 +59,9 @@ def check(url: str) -> None:
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
-    sqlite = parsed.get_backend_name() == "sqlite" and parsed.database
-    if sqlite and (problem := sqlite_file_problem(parsed.database, "Optuna", "studies", may_be_new=True)):
-        raise StudyError(f"--optuna-storage {public(url)!r}: {parsed.database!r} {problem}")
+    database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if database and (problem := sqlite_file_problem(database, "Optuna", "studies", may_be_new=True)):
+        raise StudyError(f"--optuna-storage {public(url)!r}: {database!r} {problem}")
     args = {"connect_timeout": CONNECT_TIMEOUT_S} if parsed.get_backend_name() != "sqlite" else {}
     engine = create_engine(url, connect_args=args)
     try:
