@@ -43,7 +43,7 @@ from study.args import STUDY_FILE, StudyError, check_args, check_gpus, check_mlf
 from study.cluster import join_ray
 from study.phases import confirm, open_study, report, search, settle, shared_context, where_to_watch
 from study.plan import StudyPlan
-from study.storage import Storage, leave_job_working_dir, local_folder
+from study.storage import Storage, default_cache, leave_job_working_dir, local_folder
 from tracking import mlflow_log
 from tracking.mlflow_log import quiet_http
 
@@ -166,10 +166,6 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     The checks of the command line alone come first (`study.args.check_args`: no heavy import).
     """
     storage, store = check_args(args)
-    from atop.data import DataError, carve_validation, resolve_data_dir
-    from study.pretrained import check_pretrained
-    from study.storage import default_cache
-
     name = study_name(args)
     folder = local_folder(store)
     pretrained = str(Path(args.pretrained).expanduser().resolve()) if args.pretrained else None
@@ -185,9 +181,7 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     else:
         settings = resolve_settings(args)
         mlflow_uri = args.mlflow_uri or f"sqlite:///{folder / 'mlflow.db'}"
-        data_dir = str(resolve_data_dir(args.data_dir)) if args.data_dir else None
-        if args.data_dir:
-            data_dir = str(Path(args.data_dir).expanduser().resolve())
+        data_dir = str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None
     optuna_url = optuna_storage.resolve(optuna_given) if optuna_given else ""
     if optuna_url:
         optuna_storage.check(optuna_url)
@@ -197,6 +191,18 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     if not args.resume:
         _check_new_name(name, mlflow_uri if args.mlflow_uri else None, optuna_url or None)
     cfg = settings.base_config()
+    references = _references(settings, cfg, args.enqueue)
+    warm = None
+    if args.warm_start:  # a resumed study refused it above (its trials were copied when it was created)
+        from search_spaces import SPACES, fingerprint
+        from study.warmstart import source
+
+        warm = source(storage, args.warm_start, name, fingerprint(SPACES[settings.space]),
+                      optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
+    # the checks that need torch last (the data and the checkpoints are torch tensors)
+    from atop.data import DataError, carve_validation
+    from study.pretrained import check_pretrained
+
     train, test = load_data(cfg, data_dir or args.data_dir)
     try:
         holdout = carve_validation(train, cfg.n_eval)
@@ -206,14 +212,6 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     if settings.confirm and n_test > len(test):
         raise StudyError(f"confirm_config n_eval={n_test} test images but the test split has {len(test)}; "
                          f"accepted: 1..{len(test)}")
-    references = _references(settings, cfg, args.enqueue)
-    warm = None
-    if args.warm_start:  # a resumed study refused it above (its trials were copied when it was created)
-        from search_spaces import SPACES, fingerprint
-        from study.warmstart import source
-
-        warm = source(storage, args.warm_start, name, fingerprint(SPACES[settings.space]),
-                      optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
     if pretrained:
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
