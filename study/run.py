@@ -199,10 +199,12 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
 
         warm = source(storage, args.warm_start, name, fingerprint(SPACES[settings.space]),
                       optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
-    # the checks that need torch last (the data and the checkpoints are torch tensors)
+    # the checks that need torch last (checkpoints and data are torch tensors); the data's, the slowest, at the end
     from atop.data import DataError, carve_validation
     from study.pretrained import check_pretrained
 
+    if pretrained:
+        check_pretrained(pretrained, cfg, settings.pretrain_settings())
     train, test = load_data(cfg, data_dir or args.data_dir)
     try:
         holdout = carve_validation(train, cfg.n_eval)
@@ -212,8 +214,6 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     if settings.confirm and n_test > len(test):
         raise StudyError(f"confirm_config n_eval={n_test} test images but the test split has {len(test)}; "
                          f"accepted: 1..{len(test)}")
-    if pretrained:
-        check_pretrained(pretrained, cfg, settings.pretrain_settings())
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
     return StudyPlan(settings=settings, name=name, folder=folder, store=store, pretrained_cache=cache,
                      mlflow_uri=mlflow_uri,
