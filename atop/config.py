@@ -11,11 +11,12 @@ import dataclasses
 import enum
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from atop import names
 from atop.threat import Norm, pgd_step_size
 
 
@@ -198,20 +199,15 @@ class Config:
                               "to fine-tune); accepted: epochs=0, or defense='full'")
         if self.train_norm is Norm.LINF and self.train_eps > 1.0:
             raise ConfigError(f"train_eps={self.train_eps} is above 1 for linf on [0,1] images; accepted: 0..1")
-        # The registries hold torch classes: imported here, after the checks that need none, so
-        # that importing this module, and refusing a bad number, costs no torch import.
-        from atop.attacks import ATTACKS
-        from atop.data import DATASETS
-        from atop.models import CLASSIFIERS, PURIFIERS
-
-        _one_of("dataset", self.dataset, DATASETS)
-        _one_of("classifier", self.classifier, CLASSIFIERS)
-        _one_of("purifier", self.purifier, PURIFIERS)
+        # the registries' names, not the registries (which hold torch classes): refusing costs no torch import
+        _one_of("dataset", self.dataset, names.DATASETS)
+        _one_of("classifier", self.classifier, names.CLASSIFIERS)
+        _one_of("purifier", self.purifier, names.PURIFIERS)
         for name in self.unseen_attack_names:
-            _one_of("unseen_attacks entry", name, ATTACKS)
+            _one_of("unseen_attacks entry", name, names.ATTACKS)
         if not self.unseen_attack_names:
             raise ConfigError(f"unseen_attacks={self.unseen_attacks!r} names no attack; "
-                              f"accepted: {', '.join(sorted(ATTACKS))}")
+                              f"accepted: {', '.join(sorted(names.ATTACKS))}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -244,7 +240,7 @@ def _in_range(name: str, value: float, low: float, high: float | None) -> None:
         raise ConfigError(f"{name}={value!r} is out of range; accepted: {accepted}")
 
 
-def _one_of(name: str, value: str, choices: Mapping[str, Any]) -> None:
+def _one_of(name: str, value: str, choices: Collection[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is unknown; accepted: {', '.join(choices)}")
 

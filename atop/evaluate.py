@@ -37,6 +37,7 @@ import numpy as np
 from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, ConfigError, EvalLevel, Precision
 from atop.io import atomic_folder
+from atop.names import ATTACKS as ATTACK_NAMES
 from atop.progress import step
 from atop.stats import wilson
 
@@ -334,19 +335,23 @@ def _check_args(args: argparse.Namespace) -> int:
         raise UsageError(f"--data-dir {args.data_dir!r} is not a folder")
     if not Path(args.checkpoint).exists():  # what an existing path holds is `load_checkpoint`'s to check
         raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist; expected a defense checkpoint file")
+    unknown = [n for n in _extra_attacks(args) if n not in ATTACK_NAMES]
+    if unknown:
+        raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACK_NAMES))}")
     return 0
 
 
+def _extra_attacks(args: argparse.Namespace) -> list[str]:
+    """The names of `--attacks`, in order."""
+    return [n.strip() for n in args.attacks.split(",") if n.strip()]
+
+
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Split, Config, list[str], Path]:
-    """Check what the files hold and the attack names (these need torch); load the defense and data."""
-    from atop.attacks import ATTACKS
+    """Check what the files hold (this needs torch); load the defense and data."""
     from atop.checkpoint import load_checkpoint, load_defense
     from atop.data import load_split, subset
 
-    extra = [n.strip() for n in args.attacks.split(",") if n.strip()]
-    unknown = [n for n in extra if n not in ATTACKS]
-    if unknown:
-        raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACKS))}")
+    extra = _extra_attacks(args)
     blob = load_checkpoint(args.checkpoint, kind="defense")
     changes = {k: v for k, v in {"eval_eps_linf": args.eps_linf, "eval_eps_l2": args.eps_l2,
                                  "seed": args.seed}.items() if v is not None}

@@ -2,14 +2,65 @@
 
 `smoke` runs on this project's 2-core CPU in minutes on real CIFAR-10 images; the `paper-*` presets
 are the paper-size setting (WRN-28-10, gated purifier, full train split) meant for GPUs.
+Torch-free (`PretrainSettings` lives here, not in `atop.pretrain`), so a bad preset or pre-training
+setting is refused before torch loads (tests/test_refusal.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from atop.config import ConfigError
-from atop.pretrain import PretrainSettings
+from atop.config import ConfigError, RTType
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """How long and on how much data the shared artifacts pre-train (not searched by a study)."""
+
+    classifier_epochs: int = 4
+    purifier_epochs: int = 2
+    n_train: int = 10_000  # seeded subset of the train split; 0 = all
+    classifier_lr: float = 0.05
+    # The purifier starts from scratch: a larger step than fine-tuning's 1e-4, and a GAN term kept
+    # small against L1 so that short budgets (minutes on a CPU) first learn to reconstruct at all
+    # (one CPU measurement, unet width 16: lr 2e-4, GAN 1.0, batch 128, 2 epochs of 5,000 images
+    # left L1 at 0.18 and accuracy through the defense at 0.16; lr 1e-3, GAN 0.1, batch 32 after one
+    # epoch of 3,000 images reached L1 0.12 and 0.23, the classifier alone scoring 0.48).
+    purifier_lr: float = 1e-3
+    purifier_gan_weight: float = 0.1
+    batch_size: int = 128  # the purifier's, and the classifier's unless classifier_batch_size is set
+    classifier_batch_size: int = 0  # 0 = batch_size
+    classifier_weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    crop_pad: int = 4  # random translation of up to this many pixels (reflect padding)
+    # CE of the frozen classifier on the purified image: teaches the purifier to keep what the
+    # classifier needs, which L1 alone does not (it blurs away texture under RT2's noise).
+    purifier_ce_weight: float = 0.0
+    purifier_rts: str = "rt1,rt2,rt3"  # the RT types the purifier's batches draw from
+    purifier_n_train: int = 0  # the purifier sees the first this many of the n_train images; 0 = all
+    bf16: bool = False  # bf16 autocast in both pre-trainings (AMX on this project's CPU, GPUs)
+    channels_last: bool = False  # NHWC tensors: faster 3x3 convolutions in oneDNN and cuDNN
+    # A classifier file to start from instead of training one (an atop checkpoint or a plain state
+    # dict such as RobustBench's): checked, then cached under its sha256.
+    classifier_checkpoint: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("classifier_epochs", "purifier_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} is out of range; accepted: >= 1")
+        for name in ("n_train", "purifier_n_train", "classifier_batch_size", "crop_pad", "purifier_ce_weight", "classifier_weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} is out of range; accepted: >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} is out of range; accepted: 0 <= x < 1")
+        accepted = ", ".join(rt.value for rt in RTType)
+        names = [name.strip() for name in self.purifier_rts.split(",") if name.strip()]
+        if not names or any(name not in {rt.value for rt in RTType} for name in names):
+            raise ConfigError(f"purifier_rts={self.purifier_rts!r} is not a list of RT types; accepted: {accepted}")
+
+    @property
+    def rt_types(self) -> list[RTType]:
+        return [RTType(name.strip()) for name in self.purifier_rts.split(",") if name.strip()]
 
 
 @dataclass(frozen=True)

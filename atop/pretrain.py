@@ -21,7 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,71 +31,24 @@ from torch import nn
 
 from atop.checkpoint import CheckpointError, build_classifier, load_checkpoint, save_checkpoint
 from atop.cli import OneLineParser, UsageError, one_line_errors
-from atop.config import Config, ConfigError, RTType
+from atop.config import Config, ConfigError
 from atop.data import DATASETS, DataError, Split, load_split, subset
 from atop.finetune import PurifierTrainer
 from atop.io import atomic_write_bytes
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
+from atop.presets import PretrainSettings
 from atop.pretrained_cache import cache_paths, check_entry, import_classifier
 from atop.progress import step
 from atop.transforms import RandomTransform
 
 
-@dataclass(frozen=True)
-class PretrainSettings:
-    """How long and on how much data the shared artifacts pre-train (not searched by a study)."""
+def _autocast(settings: PretrainSettings, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when `settings.bf16`, else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if settings.bf16 else contextlib.nullcontext()
 
-    classifier_epochs: int = 4
-    purifier_epochs: int = 2
-    n_train: int = 10_000  # seeded subset of the train split; 0 = all
-    classifier_lr: float = 0.05
-    # The purifier starts from scratch: a larger step than fine-tuning's 1e-4, and a GAN term kept
-    # small against L1 so that short budgets (minutes on a CPU) first learn to reconstruct at all
-    # (one CPU measurement, unet width 16: lr 2e-4, GAN 1.0, batch 128, 2 epochs of 5,000 images
-    # left L1 at 0.18 and accuracy through the defense at 0.16; lr 1e-3, GAN 0.1, batch 32 after one
-    # epoch of 3,000 images reached L1 0.12 and 0.23, the classifier alone scoring 0.48).
-    purifier_lr: float = 1e-3
-    purifier_gan_weight: float = 0.1
-    batch_size: int = 128  # the purifier's, and the classifier's unless classifier_batch_size is set
-    classifier_batch_size: int = 0  # 0 = batch_size
-    classifier_weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    crop_pad: int = 4  # random translation of up to this many pixels (reflect padding)
-    # CE of the frozen classifier on the purified image: teaches the purifier to keep what the
-    # classifier needs, which L1 alone does not (it blurs away texture under RT2's noise).
-    purifier_ce_weight: float = 0.0
-    purifier_rts: str = "rt1,rt2,rt3"  # the RT types the purifier's batches draw from
-    purifier_n_train: int = 0  # the purifier sees the first this many of the n_train images; 0 = all
-    bf16: bool = False  # bf16 autocast in both pre-trainings (AMX on this project's CPU, GPUs)
-    channels_last: bool = False  # NHWC tensors: faster 3x3 convolutions in oneDNN and cuDNN
-    # A classifier file to start from instead of training one (an atop checkpoint or a plain state
-    # dict such as RobustBench's): checked, then cached under its sha256.
-    classifier_checkpoint: str = ""
 
-    def __post_init__(self) -> None:
-        for name in ("classifier_epochs", "purifier_epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} is out of range; accepted: >= 1")
-        for name in ("n_train", "purifier_n_train", "classifier_batch_size", "crop_pad", "purifier_ce_weight", "classifier_weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} is out of range; accepted: >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing={self.label_smoothing} is out of range; accepted: 0 <= x < 1")
-        accepted = ", ".join(rt.value for rt in RTType)
-        names = [name.strip() for name in self.purifier_rts.split(",") if name.strip()]
-        if not names or any(name not in {rt.value for rt in RTType} for name in names):
-            raise ConfigError(f"purifier_rts={self.purifier_rts!r} is not a list of RT types; accepted: {accepted}")
-
-    @property
-    def rt_types(self) -> list[RTType]:
-        return [RTType(name.strip()) for name in self.purifier_rts.split(",") if name.strip()]
-
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
+def _memory_format(settings: PretrainSettings) -> torch.memory_format:
+    return torch.channels_last if settings.channels_last else torch.contiguous_format
 
 
 def _augment(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
@@ -122,8 +75,8 @@ def accuracy(model: nn.Module, data: Split, settings: PretrainSettings, *, devic
     model.eval()
     correct = torch.zeros((), device=device)
     for x, y in data.batches(batch_size, device=device):
-        with settings.autocast(device):
-            correct += (model(x.contiguous(memory_format=settings.memory_format)).argmax(1) == y).sum()
+        with _autocast(settings, device):
+            correct += (model(x.contiguous(memory_format=_memory_format(settings))).argmax(1) == y).sum()
     model.train(was_training)
     return float(correct) / len(data)
 
@@ -143,7 +96,7 @@ def train_classifier(model: nn.Module, train: Split, settings: PretrainSettings,
         outside the timed part) when `test` is given.
     """
     device = torch.device(device)
-    model.to(device).to(memory_format=settings.memory_format).train()
+    model.to(device).to(memory_format=_memory_format(settings)).train()
     batch_size = settings.classifier_batch_size or settings.batch_size
     opt = torch.optim.SGD(model.parameters(), lr=settings.classifier_lr, momentum=0.9,
                           weight_decay=settings.classifier_weight_decay, nesterov=True)
@@ -159,8 +112,8 @@ def train_classifier(model: nn.Module, train: Split, settings: PretrainSettings,
         with step(f"pretrain classifier epoch {epoch + 1}/{settings.classifier_epochs}",
                   total=steps // settings.classifier_epochs, unit="batch") as progress:
             for x, y in train.batches(batch_size, shuffle=True, generator=gen, device=device):
-                x = _augment(x, settings.crop_pad, gen).contiguous(memory_format=settings.memory_format)
-                with settings.autocast(device):
+                x = _augment(x, settings.crop_pad, gen).contiguous(memory_format=_memory_format(settings))
+                with _autocast(settings, device):
                     logits = model(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
                 opt.zero_grad(set_to_none=True)

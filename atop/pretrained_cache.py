@@ -83,7 +83,7 @@ def cache_paths(cfg: Config, settings: Any, train: Split, folder: str | os.PathL
     """Where the classifier and purifier pre-trained with these settings on `train` live.
 
     Args:
-        settings: an `atop.pretrain.PretrainSettings`.
+        settings: an `atop.presets.PretrainSettings`.
         folder: the cache folder; None = `default_cache_dir()`.
         code: the code fingerprint; None = `code_fingerprint()` (tests pass their own).
     """

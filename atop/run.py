@@ -37,6 +37,7 @@ from atop.cli import (
 from atop.config import Config, ConfigError, EvalLevel, read_config_file
 from atop.evaluate import config_budget, describe
 from atop.io import atomic_write_text
+from atop.presets import get_preset
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -64,7 +65,6 @@ def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, devic
     from atop.defense import Defense
     from atop.evaluate import evaluate
     from atop.finetune import finetune
-    from atop.presets import get_preset
     from atop.pretrain import ensure_pretrained
 
     preset = get_preset(preset_name)
@@ -141,31 +141,32 @@ def _check_args(args: argparse.Namespace) -> int:
                          "and <dataset>_test.npz")
     if args.pretrained_cache:
         check_folder_to_create("--pretrained-cache", args.pretrained_cache, "cached pre-trained weights")
-    parse_overrides(args.set)
-    if args.config:
-        read_config_file(args.config)
+    _config(args)
     return 0
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The run's config: preset < config file < --set flags (no torch import: checked before it)."""
+    preset = get_preset(args.preset)
+    overrides = parse_overrides(args.set)
+    file_values = read_config_file(args.config) if args.config else {}
+    # the final evaluation is `full` unless --level (or an eval_level in the config file or --set)
+    # says otherwise, whatever the preset's
+    level = args.level or overrides.get("eval_level") or file_values.get("eval_level") or "full"
+    flags = {**overrides, "eval_level": level}
+    return naming_the_file(lambda with_file: Config.from_dict({**preset.config, **(file_values if with_file else {}),
+                                                               **flags}), "--config", args.config, ConfigError)
 
 
 def _run(args: argparse.Namespace) -> int:
     """The command's work; a failure of any kind removes the --out folder if this run created it."""
     import torch
 
-    from atop.presets import get_preset
-
     out = Path(args.out).resolve()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     created = not out.exists()
     try:
-        preset = get_preset(args.preset)
-        overrides = parse_overrides(args.set)
-        file_values = read_config_file(args.config) if args.config else {}
-        # precedence: preset < config file < --set flags; the final evaluation is `full` unless --level
-        # (or an eval_level in the config file or --set) says otherwise, whatever the preset's
-        level = args.level or overrides.get("eval_level") or file_values.get("eval_level") or "full"
-        flags = {**overrides, "eval_level": level}
-        cfg = naming_the_file(lambda with_file: Config.from_dict({**preset.config, **(file_values if with_file else {}),
-                                                                  **flags}), "--config", args.config, ConfigError)
+        cfg = _config(args)
         out.mkdir(parents=True, exist_ok=True)
         metrics = run(cfg, args.preset, out, data_dir=args.data_dir, device=device,
                       pretrained_cache=args.pretrained_cache)

@@ -1,8 +1,9 @@
 """Random transforms (RT1, RT2, RT3) that destroy adversarial perturbations before purification.
 
 `TRANSFORMS` maps each RT name (`atop.config.RTType`) to its `RTSpec`: whether it adds noise,
-how it draws its hole masks, and which config fields it reads. Adding an RT is one enum member
-and one entry here; search spaces that name their RT list explicitly (`paper`) stay unchanged.
+how it draws its hole masks, and which config fields it reads. Adding an RT is one enum member, its
+fields in `atop.names.RT_PARAMS` (torch-free, for search spaces and checks) and one entry here;
+search spaces that name their RT list explicitly (`paper`) stay unchanged.
 
 A transform turns a batch of N images into K*N transformed views plus their hole masks (1 = pixel
 removed), so the purifier fills all views in one batched forward; `combine` turns the K*N purified
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from atop.config import Config, RTType
+from atop.names import RT_PARAMS
 
 
 def block_masks(n: int, height: int, width: int, block_size: int, groups: int, generator: torch.Generator,
@@ -72,7 +74,7 @@ class RTSpec:
         multi_view: makes `num_masks` views whose masks partition the image (each view inpainted,
             `RandomTransform.combine` keeps the pixels each view filled); else one view.
         holes: draws the hole masks of all views.
-        params: the config fields it reads (what a search space may suggest for it).
+        params: the config fields it reads (`atop.names.RT_PARAMS`: what a search space may suggest for it).
         doc: one line.
     """
 
@@ -85,10 +87,9 @@ class RTSpec:
 
 #: RT name -> spec; the keys are the values of `atop.config.RTType`
 TRANSFORMS: dict[str, RTSpec] = {
-    RTType.RT1.value: RTSpec(False, False, _one_mask, ("mask_ratio", "block_size"), "random mask"),
-    RTType.RT2.value: RTSpec(True, False, _one_mask, ("mask_ratio", "noise_std", "block_size"),
-                             "Gaussian noise, then a random mask"),
-    RTType.RT3.value: RTSpec(True, True, _partition, ("noise_std", "num_masks", "block_size"),
+    RTType.RT1.value: RTSpec(False, False, _one_mask, RT_PARAMS[RTType.RT1.value], "random mask"),
+    RTType.RT2.value: RTSpec(True, False, _one_mask, RT_PARAMS[RTType.RT2.value], "Gaussian noise, then a random mask"),
+    RTType.RT3.value: RTSpec(True, True, _partition, RT_PARAMS[RTType.RT3.value],
                              "noise, then disjoint masks covering the image, each inpainted"),
 }
 

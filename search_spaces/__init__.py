@@ -14,11 +14,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from search_spaces import paper, reproduce, tiny, wide
+
+if TYPE_CHECKING:
+    import optuna
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ def config_values(space: Space, params: dict[str, Any]) -> dict[str, Any]:
     also map one parameter to several fields (`reproduce`'s `arm`), so whoever turns a finished
     trial's `params` back into a config (the confirm stage, `--enqueue` checks) goes through here.
     """
+    import optuna  # here, not at the top: naming and listing spaces (refusing an unknown one) costs no Optuna
+
     return space.suggest(optuna.trial.FixedTrial(params))
 
 
@@ -59,6 +62,8 @@ def distributions(space: Space) -> dict[str, list[str]]:
     A parameter whose range depends on another choice has one distribution per range.
     In-memory storage, random sampling: milliseconds, nothing written.
     """
+    import optuna  # here, not at the top: naming and listing spaces (refusing an unknown one) costs no Optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     probes = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     found: dict[str, set[str]] = {}

@@ -7,11 +7,12 @@ masks (the paper tried several).
 """
 from __future__ import annotations
 
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from atop.config import GradPath, L1Target, Norm, RTType, TrainAttack
+
+if TYPE_CHECKING:  # a space only calls trial methods: listing or checking spaces needs no Optuna
+    import optuna
 
 #: the paper's RT families, named (not read from the registry): a new RT must not change this space,
 #: or studies started on it could no longer resume (Optuna refuses changed categorical choices)

@@ -16,13 +16,14 @@ Arms that fine-tune use the preset's `epochs`; the no-FT arms set `epochs: 0`.
 """
 from __future__ import annotations
 
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from atop.config import DefenseKind, GradPath, RTType, TrainAttack
 from search_spaces.paper import FIXED as PAPER_FIXED
 from tracking.contract import Arm
+
+if TYPE_CHECKING:  # a space only calls trial methods: listing or checking spaces needs no Optuna
+    import optuna
 
 FIXED: dict[str, Any] = dict(PAPER_FIXED)
 

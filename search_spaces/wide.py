@@ -1,20 +1,22 @@
 """Everything the method exposes: RT and its parameters, training attack, loss weights, warm-up, lr.
 
-The RT choices are every entry of `atop.transforms.TRANSFORMS` (a new RT joins this space; a wide
-study started before it cannot be resumed after it). Conditional parameters only where they apply
-(`RTSpec.params`): `mask_ratio` for RT1/RT2 (RT3's masks partition the image), `noise_std` for RT2/RT3, `num_masks` for RT3, `train_steps` and random start for PGD,
+The RT choices are every RT of `atop.names.RT_PARAMS`, the keys of `atop.transforms.TRANSFORMS` (a
+new RT joins this space; a wide study started before it cannot be resumed after it). Conditional
+parameters only where they apply (`RT_PARAMS`): `mask_ratio` for RT1/RT2 (RT3's masks partition the
+image), `noise_std` for RT2/RT3, `num_masks` for RT3, `train_steps` and random start for PGD,
 `train_eot` when the attack's gradient passes the random defense. The eps range follows the norm
 (l-inf on the [0,1] pixel scale, l2 as a norm); both are log-uniform so that Optuna sees one
 compatible distribution for `train_eps` whatever the norm.
 """
 from __future__ import annotations
 
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from atop.config import GradPath, L1Target, Norm, TrainAttack
-from atop.transforms import TRANSFORMS
+from atop.names import RT_PARAMS
+
+if TYPE_CHECKING:  # a space only calls trial methods: listing or checking spaces needs no Optuna
+    import optuna
 
 FIXED: dict[str, Any] = {"beta1": 0.5, "beta2": 0.999}
 
@@ -24,8 +26,8 @@ EPS_RANGE = {Norm.LINF.value: (2 / 255, 16 / 255), Norm.L2.value: (0.125, 1.0)}
 
 def suggest(trial: optuna.trial.BaseTrial) -> dict[str, Any]:
     p: dict[str, Any] = {}
-    p["rt"] = trial.suggest_categorical("rt", list(TRANSFORMS))
-    rt_params = TRANSFORMS[p["rt"]].params
+    p["rt"] = trial.suggest_categorical("rt", list(RT_PARAMS))
+    rt_params = RT_PARAMS[p["rt"]]
     if "mask_ratio" in rt_params:
         p["mask_ratio"] = trial.suggest_float("mask_ratio", 0.1, 0.6)
     if "noise_std" in rt_params:

@@ -43,7 +43,7 @@ from study.args import STUDY_FILE, StudyError, check_args, check_gpus, check_mlf
 from study.cluster import join_ray
 from study.phases import confirm, open_study, report, search, settle, shared_context, where_to_watch
 from study.plan import StudyPlan
-from study.storage import Storage, leave_job_working_dir, local_folder
+from study.storage import Storage, default_cache, leave_job_working_dir, local_folder
 from tracking import mlflow_log
 from tracking.mlflow_log import quiet_http
 
@@ -141,15 +141,18 @@ def resolve_settings(args: argparse.Namespace) -> StudySettings:
     if args.constraint:
         flags["constraints"] = list(args.constraint)
 
-    def build(with_file: bool) -> StudySettings:
+    def build(with_file: bool, full: bool) -> StudySettings:
         settings = load_preset(args.preset or "smoke")
         if with_file and args.config:
             settings = merge(settings, read_file(args.config), f"--config {args.config}")
         settings = merge(settings, flags, "the command line")
-        settings.validate()
+        settings.validate(full=full)
         return settings
 
-    return naming_the_file(build, "--config", args.config, StudyError)
+    # twice: the light checks first, so that telling whether a bad value came from the file (a second
+    # build without it) imports no Optuna when a light check failed
+    naming_the_file(lambda with_file: build(with_file, full=False), "--config", args.config, StudyError)
+    return naming_the_file(lambda with_file: build(with_file, full=True), "--config", args.config, StudyError)
 
 
 def load_data(cfg: Config, data_dir: str | None):
@@ -170,10 +173,6 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     The checks of the command line alone come first (`study.args.check_args`: no heavy import).
     """
     storage, store = check_args(args)
-    from atop.data import DataError, carve_validation, resolve_data_dir
-    from study.pretrained import check_pretrained
-    from study.storage import default_cache
-
     name = study_name(args)
     folder = local_folder(store)
     pretrained = str(Path(args.pretrained).expanduser().resolve()) if args.pretrained else None
@@ -189,9 +188,7 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     else:
         settings = resolve_settings(args)
         mlflow_uri = args.mlflow_uri or f"sqlite:///{folder / 'mlflow.db'}"
-        data_dir = str(resolve_data_dir(args.data_dir)) if args.data_dir else None
-        if args.data_dir:
-            data_dir = str(Path(args.data_dir).expanduser().resolve())
+        data_dir = str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None
     optuna_url = optuna_storage.resolve(optuna_given) if optuna_given else ""
     if optuna_url:
         optuna_storage.check(optuna_url)
@@ -201,6 +198,20 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     if not args.resume:
         _check_new_name(name, mlflow_uri if args.mlflow_uri else None, optuna_url or None)
     cfg = settings.base_config()
+    references = _references(settings, cfg, args.enqueue)
+    warm = None
+    if args.warm_start:  # a resumed study refused it above (its trials were copied when it was created)
+        from search_spaces import SPACES, fingerprint
+        from study.warmstart import source
+
+        warm = source(storage, args.warm_start, name, fingerprint(SPACES[settings.space]),
+                      optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
+    # the checks that need torch last (checkpoints and data are torch tensors); the data's, the slowest, at the end
+    from atop.data import DataError, carve_validation
+    from study.pretrained import check_pretrained
+
+    if pretrained:
+        check_pretrained(pretrained, cfg, settings.pretrain_settings())
     train, test = load_data(cfg, data_dir or args.data_dir)
     try:
         holdout = carve_validation(train, cfg.n_eval)
@@ -210,16 +221,6 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     if settings.confirm and n_test > len(test):
         raise StudyError(f"confirm_config n_eval={n_test} test images but the test split has {len(test)}; "
                          f"accepted: 1..{len(test)}")
-    references = _references(settings, cfg, args.enqueue)
-    warm = None
-    if args.warm_start:  # a resumed study refused it above (its trials were copied when it was created)
-        from search_spaces import SPACES, fingerprint
-        from study.warmstart import source
-
-        warm = source(storage, args.warm_start, name, fingerprint(SPACES[settings.space]),
-                      optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
-    if pretrained:
-        check_pretrained(pretrained, cfg, settings.pretrain_settings())
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
     return StudyPlan(settings=settings, name=name, folder=folder, store=store, pretrained_cache=cache,
                      mlflow_uri=mlflow_uri,

@@ -3,7 +3,7 @@
 A preset file names its scale with `atop_preset:` (config + pre-training from `atop.presets`).
 
 A settings file (YAML through `yaml.safe_load`, or JSON) holds study-level keys (`STUDY_KEYS`),
-`pretrain:` (fields of `atop.pretrain.PretrainSettings`) and `config:` (fields of
+`pretrain:` (fields of `atop.presets.PretrainSettings`) and `config:` (fields of
 `atop.config.Config`, the settings every trial shares; a search space suggests the rest). Paths
 (data dir, storage path, MLflow URI) come only from the command line, never from a file, so no file
 can point a study outside its folder. Unknown keys and bad values raise `StudyError`, one line.
@@ -15,36 +15,39 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import optuna
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from atop.config import Config, ConfigError, read_config_file
-from atop.presets import get_preset
-from atop.pretrain import PretrainSettings
+from atop.presets import PretrainSettings, get_preset
 from search_spaces import SPACES, Space, searched_names
 from study.args import NAME_RE, StudyError  # defined with the light checks
 from study.confirm import CONFIRM_KEYS
 
+if TYPE_CHECKING:
+    import optuna
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
-
-def _tpe(seed: int) -> optuna.samplers.TPESampler:
+def _tpe(samplers: ModuleType, seed: int) -> optuna.samplers.TPESampler:
     """Multivariate TPE (grouped: the RT parameters are conditional) with the constant liar, so trials
     asked while others run are not proposed at the same point. The default: the only sampler above
     random search within 64 trials on `bench/samplers.py`'s table (docs/PERFORMANCE.md)."""
+    from optuna.exceptions import ExperimentalWarning  # a sampler is being built: Optuna is loaded
+
     with warnings.catch_warnings():  # `group` is marked experimental; say nothing to every study
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
 
 
-#: sampler name -> factory(seed, population_size); `--sampler NAME` picks one
-SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
-    "nsga2": lambda seed, population_size: optuna.samplers.NSGAIISampler(population_size=population_size,
-                                                                         seed=seed),
-    "tpe": lambda seed, _: _tpe(seed),  # the default
-    "gp": lambda seed, _: optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False),
-    "random": lambda seed, _: optuna.samplers.RandomSampler(seed=seed),
+#: sampler name -> factory(the module `optuna.samplers`, seed, population_size); `--sampler NAME` picks
+#: one. The module is passed in so that checking a name (this module's import) costs no Optuna import.
+SAMPLERS: dict[str, Callable[[ModuleType, int, int], optuna.samplers.BaseSampler]] = {
+    "nsga2": lambda samplers, seed, population_size: samplers.NSGAIISampler(population_size=population_size,
+                                                                            seed=seed),
+    "tpe": lambda samplers, seed, _: _tpe(samplers, seed),  # the default
+    "gp": lambda samplers, seed, _: samplers.GPSampler(seed=seed, warn_independent_sampling=False),
+    "random": lambda samplers, seed, _: samplers.RandomSampler(seed=seed),
 }
 SCHEDULERS = ("none", "mo-asha")  # early stopping of trials (study/scheduler.py)
 
@@ -75,7 +78,9 @@ class StudySettings:
     pretrain: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> None:
+    def validate(self, *, full: bool = True) -> None:
+        """A one-line `StudyError` for the first bad setting. `full=False`: only the checks that import
+        no Optuna (names, ranges, pretrain, config and constraint values); the rest run the search space."""
         _one_of("--space", self.space, SPACES)
         _one_of("--sampler", self.sampler, SAMPLERS)
         _one_of("--scheduler", self.scheduler, SCHEDULERS)
@@ -92,9 +97,13 @@ class StudySettings:
             raise StudyError(f"--cpus {self.cpus!r} is out of range; accepted: a number > 0")
         if not self.gpus >= 0:
             raise StudyError(f"--gpus {self.gpus!r} is out of range; accepted: a number >= 0")
+        # the checks that import no Optuna first: the space's run (in `base_config`) and study.stopping do
         self.pretrain_settings()
-        self.confirm_base()
         self.parsed_constraints()
+        self.confirm_base(run_space=False)
+        if not full:
+            return
+        self.confirm_base()
         self.search_stop(started=0.0)
         if self.scheduler == "mo-asha":
             self._check_grace_period()
@@ -124,17 +133,21 @@ class StudySettings:
         except (ConfigError, TypeError) as exc:
             raise StudyError(f"pretrain: {exc}") from None
 
-    def base_config(self) -> Config:
-        """The config every trial starts from: Config defaults, the space's fixed values, `config`."""
+    def base_config(self, *, run_space: bool = True) -> Config:
+        """The config every trial starts from: Config defaults, the space's fixed values, `config`.
+        `run_space=False`: without the check that `config` sets no searched key (it runs the space)."""
         space = SPACES[self.space]
+        try:  # first: a bad value is refused without running the space (which imports Optuna)
+            base = Config.from_dict({**space.fixed, **self.config})
+        except ConfigError as exc:
+            raise StudyError(str(exc)) from None
+        if not run_space:
+            return base
         clash = sorted(set(self.config) & searched_names(space))
         if clash:
             raise StudyError(f"config key(s) {', '.join(clash)} are searched by space {self.space!r}; "
                              "remove them or choose another space")
-        try:
-            return Config.from_dict({**space.fixed, **self.config})
-        except ConfigError as exc:
-            raise StudyError(str(exc)) from None
+        return base
 
     def search_stop(self, started: float) -> Any:
         """`study.stopping.SearchStop` of `time_budget_h` and `stop_on_plateau` counted from
@@ -152,14 +165,14 @@ class StudySettings:
             raise StudyError(f"constraints {self.constraints!r} is not a list; accepted: a list of OBJECTIVE>=NUMBER")
         return parse(self.constraints)
 
-    def confirm_base(self) -> Config:
+    def confirm_base(self, *, run_space: bool = True) -> Config:
         """The config of confirm trials before a trial's params: `base_config()` with `confirm_config`."""
         unknown = sorted(set(self.confirm_config) - set(CONFIRM_KEYS))
         if unknown:
             raise StudyError(f"confirm_config key(s) {', '.join(map(repr, unknown))} are not accepted; "
                              f"accepted: {', '.join(CONFIRM_KEYS)} (confirm trials train as their search trial did)")
         try:
-            return Config.from_dict({**self.base_config().to_dict(), **self.confirm_config})
+            return Config.from_dict({**self.base_config(run_space=run_space).to_dict(), **self.confirm_config})
         except ConfigError as exc:
             raise StudyError(f"confirm_config: {exc}") from None
 
@@ -177,7 +190,9 @@ def make_sampler(name: str, seed: int, population_size: int, n_existing: int) ->
         n_existing: trials the study already has (a resumed random stream must not repeat them).
     """
     _one_of("--sampler", name, SAMPLERS)
-    return SAMPLERS[name](seed + n_existing, population_size)
+    import optuna.samplers  # here, not at the top: see SAMPLERS
+
+    return SAMPLERS[name](optuna.samplers, seed + n_existing, population_size)
 
 
 def longest_ce_warmup(space: Space, base: Config) -> int:
@@ -189,6 +204,8 @@ def longest_ce_warmup(space: Space, base: Config) -> int:
     """
     if "ce_warmup_epochs" not in searched_names(space):
         return base.ce_warmup_epochs
+    import optuna  # here, not at the top: only mo-asha's check runs a space on a trial
+
     probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     space.suggest(probe)
     dist = probe.distributions["ce_warmup_epochs"]

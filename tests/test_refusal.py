@@ -3,7 +3,8 @@
 Each case calls one CLI's `main([...])` in a fresh interpreter (`python -c`), catches its exit and
 prints which of torch, ray, mlflow and optuna are in `sys.modules` and whether Ray was started.
 A case names the heavy modules its check genuinely needs (reading a checkpoint's contents needs
-torch; a registry of torch classes holds the accepted names; an MLflow store is read with MLflow);
+torch; learning what a search space searches runs it on an Optuna trial; an MLflow store is read
+with MLflow; a registry's names are in `atop.names`, without torch);
 no case may import more, and no case may start Ray. tests/test_bad_input.py checks the messages;
 this file checks what refusing costs.
 """
@@ -23,7 +24,7 @@ from tests.conftest import REPO, data_dir, free_port
 
 HEAVY = ("mlflow", "optuna", "ray", "torch")
 TORCH = frozenset({"torch"})
-SETTINGS = frozenset({"optuna", "torch"})  # the study's presets, spaces and samplers (study.settings)
+OPTUNA = frozenset({"optuna"})  # a check that runs a search space on a trial, or reads an Optuna storage
 MLFLOW = frozenset({"mlflow"})
 
 #: how each CLI's `main` is reached without running anything else (study/run.py is a script)
@@ -73,9 +74,36 @@ CASES: dict[str, Case] = {
     "study: missing pretrained folder": Case("study", ["--pretrained", "{tmp}/absent"]),
     "study: GPUs this machine lacks": Case("study", ["--gpus", "1"]),
     "study: optuna storage of another kind": Case("study", ["--optuna-storage", "redis://127.0.0.1/0"]),
-    # the settings' checks (each costs the torch and Optuna imports: one case stands for them)
-    "study: unknown space": Case("study", ["--space", "nope"], SETTINGS),
-    "study: corrupt pretrained classifier": Case("study", ["--pretrained", "{tmp}/corrupt"], SETTINGS,
+    # the settings' checks (study.settings): names, keys and values need neither torch nor Optuna
+    "study: unknown preset": Case("study", ["--preset", "huge"]),
+    "study: unknown space": Case("study", ["--space", "nope"]),
+    "study: unknown sampler": Case("study", ["--sampler", "cmaes"]),
+    "study: unknown scheduler": Case("study", ["--scheduler", "hyperband"]),
+    "study: unknown settings key": Case("study", ["--config", "{tmp}/s.yaml"], files={"s.yaml": "frobnicate: 1\n"}),
+    "study: unknown pretrain key": Case("study", ["--config", "{tmp}/s.yaml"], files={"s.yaml": "pretrain: {x: 1}\n"}),
+    "study: bad pretrain value": Case("study", ["--config", "{tmp}/s.yaml"],
+                                      files={"s.yaml": "pretrain: {purifier_rts: rt9}\n"}),
+    "study: unknown config key": Case("study", ["--config", "{tmp}/s.yaml"], files={"s.yaml": "config: {x: 1}\n"}),
+    "study: bad config value": Case("study", ["--epochs", "-1"]),
+    "study: unknown classifier": Case("study", ["--config", "{tmp}/s.yaml"],
+                                      files={"s.yaml": "config: {classifier: vgg}\n"}),
+    "study: unknown unseen attack": Case("study", ["--config", "{tmp}/s.yaml"],
+                                         files={"s.yaml": "config: {unseen_attacks: pgd_linf2}\n"}),
+    "study: out-of-range trial count": Case("study", ["--num-trials", "0"]),
+    "study: constraint on an unknown metric": Case("study", ["--constraint", "speed>=1"]),
+    "study: unknown confirm_config key": Case("study", ["--config", "{tmp}/s.yaml"],
+                                              files={"s.yaml": "confirm_config: {lr: 1}\n"}),
+    # these run the space on an Optuna trial (what it searches is learnt by running it) or sit in
+    # study.stopping, which the search shares (Optuna); none needs torch
+    "study: config key the space searches": Case("study", ["--config", "{tmp}/s.yaml"], OPTUNA,
+                                                 {"s.yaml": "config: {lambda_ce: 0.1}\n"}),
+    "study: grace period past the last epoch": Case("study", ["--scheduler", "mo-asha", "--grace-period", "9"], OPTUNA),
+    "study: negative time budget": Case("study", ["--time-budget", "-1"], OPTUNA),
+    "study: plateau of zero trials": Case("study", ["--stop-on-plateau", "0,x"], OPTUNA),
+    "study: enqueue a value outside the space": Case("study", ["--enqueue", "{tmp}/e.yaml"], OPTUNA,
+                                                     {"e.yaml": "- {rt: rt9, lambda_ce: 0.1}\n"}),
+    # reading a checkpoint's contents needs torch (and comes after the space's checks: Optuna)
+    "study: corrupt pretrained classifier": Case("study", ["--pretrained", "{tmp}/corrupt"], OPTUNA | TORCH,
                                                  {"corrupt/classifier.pt": "PK\x03\x04 not really a zip"}),
     # --- python -m atop.run
     "run: unknown option": Case("run", ["--frobnicate"]),
@@ -85,7 +113,9 @@ CASES: dict[str, Case] = {
     "run: unsafe YAML tag": Case("run", ["--config", "{tmp}/u.yaml"],
                                  files={"u.yaml": "!!python/object/apply:os.system ['echo pwned']\n"}),
     "run: missing data dir": Case("run", ["--data-dir", "{tmp}/no-data"]),
-    "run: unknown preset": Case("run", ["--preset", "huge"], TORCH),  # presets carry PretrainSettings
+    "run: unknown preset": Case("run", ["--preset", "huge"]),
+    "run: bad config value": Case("run", ["--set", "epochs=-1"]),
+    "run: unknown attack in the config": Case("run", ["--set", "unseen_attacks=pgd_linf2"]),
     # --- python -m atop.evaluate
     "evaluate: missing checkpoint": Case("evaluate", ["--checkpoint", "{tmp}/none.pt"]),
     "evaluate: zero images": Case("evaluate", ["--checkpoint", "{tmp}/none.pt", "--n-images", "0"]),
@@ -94,7 +124,7 @@ CASES: dict[str, Case] = {
                                      files={"file": "x"}),
     "evaluate: missing data dir": Case("evaluate", ["--checkpoint", "{tmp}/none.pt", "--data-dir", "{tmp}/no"]),
     "evaluate: unknown attack": Case("evaluate", ["--checkpoint", "{tmp}/c.pt", "--attacks", "pgd_linf2"],
-                                     TORCH, {"c.pt": "x"}),  # the attack registry holds torch classes
+                                     files={"c.pt": "x"}),
     "evaluate: corrupt checkpoint": Case("evaluate", ["--checkpoint", "{tmp}/c.pt"], TORCH,
                                          {"c.pt": "PK\x03\x04 not really a zip"}),
     # --- python -m analysis

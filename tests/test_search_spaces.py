@@ -7,6 +7,7 @@ import optuna
 import pytest
 
 from atop.config import Config, RTType
+from atop.names import RT_PARAMS
 from atop.transforms import TRANSFORMS
 from search_spaces import SPACES, Space, config_values, searched_names
 from search_spaces.reproduce import ARMS
@@ -130,7 +131,7 @@ def test_the_rt_registry_matches_the_config_enum_and_config_fields():
 
 
 def test_a_new_rt_changes_the_wide_space_but_not_paper_or_tiny(monkeypatch):
-    monkeypatch.setitem(TRANSFORMS, "rt9", TRANSFORMS["rt1"])
+    monkeypatch.setitem(RT_PARAMS, "rt9", RT_PARAMS["rt1"])  # what the spaces read (atop.names)
 
     def rt_choices(space):
         study = optuna.create_study()
