@@ -29,7 +29,8 @@ from atop.checkpoint import CheckpointError, save_checkpoint
 from atop.config import Config
 from atop.data import Split
 from atop.io import atomic_write_bytes
-from atop.pretrain import PretrainSettings, ensure_pretrained
+from atop.presets import PretrainSettings
+from atop.pretrain import ensure_pretrained
 from atop.pretrained_cache import (
     adopted_purifier_path,
     cache_paths,

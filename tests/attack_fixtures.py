@@ -16,7 +16,8 @@ from atop.config import RTType
 from atop.data import Split, load_split, subset
 from atop.defense import Defense, freeze
 from atop.models import SmallCNN
-from atop.pretrain import PretrainSettings, train_classifier
+from atop.presets import PretrainSettings
+from atop.pretrain import train_classifier
 from atop.transforms import RandomTransform
 
 DATA_DIR = Path(os.environ.get("ATOP_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -192,7 +192,7 @@ def test_moasha_simulation_stops_trials_at_rungs_and_spends_the_freed_time_on_ne
     from study.scheduler import rungs
 
     # the first trials at a rung mostly continue (3 objectives: most vectors are non-dominated)
-    setting = Setting(epochs=4, concurrency=2, n_trials=16, grace_period=1, reduction_factor=2)
+    setting = Setting(epochs=4, concurrency=2, n_trials=16, grace_period=1, reduction_factor=2, sampler="random")
     none = simulate(setting, "none", seed=0)
     assert none.started == len(none.times) == 16 and not none.stopped_at
     assert none.epochs_run == 16 * 4

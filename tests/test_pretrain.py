@@ -5,8 +5,8 @@ import torch
 from atop.config import Config, ConfigError
 from atop.data import load_split, subset
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
-from atop.presets import get_preset
-from atop.pretrain import PretrainSettings, _augment, accuracy, train_classifier, train_purifier
+from atop.presets import PretrainSettings, get_preset
+from atop.pretrain import _augment, accuracy, train_classifier, train_purifier
 
 
 @pytest.mark.parametrize("bad", [{"label_smoothing": 1.0}, {"crop_pad": -1}, {"purifier_rts": "rt2,rt9"},

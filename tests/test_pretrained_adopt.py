@@ -10,7 +10,8 @@ from atop.checkpoint import build_classifier, build_purifier, load_checkpoint, s
 from atop.config import Config
 from atop.data import Split
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
-from atop.pretrain import PretrainSettings, ensure_pretrained
+from atop.presets import PretrainSettings
+from atop.pretrain import ensure_pretrained
 from atop.pretrained_cache import cache_paths
 from study.pretrained import adopt_pretrained, check_pretrained, pretrain_once
 from study.settings import StudyError

@@ -10,7 +10,8 @@ from atop.config import Config
 from atop.data import Split, load_split, subset
 from atop.io import atomic_write_bytes
 from atop.models import CLASSIFIERS
-from atop.pretrain import PretrainSettings, ensure_pretrained
+from atop.presets import PretrainSettings
+from atop.pretrain import ensure_pretrained
 from atop.pretrained_cache import cache_paths, code_fingerprint, import_classifier
 
 CFG = Config.from_dict({"classifier": "small_cnn", "purifier": "unet", "purifier_width": 4})

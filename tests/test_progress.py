@@ -20,7 +20,8 @@ from atop.config import Config
 from atop.data import load_split, subset
 from atop.evaluate import evaluate
 from atop.models import PatchDiscriminator, SmallCNN, UNetPurifier
-from atop.pretrain import PretrainSettings, train_classifier, train_purifier
+from atop.presets import PretrainSettings
+from atop.pretrain import train_classifier, train_purifier
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = r"\d+(\.\d)? s"  # 0.4 s below ten seconds, 62 s above
