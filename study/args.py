@@ -15,21 +15,16 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from atop.cli import check_folder_to_create
+from study import optuna_storage
 from study.devices import visible_gpus
+from study.errors import StudyError
+from study.storage import Storage, parse, refuse_local_stores
 from tracking.uri import TrackingURIError, check_tracking_uri
-
-if TYPE_CHECKING:
-    from study.storage import Storage
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STUDY_FILE = "study.json"
-
-
-class StudyError(ValueError):
-    """Bad study input; the message is one line naming the value and what is accepted."""
 
 
 def study_name(args: argparse.Namespace) -> str:
@@ -50,10 +45,6 @@ def check_args(args: argparse.Namespace) -> tuple[Storage, Storage]:
     Raises:
         StudyError: one line naming the bad value and what is accepted.
     """
-    # light modules that import this one's StudyError (hence here, not at the top)
-    from study import optuna_storage
-    from study.storage import parse, refuse_local_stores
-
     if args.resume and not args.study_name:
         raise StudyError("--resume needs --study-name NAME (the study to continue)")
     name = study_name(args)

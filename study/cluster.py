@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 # Only light modules here: bad input is refused (study.args, then `prepare`) before torch, Optuna,
 # MLflow or Ray are imported; each function imports the heavy modules it needs (tests/test_refusal.py).
-from study.args import StudyError
+from study.errors import StudyError
 from study.storage import submitted
 
 #: this checkout: embedded Ray workers import its packages

@@ -31,7 +31,8 @@ from optuna.distributions import (
 
 from atop.config import Config, ConfigError
 from search_spaces import Space, config_values, searched_names
-from study.settings import NAME_RE, StudyError
+from study.args import NAME_RE
+from study.errors import StudyError
 from tracking.contract import ATTR_REFERENCE
 
 SUFFIXES = (".yaml", ".yml", ".json")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from study.args import StudyError
+from study.errors import StudyError
 from study.storage import job_submission_id
 
 #: suffix of the lease file beside an sqlite database

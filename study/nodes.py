@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from study.args import StudyError
+from study.errors import StudyError
 from tracking.uri import store_path
 
 #: how long a node's check may take, its worker's start-up included

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from study.args import StudyError  # light: the command line's checks use this module
+from study.errors import StudyError  # light: the command line's checks use this module
 from tracking.uri import sqlite_file_problem
 
 CONNECT_TIMEOUT_S = 10

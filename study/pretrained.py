@@ -38,7 +38,7 @@ from atop.pretrained_cache import (
     check_entry,
     check_purifier_file,
 )
-from study.settings import StudyError
+from study.errors import StudyError
 
 #: the files `--pretrained DIR` takes
 CLASSIFIER_FILE, PURIFIER_FILE = "classifier.pt", "purifier.pt"

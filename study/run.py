@@ -39,8 +39,9 @@ if str(ROOT) not in sys.path:  # run as a script: import this checkout's package
 from atop.cli import OneLineParser, naming_the_file, one_line_errors
 from atop.config import Config
 from study import optuna_storage
-from study.args import STUDY_FILE, StudyError, check_args, check_gpus, check_mlflow_uri, study_name
+from study.args import STUDY_FILE, check_args, check_gpus, check_mlflow_uri, study_name
 from study.cluster import join_ray
+from study.errors import StudyError
 from study.phases import confirm, open_study, report, search, settle, shared_context, where_to_watch
 from study.plan import StudyPlan
 from study.storage import Storage, default_cache, leave_job_working_dir, local_folder

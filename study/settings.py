@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 from atop.config import Config, ConfigError, read_config_file
 from atop.presets import PretrainSettings, get_preset
 from search_spaces import SPACES, Space, searched_names
-from study.args import NAME_RE, StudyError  # defined with the light checks
+from study.args import NAME_RE
 from study.confirm import CONFIRM_KEYS
+from study.errors import StudyError
 
 if TYPE_CHECKING:
     import optuna

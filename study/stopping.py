@@ -25,8 +25,8 @@ import moocore
 import numpy as np
 import optuna
 
-from study.args import StudyError
 from study.constraints import infeasible
+from study.errors import StudyError
 from study.resume import COUNTED_STATES
 from study.warmstart import own
 

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 
 from atop.cli import check_folder_to_create
 from atop.io import atomic_write_bytes
-from study.args import StudyError
+from study.errors import StudyError
 
 #: URI schemes `--storage-path` accepts besides a plain path (pyarrow's names; `gcs` is an alias of `gs`)
 SCHEMES = ("s3", "gs", "gcs", "file")
@@ -216,9 +216,8 @@ def leave_job_working_dir() -> None:
 
 def default_cache(storage: Storage) -> Path:
     """The pre-trained weights' default cache: `<storage>/.pretrained-cache` on a local (or mounted)
-    storage; on an object store `atop.pretrained_cache.default_cache_dir()` on the driver's node (the
+    storage; on an object store `atop.checkpoint.default_cache_dir()` on the driver's node (the
     weights reach trials through Ray's object store, and an object store cannot hold a file cache)."""
-    from atop.checkpoint import STUDY_CACHE_DIR
-    from atop.pretrained_cache import default_cache_dir
+    from atop.checkpoint import STUDY_CACHE_DIR, default_cache_dir
 
     return default_cache_dir() if storage.remote else Path(storage.path(STUDY_CACHE_DIR))

@@ -25,8 +25,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from study import optuna_storage
-from study.args import NAME_RE, STUDY_FILE, StudyError
+from study.args import NAME_RE, STUDY_FILE
 from study.constraints import Constraint, infeasible
+from study.errors import StudyError
 from tracking.contract import ATTR_WARM_START
 
 if TYPE_CHECKING:

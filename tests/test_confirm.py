@@ -18,7 +18,8 @@ from study.confirm import (
     targets,
     verdict,
 )
-from study.settings import StudyError, StudySettings
+from study.errors import StudyError
+from study.settings import StudySettings
 from tracking.contract import (
     ATTR_INTERVALS,
     ATTR_REFERENCE,

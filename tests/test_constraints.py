@@ -7,8 +7,9 @@ import pytest
 from atop.config import Config
 from search_spaces import SPACES
 from study.constraints import Constraint, infeasible, parse, violations
+from study.errors import StudyError
 from study.searcher import AskTellSearcher
-from study.settings import StudyError, StudySettings
+from study.settings import StudySettings
 from tracking.contract import DIRECTIONS, OBJECTIVES
 
 

@@ -11,7 +11,8 @@ import yaml
 from atop.config import Config
 from search_spaces import SPACES, Space
 from study.enqueue import Reference, enqueue_references, read_enqueue
-from study.settings import StudyError, StudySettings, make_sampler
+from study.errors import StudyError
+from study.settings import StudySettings, make_sampler
 from tracking.contract import ATTR_REFERENCE
 
 PAPER = [{"name": "rt2-paper", "rt": "rt2", "lambda_ce": 0.1},

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from study.args import StudyError
+from study.errors import StudyError
 from study.lease import LEASE_SUFFIX, take
 from tests.conftest import REPO, wait_for
 

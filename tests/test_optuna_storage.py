@@ -13,7 +13,7 @@ from tests.conftest import REPO
 
 def test_urls_get_the_installed_driver_and_never_show_a_password():
     from study import optuna_storage
-    from study.settings import StudyError
+    from study.errors import StudyError
 
     url = optuna_storage.resolve("postgresql://me:secret@db:5432/optuna")
     assert url == "postgresql+psycopg://me:secret@db:5432/optuna"

@@ -13,8 +13,8 @@ from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
 from atop.presets import PretrainSettings
 from atop.pretrain import ensure_pretrained
 from atop.pretrained_cache import cache_paths
+from study.errors import StudyError
 from study.pretrained import adopt_pretrained, check_pretrained, pretrain_once
-from study.settings import StudyError
 
 CFG = Config.from_dict({"classifier": "small_cnn", "purifier": "unet", "purifier_width": 4})
 TINY = PretrainSettings(classifier_epochs=1, purifier_epochs=1, n_train=64, batch_size=32)

@@ -86,7 +86,9 @@ def test_a_pickled_payload_is_refused_without_running(tmp_path):
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "/etc", ".hidden", "x" * 101, "a b"])
 def test_study_and_preset_names_cannot_leave_their_folder(name):
-    from study.settings import NAME_RE, StudyError, load_preset
+    from study.args import NAME_RE
+    from study.errors import StudyError
+    from study.settings import load_preset
 
     assert not NAME_RE.match(name)
     with pytest.raises(StudyError, match="accepted"):
@@ -94,7 +96,8 @@ def test_study_and_preset_names_cannot_leave_their_folder(name):
 
 
 def test_settings_files_cannot_hold_paths():
-    from study.settings import StudyError, StudySettings, merge
+    from study.errors import StudyError
+    from study.settings import StudySettings, merge
 
     for key in ("storage_path", "data_dir", "mlflow_uri", "study_name", "folder"):
         with pytest.raises(StudyError, match=repr(key)):

@@ -11,11 +11,12 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import TrialScheduler
 
 from search_spaces import SPACES
+from study.errors import StudyError
 from study.phases import make_scheduler
 from study.run import build_parser, resolve_settings
 from study.scheduler import ATTR_EPOCH_OBJECTIVES, MOASHAScheduler, crowding_distance, decide, rungs
 from study.searcher import AskTellSearcher
-from study.settings import StudyError, StudySettings
+from study.settings import StudySettings
 from study.tables import pareto_table
 from tracking.contract import EPOCH, ERROR_KEY, FAILED_KEY, OBJECTIVES, TRIAL_NUMBER
 

@@ -11,8 +11,9 @@ from ray.tune.search import Searcher
 from atop.config import Config
 from search_spaces import SPACES
 from study.constraints import parse
+from study.errors import StudyError
 from study.searcher import AskTellSearcher
-from study.settings import StudyError, StudySettings
+from study.settings import StudySettings
 from study.stopping import Plateau, SearchStop, front_hypervolume
 from tracking.contract import DIRECTIONS, OBJECTIVES
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from study.errors import StudyError
 from study.run import main
-from study.settings import StudyError
 from study.storage import JOB_ENV, local_folder, parse, refuse_local_stores
 from tests.conftest import REPO
 from tests.services import make_bucket, s3, s3_env

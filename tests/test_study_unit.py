@@ -8,12 +8,12 @@ import pytest
 from optuna.trial import TrialState
 
 from search_spaces import SPACES
+from study.errors import StudyError
 from study.lease import Lease
 from study.resume import finished_count, settle_interrupted
 from study.searcher import AskTellSearcher
 from study.settings import (
     SAMPLERS,
-    StudyError,
     StudySettings,
     load_preset,
     make_sampler,

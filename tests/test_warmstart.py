@@ -9,9 +9,9 @@ import optuna
 import pytest
 
 from search_spaces import SPACES, fingerprint
-from study.args import StudyError
 from study.confirm import targets
 from study.constraints import parse
+from study.errors import StudyError
 from study.resume import counts, finished_count
 from study.settings import make_sampler
 from study.stopping import Plateau
