@@ -230,10 +230,14 @@ def _given_classifier(classifier: str | os.PathLike | bytes, want: str, need: st
     return load_checkpoint(classifier if isinstance(classifier, bytes) else Path(classifier), kind="classifier")
 
 
+def default_cache_dir() -> Path:
+    """The pre-training cache (`atop.pretrained_cache`): `$ATOP_CACHE_DIR`, else
+    `~/.cache/atop/pretrained`. Here because a referenced classifier is looked for there."""
+    return Path(os.environ.get("ATOP_CACHE_DIR") or Path.home() / ".cache" / "atop" / "pretrained").expanduser()
+
+
 def _search_folders(name: str) -> list[Path]:
     """Where a referenced classifier is looked for when none is given (see `find_classifier`)."""
-    from atop.pretrained_cache import default_cache_dir  # it imports this module
-
     folders: list[Path] = []
     if not name.startswith("<"):  # a checkpoint read from bytes has no folder
         for folder in (start := Path(name).resolve().parent, *start.parents):
@@ -268,8 +272,6 @@ def _candidates(hint: Path | None, folders: list[Path], size: int | None, given:
 
 def _describe(folders: list[Path], searched: bool) -> str:
     """Where `find_classifier` looked, in a few words (the folders above the checkpoint are many)."""
-    from atop.pretrained_cache import default_cache_dir
-
     if not searched or len(folders) == 1:
         return repr(str(folders[0]))
     first, cache = folders[0], default_cache_dir()

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -220,40 +217,13 @@ def _resume(parts: dict[str, Any], gen: torch.Generator, state: dict[str, Any] |
     return int(state["epoch"])
 
 
-#: the settings that shape the classifier; the purifier depends on all the others, and on the classifier
-_CLASSIFIER_FIELDS = ("classifier_epochs", "n_train", "classifier_lr", "classifier_batch_size",
-                      "classifier_weight_decay", "label_smoothing", "crop_pad", "bf16", "channels_last")
-_SHARED_FIELDS = ("n_train", "bf16", "channels_last")
-
-
-def pretrain_key(cfg: Config, settings: PretrainSettings, what: str) -> str:
-    """A short hash of the settings that shape one pre-trained artifact (data and code apart).
-
-    `atop.pretrained_cache.cache_paths` combines it with the data and code fingerprints.
-    """
-    values = asdict(settings)
-    fields: dict[str, Any] = {"what": what, "dataset": cfg.dataset, "classifier": cfg.classifier, "seed": cfg.seed}
-    if what == "classifier":
-        own = _CLASSIFIER_FIELDS if not settings.classifier_checkpoint else ()
-        fields["settings"] = {name: values[name] for name in own}
-        if not settings.classifier_batch_size:  # the classifier then trains with batch_size
-            fields["settings"]["batch_size"] = settings.batch_size
-    else:
-        fields["settings"] = {name: value for name, value in values.items()
-                              if name in _SHARED_FIELDS or name not in _CLASSIFIER_FIELDS}
-        del fields["settings"]["classifier_checkpoint"]  # reaches the purifier through the classifier's key
-        fields.update(purifier=cfg.purifier, width=cfg.purifier_width, block_size=cfg.block_size,
-                      mask_ratio=cfg.mask_ratio, noise_std=cfg.noise_std, num_masks=cfg.num_masks)
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Path | None = None, *,
                       data_dir: str | None = None, device: str | torch.device = "cpu",
                       log: Callable[[str], None] = print, train: Split | None = None) -> tuple[Path, Path]:
     """Reuse the cached classifier and purifier for these settings, data and code, or make them.
 
     Args:
-        folder: the cache folder; None = `atop.pretrained_cache.default_cache_dir()`.
+        folder: the cache folder; None = `atop.checkpoint.default_cache_dir()`.
         train: the pre-training subset; None = `settings.n_train` seeded images of the train split.
 
     Returns:

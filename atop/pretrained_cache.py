@@ -2,7 +2,7 @@
 
 An entry is one atop checkpoint, `classifier-<model>-<key>.pt` or `purifier-<model>-<key>.pt`, in
 the cache folder (`$ATOP_CACHE_DIR`, else `~/.cache/atop/pretrained`). A key hashes:
-  - the settings: `atop.pretrain.pretrain_key` (the config fields and `PretrainSettings` fields
+  - the settings: `pretrain_key` (the config fields and `PretrainSettings` fields
     that shape that artifact);
   - the data: sha256 of the training subset's image and label bytes (`data_fingerprint`);
   - the code: sha256 of the source of the modules that define the models and the pre-training
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from atop.checkpoint import (
     CheckpointError,
     build_classifier,
     build_purifier,
+    default_cache_dir,
     load_checkpoint,
     read_torch_file,
     save_checkpoint,
@@ -42,15 +45,11 @@ from atop.checkpoint import (
 from atop.config import Config
 from atop.data import DATASETS, Split
 from atop.models import CLASSIFIERS
+from atop.presets import PretrainSettings
 
 #: the modules whose source shapes pre-trained weights (models, losses, transforms, training loops)
 CODE_MODULES = ("atop.models.classifiers", "atop.models.purifiers", "atop.losses", "atop.transforms",
                 "atop.finetune", "atop.pretrain")
-
-
-def default_cache_dir() -> Path:
-    """`$ATOP_CACHE_DIR`, else `~/.cache/atop/pretrained`."""
-    return Path(os.environ.get("ATOP_CACHE_DIR") or Path.home() / ".cache" / "atop" / "pretrained").expanduser()
 
 
 def data_fingerprint(data: Split) -> str:
@@ -78,6 +77,33 @@ def entry_key(parts: Mapping[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: the settings that shape the classifier; the purifier depends on all the others, and on the classifier
+_CLASSIFIER_FIELDS = ("classifier_epochs", "n_train", "classifier_lr", "classifier_batch_size",
+                      "classifier_weight_decay", "label_smoothing", "crop_pad", "bf16", "channels_last")
+_SHARED_FIELDS = ("n_train", "bf16", "channels_last")
+
+
+def pretrain_key(cfg: Config, settings: PretrainSettings, what: str) -> str:
+    """A short hash of the settings that shape one pre-trained artifact (data and code apart).
+
+    `atop.pretrained_cache.cache_paths` combines it with the data and code fingerprints.
+    """
+    values = asdict(settings)
+    fields: dict[str, Any] = {"what": what, "dataset": cfg.dataset, "classifier": cfg.classifier, "seed": cfg.seed}
+    if what == "classifier":
+        own = _CLASSIFIER_FIELDS if not settings.classifier_checkpoint else ()
+        fields["settings"] = {name: values[name] for name in own}
+        if not settings.classifier_batch_size:  # the classifier then trains with batch_size
+            fields["settings"]["batch_size"] = settings.batch_size
+    else:
+        fields["settings"] = {name: value for name, value in values.items()
+                              if name in _SHARED_FIELDS or name not in _CLASSIFIER_FIELDS}
+        del fields["settings"]["classifier_checkpoint"]  # reaches the purifier through the classifier's key
+        fields.update(purifier=cfg.purifier, width=cfg.purifier_width, block_size=cfg.block_size,
+                      mask_ratio=cfg.mask_ratio, noise_std=cfg.noise_std, num_masks=cfg.num_masks)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def cache_paths(cfg: Config, settings: Any, train: Split, folder: str | os.PathLike | None = None,
                 *, code: str | None = None) -> tuple[Path, Path]:
     """Where the classifier and purifier pre-trained with these settings on `train` live.
@@ -87,8 +113,6 @@ def cache_paths(cfg: Config, settings: Any, train: Split, folder: str | os.PathL
         folder: the cache folder; None = `default_cache_dir()`.
         code: the code fingerprint; None = `code_fingerprint()` (tests pass their own).
     """
-    from atop.pretrain import pretrain_key  # pretrain imports this module: resolve at call time
-
     folder = Path(folder) if folder is not None else default_cache_dir()
     common = {"data": data_fingerprint(train), "code": code if code is not None else code_fingerprint()}
     clf_parts = {**common, "settings": pretrain_key(cfg, settings, "classifier")}
