@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from atop.cli import OneLineParser
+from atop.data import DataError, load_split
 from bench import ROWS, TINY, Context, Sizes
 from bench.core import QUICK, machine_facts
 
@@ -61,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown row(s) {', '.join(unknown)}; accepted: {', '.join(names)}", file=sys.stderr)
         return 2
+    if args.data_dir:  # a bad data file is refused now, not as a traceback once the first rows have run
+        if not Path(args.data_dir).expanduser().is_dir():
+            print(f"error: --data-dir {args.data_dir!r} is not a folder; expected one holding cifar10_train.npz",
+                  file=sys.stderr)
+            return 2
+        try:
+            load_split("cifar10", "train", args.data_dir)
+        except DataError as exc:
+            print(f"error: --data-dir {args.data_dir!r}: {exc}", file=sys.stderr)
+            return 2
     device = torch.device(args.device)
     ctx = Context(device=device, quick=args.quick, sizes=TINY if args.tiny else QUICK if args.quick else Sizes(), repeats=args.repeats,
                   data_dir=args.data_dir, compile=args.compile or not (args.quick or args.tiny) or device.type == "cuda",

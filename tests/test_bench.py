@@ -122,6 +122,20 @@ def test_bad_arguments_are_refused(tmp_path):
     assert proc.returncode == 2 and "unknown row" in proc.stderr
 
 
+@pytest.mark.parametrize("content", [b"", b"not an npz at all", b"PK\x03\x04 truncated zip"])
+def test_a_bad_data_file_is_refused_before_any_row_runs(content, tmp_path, capsys):
+    from bench.__main__ import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "cifar10_train.npz").write_bytes(content)
+    out = tmp_path / "out"
+    assert main(["--rows", "ft_step", "--tiny", "--data-dir", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --data-dir") and "cifar10_train.npz" in err[0], err
+    assert not out.exists()
+
+
 def test_synthetic_trial_has_the_shape_the_sampler_rows_assume():
     """More transform: less clean, more robust; a good lr beats a bad one; noise is 512-image binomial."""
     import numpy as np
