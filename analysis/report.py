@@ -12,7 +12,7 @@ from analysis.compute import CompareInfo, FrontInfo
 from analysis.confirmed import ConfirmRow, render_table
 from analysis.per_example import PER_EXAMPLE_ARTIFACT, PerImage
 from analysis.uncertainty import FrontUncertainty
-from tracking.contract import IMPORTANCE_METRIC, IMPORTANCE_TRIALS_METRIC
+from tracking.contract import IMPORTANCE_METRIC, IMPORTANCE_TRIALS_METRIC, importance_order
 
 
 def _fmt(values: Sequence[float] | np.ndarray) -> str:
@@ -129,7 +129,6 @@ def _importance_section(found: dict[str, dict[str, float]], n_trials: int) -> li
     if not found:
         return []
     objectives = list(found)
-    params = sorted({p for by in found.values() for p in by}, key=lambda p: -sum(found[o].get(p, 0.0) for o in objectives))
     return [
         "",
         "## Hyperparameter importances",
@@ -140,7 +139,7 @@ def _importance_section(found: dict[str, dict[str, float]], n_trials: int) -> li
         "",
         "| parameter | " + " | ".join(objectives) + " |",
         "|---|" + "---:|" * len(objectives),
-        *(f"| {p} | " + " | ".join(f"{found[o].get(p, 0.0):.2f}" for o in objectives) + " |" for p in params),
+        *(f"| {p} | " + " | ".join(f"{found[o].get(p, 0.0):.2f}" for o in objectives) + " |" for p in importance_order(found)),
     ]
 
 

@@ -17,7 +17,12 @@ from optuna.trial import TrialState
 
 from study.tables import columns
 from study.warmstart import own
-from tracking.contract import IMPORTANCE_METRIC, IMPORTANCE_TRIALS_METRIC, OBJECTIVES
+from tracking.contract import (
+    IMPORTANCE_METRIC,
+    IMPORTANCE_TRIALS_METRIC,
+    OBJECTIVES,
+    importance_order,
+)
 
 #: fewer COMPLETE trials than this and no importance is computed (a forest on 3 points says nothing)
 MIN_TRIALS = 5
@@ -72,9 +77,7 @@ def table(found: Mapping[str, Mapping[str, float]], n_trials: int) -> str:
     if not found:
         return (f"hyperparameter importances: not computed ({n_trials} complete trial(s); at least "
                 f"{MIN_TRIALS}, with a parameter and an objective that vary, are needed)")
-    params = sorted({p for by_param in found.values() for p in by_param},
-                    key=lambda p: -sum(found[o].get(p, 0.0) for o in found))
-    rows = [[p, *(f"{found[o].get(p, 0.0):.2f}" for o in found)] for p in params]
+    rows = [[p, *(f"{found[o].get(p, 0.0):.2f}" for o in found)] for p in importance_order(found)]
     title = (f"hyperparameter importances (Optuna fANOVA over {n_trials} complete trials; each objective's "
              "sum to 1; a point estimate without an interval, indicative with few trials):")
     missing = [o for o in OBJECTIVES if o not in found]

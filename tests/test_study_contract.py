@@ -101,3 +101,11 @@ def test_atop_evaluation_reports_every_objective_of_the_contract():
     result = evaluate(defense.eval(), data, cfg, level="screen", steps=1, eot=1)
     assert set(OBJECTIVES) <= set(result.metrics)
     assert TrialSummary.of({**result.metrics, "epoch": 1}).values == tuple(result.metrics[m] for m in OBJECTIVES)
+
+
+def test_importance_tables_list_parameters_most_important_first_over_all_objectives():
+    from tracking.contract import importance_order
+
+    found = {"clean_acc": {"lr": 0.7, "rt": 0.3}, "robust_acc_seen": {"rt": 0.9, "lambda_ce": 0.1}}
+    assert importance_order(found) == ["rt", "lr", "lambda_ce"]  # 1.2, 0.7, 0.1
+    assert importance_order({}) == []

@@ -11,6 +11,7 @@ Pure Python: no Ray, torch, Optuna or MLflow, so `analysis/` can import it cheap
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -143,6 +144,13 @@ TRIAL_COUNT_METRIC: Final = "trials_{state}"
 IMPORTANCE_METRIC: Final = "importance/{objective}/{param}"
 #: on the study's parent run: the COMPLETE trials the importances were fitted to
 IMPORTANCE_TRIALS_METRIC: Final = "importance/n_trials"
+
+
+def importance_order(found: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The parameters of `found` (objective -> parameter -> importance), most important first summed over
+    the objectives: the row order of the importance tables (the driver's output and analysis' report)."""
+    return sorted({p for by_param in found.values() for p in by_param},
+                  key=lambda p: -sum(by_param.get(p, 0.0) for by_param in found.values()))
 PARETO_ARTIFACT: Final = "pareto.txt"
 #: confirm stage metrics. A `confirm_seed` run logs its figures as `test/<figure>` (with `_lo`/`_hi`,
 #: Wilson over test images). A `confirm` run logs, for each objective: `test/<objective>` (mean over
