@@ -128,14 +128,16 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     folder.mkdir(parents=True, exist_ok=True)
     held = lease.take(plan.optuna_url, name)  # refused: another driver is in the folder, leave it as it is
     warm = plan.warm_start.study if plan.warm_start else None
-    if plan.resume:  # kept from when the study was created (its trials were copied then)
-        warm = plan.store.read_json(STUDY_FILE).get("warm_start")
+    weights = None
+    if plan.resume:  # kept from when the study was created (its trials were copied, its weights made then)
+        saved = plan.store.read_json(STUDY_FILE)
+        warm, weights = saved.get("warm_start"), saved.get("weights")
     try:
         plan.store.write_json(STUDY_FILE, {
             "settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir,
             "validation": plan.validation_record, "pretrained": plan.pretrained,
             "space_fingerprint": fingerprint(SPACES[settings.space]),
-            "warm_start": warm,
+            "warm_start": warm, "weights": weights,
             "optuna_storage": optuna_storage.public(plan.optuna_url)})
         storage = optuna.storages.RDBStorage(plan.optuna_url)
         optuna.logging.set_verbosity(optuna.logging.INFO if plan.verbose else optuna.logging.WARNING)
@@ -173,15 +175,21 @@ def open_study(plan: StudyPlan) -> OpenStudy:
 def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
     """Data and weights every trial shares: the data subsets and the pre-trained models (made once)."""
     from atop.data import subset
-    from study.pretrained import pretrain_once
+    from study.pretrained import pretrain_once, recorded_weights, weights_record
     from trainables.atop_trainable import StudyContext
 
     settings, cfg = plan.settings, plan.cfg
-    pretrain_settings = settings.pretrain_settings()
-    clf_path, pur_path = pretrain_once(
-        cfg, pretrain_settings, subset(plan.pool, pretrain_settings.n_train, seed=cfg.seed),
-        plan.pretrained_cache, cpus=min(settings.cpus * settings.max_concurrent, ray_cpus()),
-        gpus=settings.gpus, pretrained=plan.pretrained)
+    saved = plan.store.read_json(STUDY_FILE)
+    if saved.get("weights"):  # a resumed study: the weights its earlier trials used, never new ones
+        clf_path, pur_path = recorded_weights(plan.pretrained_cache, saved["weights"])
+        print(f"reusing the study's pre-trained {clf_path} and {pur_path.name}", flush=True)
+    else:
+        pretrain_settings = settings.pretrain_settings()
+        clf_path, pur_path = pretrain_once(
+            cfg, pretrain_settings, subset(plan.pool, pretrain_settings.n_train, seed=cfg.seed),
+            plan.pretrained_cache, cpus=min(settings.cpus * settings.max_concurrent, ray_cpus()),
+            gpus=settings.gpus, pretrained=plan.pretrained)
+        plan.store.write_json(STUDY_FILE, {**saved, "weights": weights_record(clf_path, pur_path)})
     return StudyContext(
         train=subset(plan.pool, cfg.n_train, seed=cfg.seed), eval_data=plan.val,
         classifier_ckpt=clf_path.read_bytes(), purifier_ckpt=pur_path.read_bytes(), mlflow_uri=plan.mlflow_uri,

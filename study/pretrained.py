@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atop.checkpoint import CheckpointError, save_checkpoint
+from atop.checkpoint import CheckpointError, save_checkpoint, sha256
 from atop.config import Config
 from atop.data import Split
 from atop.io import atomic_write_bytes
@@ -188,3 +188,34 @@ def pretrain_once(cfg: Config, settings: PretrainSettings, train: Split, folder:
         if not path.is_file():
             atomic_write_bytes(path, data)
     return clf_path, pur_path
+
+
+def weights_record(classifier: Path, purifier: Path) -> dict[str, dict[str, str]]:
+    """What study.json keeps of the weights a study's trials use: each file's name and sha256."""
+    return {kind: {"file": path.name, "sha256": sha256(path)}
+            for kind, path in (("classifier", classifier), ("purifier", purifier))}
+
+
+def recorded_weights(folder: Path, record: dict[str, dict[str, str]]) -> tuple[Path, Path]:
+    """The classifier and purifier a resumed study started with (`weights_record`), from the cache `folder`.
+
+    A resumed study never pre-trains again: its cache entries' names hash the code too, so a code
+    change would otherwise give its later trials other weights than its earlier ones.
+
+    Raises:
+        StudyError: a recorded file is missing from `folder` or is not the file recorded.
+    """
+    paths = []
+    for kind in ("classifier", "purifier"):
+        entry = record.get(kind) if isinstance(record, dict) else None
+        if not isinstance(entry, dict) or not {"file", "sha256"} <= entry.keys():
+            raise StudyError(f"--resume: study.json's weights record {record!r} is not one this driver wrote; "
+                             "expected the classifier's and purifier's file and sha256")
+        path = folder / str(entry["file"])
+        if not path.is_file() or sha256(path) != entry["sha256"]:
+            raise StudyError(f"--resume: the study's pre-trained {kind} {str(path)!r} (sha256 {entry['sha256'][:12]}) "
+                             "is missing or changed; its trials were trained from it: copy it there (from the node "
+                             "that started the study, or pass that node's --pretrained-cache), or start a new study")
+        paths.append(path)
+    return paths[0], paths[1]
+

@@ -178,6 +178,7 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     folder = local_folder(store)
     pretrained = str(Path(args.pretrained).expanduser().resolve()) if args.pretrained else None
     optuna_given = args.optuna_storage or os.environ.get(optuna_storage.ENV)
+    saved: dict[str, Any] = {}
     if args.resume:
         saved = _saved_study(name, store)
         settings, mlflow_uri, data_dir = _resumed_settings(args, name, saved)
@@ -209,10 +210,13 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
                       optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
     # the checks that need torch last (checkpoints and data are torch tensors); the data's, the slowest, at the end
     from atop.data import DataError, carve_validation
-    from study.pretrained import check_pretrained
+    from study.pretrained import check_pretrained, recorded_weights
 
     if pretrained:
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
+    cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
+    if args.resume and saved.get("weights"):  # the weights its trials used must still be there
+        recorded_weights(cache, saved["weights"])
     train, test = load_data(cfg, data_dir or args.data_dir)
     try:
         holdout = carve_validation(train, cfg.n_eval)
@@ -222,7 +226,6 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     if settings.confirm and n_test > len(test):
         raise StudyError(f"confirm_config n_eval={n_test} test images but the test split has {len(test)}; "
                          f"accepted: 1..{len(test)}")
-    cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
     return StudyPlan(settings=settings, name=name, folder=folder, store=store, pretrained_cache=cache,
                      mlflow_uri=mlflow_uri,
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,

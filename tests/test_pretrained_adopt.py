@@ -14,7 +14,13 @@ from atop.presets import PretrainSettings
 from atop.pretrain import ensure_pretrained
 from atop.pretrained_cache import cache_paths
 from study.errors import StudyError
-from study.pretrained import adopt_pretrained, check_pretrained, pretrain_once
+from study.pretrained import (
+    adopt_pretrained,
+    check_pretrained,
+    pretrain_once,
+    recorded_weights,
+    weights_record,
+)
 
 CFG = Config.from_dict({"classifier": "small_cnn", "purifier": "unet", "purifier_width": 4})
 TINY = PretrainSettings(classifier_epochs=1, purifier_epochs=1, n_train=64, batch_size=32)
@@ -175,3 +181,22 @@ def test_dir_and_classifier_checkpoint_setting_conflict(tmp_path):
     settings = dataclasses.replace(TINY, classifier_checkpoint=str(tmp_path / "x.pt"))
     with pytest.raises(StudyError, match="both give a classifier; accepted: one of them"):
         check_pretrained(_dir(tmp_path), CFG, settings)
+
+
+def test_a_resumed_study_gets_the_weights_it_recorded_or_a_one_line_refusal(tmp_path):
+    """study.json records each weight file's name and sha256; a resume takes exactly those files from
+    the cache (never pre-trains again: the cache key hashes the code, which may have changed since)."""
+    clf, pur = tmp_path / "classifier-small_cnn-abc.pt", tmp_path / "purifier-unet-def.pt"
+    clf.write_bytes(b"classifier bytes")
+    pur.write_bytes(b"purifier bytes")
+    record = weights_record(clf, pur)
+    assert record["classifier"]["file"] == clf.name and len(record["purifier"]["sha256"]) == 64
+    assert recorded_weights(tmp_path, record) == (clf, pur)
+    pur.write_bytes(b"another purifier")
+    with pytest.raises(StudyError, match=r"^--resume: the study's pre-trained purifier .* is missing or changed"):
+        recorded_weights(tmp_path, record)
+    clf.unlink()
+    with pytest.raises(StudyError, match="pre-trained classifier"):
+        recorded_weights(tmp_path, record)
+    with pytest.raises(StudyError, match="weights record"):
+        recorded_weights(tmp_path, {"classifier": "x"})

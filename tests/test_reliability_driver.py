@@ -19,6 +19,7 @@ While the driver runs, every TCP socket its session listens on is bound to 127.0
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -39,6 +40,7 @@ from tests.conftest import (
 )
 from tracking.contract import (
     INTERRUPTED_TAG,
+    PRETRAINED_TAG,
     RESTORED_TAG,
     RESUMED_FROM_TAG,
     SPACE_TAG,
@@ -144,6 +146,11 @@ def test_driver_sigkill_then_resume(cifar_dir, tmp_path):
         assert [h.step for h in client.get_metric_history(by_number[t.number].info.run_id, "clean_acc")] == [2]
     parent = client.search_runs([exp.experiment_id], role_filter(Role.STUDY))
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    # the resumed driver took the weights study.json recorded, and every trial names the same two files
+    weights = json.loads((folder / "study.json").read_text())["weights"]
+    assert "reusing the study's pre-trained" in resumed.stdout, resumed.stdout[-2000:]
+    files = f"{weights['classifier']['file']},{weights['purifier']['file']}"
+    assert {r.data.tags[PRETRAINED_TAG] for r in runs} == {files}
 
     again = subprocess.run([sys.executable, str(STUDY_PY), "--study-name", name, "--storage-path", str(storage),
                             "--resume"], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
