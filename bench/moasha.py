@@ -102,9 +102,11 @@ class Arm:
     epochs_run: int = 0
     end: float = 0.0  # when its last trial ended
 
-    def by(self, t: float) -> np.ndarray:
-        """True vectors of the trials completed by time `t`, `(k, 3)`."""
-        return np.array([v for s, v in zip(self.times, self.true) if s <= t]).reshape(-1, 3)
+    def by(self, t: float, *, observed: bool = False) -> np.ndarray:
+        """True (or, `observed`, noisy as the study saw them) vectors of the trials completed by time
+        `t`, `(k, 3)`."""
+        vectors = self.observed if observed else self.true
+        return np.array([v for s, v in zip(self.times, vectors) if s <= t]).reshape(-1, 3)
 
 
 def hypervolume(points: np.ndarray) -> float:
@@ -246,9 +248,8 @@ def _rows(ctx: Context, setting: Setting, seeds: Sequence[int]) -> list[Result]:
     stopped = [len(p.mo.stopped_at) for p in pairs]
     completed = [len(p.mo.by(p.budget)) for p in pairs]
     extra = {"ratios": ratios, "hv_none": hv_none, "hv_mo": hv_mo, "hv_curves": curves,
-             "hv_observed": {"none": [hypervolume(np.array(p.none.observed)) for p in pairs],
-                             "mo": [hypervolume(np.array([v for t, v in zip(p.mo.times, p.mo.observed)
-                                                          if t <= p.budget]).reshape(-1, 3)) for p in pairs]},
+             "hv_observed": {arm: [hypervolume(getattr(p, arm).by(p.budget, observed=True)) for p in pairs]
+                             for arm in ("none", "mo")},
              "mo_started": started, "mo_stopped": stopped, "mo_completed": completed}
     median_ratio = float(np.median(ratios))
     return [
