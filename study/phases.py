@@ -175,13 +175,12 @@ def open_study(plan: StudyPlan) -> OpenStudy:
 def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
     """Data and weights every trial shares: the data subsets and the pre-trained models (made once)."""
     from atop.data import subset
-    from study.pretrained import pretrain_once, recorded_weights, weights_record
+    from study.pretrained import pretrain_once, weights_record
     from trainables.atop_trainable import StudyContext
 
     settings, cfg = plan.settings, plan.cfg
-    saved = plan.store.read_json(STUDY_FILE)
-    if saved.get("weights"):  # a resumed study: the weights its earlier trials used, never new ones
-        clf_path, pur_path = recorded_weights(plan.pretrained_cache, saved["weights"])
+    if plan.weights:  # a resumed study: the weights its earlier trials used (checked in prepare), never new ones
+        clf_path, pur_path = plan.weights
         print(f"reusing the study's pre-trained {clf_path} and {pur_path.name}", flush=True)
     else:
         pretrain_settings = settings.pretrain_settings()
@@ -189,6 +188,7 @@ def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
             cfg, pretrain_settings, subset(plan.pool, pretrain_settings.n_train, seed=cfg.seed),
             plan.pretrained_cache, cpus=min(settings.cpus * settings.max_concurrent, ray_cpus()),
             gpus=settings.gpus, pretrained=plan.pretrained)
+        saved = plan.store.read_json(STUDY_FILE)
         plan.store.write_json(STUDY_FILE, {**saved, "weights": weights_record(clf_path, pur_path)})
     return StudyContext(
         train=subset(plan.pool, cfg.n_train, seed=cfg.seed), eval_data=plan.val,

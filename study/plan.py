@@ -46,6 +46,8 @@ class StudyPlan:
         resume: continue the study in `folder` instead of creating it.
         verbose: Ray's and Optuna's own INFO logs.
         warm_start: `--warm-start STUDY`, checked (`study.warmstart`): copied when the study is created.
+        weights: a resumed study's classifier and purifier files, as study.json recorded them and
+            checked (`study.pretrained.recorded_weights`); None: pre-train or reuse the cache.
     """
 
     settings: StudySettings
@@ -65,6 +67,7 @@ class StudyPlan:
     resume: bool = False
     verbose: bool = False
     warm_start: WarmStart | None = None
+    weights: tuple[Path, Path] | None = None
 
     @property
     def optuna_url(self) -> str:

@@ -215,8 +215,8 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     if pretrained:
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
-    if args.resume and saved.get("weights"):  # the weights its trials used must still be there
-        recorded_weights(cache, saved["weights"])
+    # a resumed study's trials keep the weights they started with: they must still be there
+    weights = recorded_weights(cache, saved["weights"]) if args.resume and saved.get("weights") else None
     train, test = load_data(cfg, data_dir or args.data_dir)
     try:
         holdout = carve_validation(train, cfg.n_eval)
@@ -230,7 +230,7 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
                      mlflow_uri=mlflow_uri,
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
                      optuna_storage=optuna_url, references=tuple(references), pretrained=pretrained,
-                     resume=bool(args.resume), verbose=bool(args.verbose), warm_start=warm)
+                     resume=bool(args.resume), verbose=bool(args.verbose), warm_start=warm, weights=weights)
 
 
 def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> list[Reference]:
