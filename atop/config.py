@@ -210,27 +210,44 @@ class Config:
                               f"accepted: {', '.join(sorted(names.ATTACKS))}")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The raw mapping in a `.json`, `.yaml` or `.yml` file (YAML through `yaml.safe_load`: no tags)."""
+def read_yaml_or_json(path: str | Path, label: str, accepted: str) -> Any:
+    """The data in a `.json`, `.yaml` or `.yml` file (YAML through `yaml.safe_load`: no tags; JSON is
+    YAML too, so one safe parser reads both); None for an empty file.
+
+    Args:
+        path: the file.
+        label: how errors name the file, e.g. "config file 'x.yaml'" or "--enqueue 'refs.yaml'".
+        accepted: what the file should hold, for errors, e.g. "a mapping of key: value".
+
+    Raises:
+        ConfigError: one line, for a wrong suffix, a file that cannot be read (a folder, say),
+            text that is not UTF-8, or text that does not parse.
+    """
     path = Path(path)
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"{label} must end in .json, .yaml or .yml")
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(f"{label} cannot be read ({exc.strerror}); accepted: {accepted} in YAML or JSON") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; expected YAML or JSON") from None
-    if path.suffix not in (".json", ".yaml", ".yml"):
-        raise ConfigError(f"config file {str(path)!r} must end in .json, .yaml or .yml")
-    import yaml  # JSON is YAML too: one safe parser for both
+        raise ConfigError(f"{label} is not UTF-8 text; accepted: {accepted} in YAML or JSON") from None
+    import yaml  # only here: most importers never read a file
 
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} does not parse: {' '.join(str(exc).split())[:200]}") from None
-    if data is None:  # an empty file sets nothing
+        raise ConfigError(f"{label} does not parse: {' '.join(str(exc).split())[:200]}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a config file (`read_yaml_or_json`); an empty file sets nothing."""
+    label = f"config file {str(path)!r}"
+    data = read_yaml_or_json(path, label, "a mapping of key: value")
+    if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value")
+        raise ConfigError(f"{label} must hold a mapping of key: value")
     return data
 
 

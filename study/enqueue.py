@@ -29,13 +29,11 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from atop.config import Config, ConfigError
+from atop.config import Config, ConfigError, read_yaml_or_json
 from search_spaces import Space, config_values, searched_names
 from study.args import NAME_RE
 from study.errors import StudyError
 from tracking.contract import ATTR_REFERENCE
-
-SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @dataclass(frozen=True)
@@ -125,22 +123,10 @@ def enqueue_references(study: optuna.Study, refs: list[Reference]) -> list[Refer
 
 
 def _read_list(path: Path, where: str) -> list[Any]:
-    if path.suffix not in SUFFIXES:
-        raise StudyError(f"{where} must end in {', '.join(SUFFIXES)}")
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise StudyError(f"{where} cannot be read ({exc.strerror}); accepted: a YAML or JSON list of "
-                         "reference configurations") from None
-    except UnicodeDecodeError:
-        raise StudyError(f"{where} is not UTF-8 text; accepted: a YAML or JSON list of reference "
-                         "configurations") from None
-    import yaml  # JSON is YAML too: one safe parser for both
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise StudyError(f"{where} does not parse: {' '.join(str(exc).split())[:200]}") from None
+        data = read_yaml_or_json(path, where, "a list of reference configurations")
+    except ConfigError as exc:
+        raise StudyError(str(exc)) from None
     if not isinstance(data, list):
         raise StudyError(f"{where} holds {type(data).__name__}, not a list; accepted: a list of mappings, "
                          "one per reference configuration")

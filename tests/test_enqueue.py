@@ -160,5 +160,5 @@ def test_bad_enqueue_files_are_one_line_errors(tmp_path, space, content, expecte
 def test_file_must_be_yaml_or_json(tmp_path):
     path = tmp_path / "refs.txt"
     path.write_text(yaml.safe_dump(PAPER))
-    with pytest.raises(StudyError, match=r"refs.txt' must end in .yaml, .yml, .json"):
+    with pytest.raises(StudyError, match=r"refs.txt' must end in .json, .yaml or .yml"):
         read_enqueue(path, SPACES["paper"], _base("paper"))
