@@ -190,19 +190,25 @@ def study_argv(tmp: Path, data: Path, *more: str) -> list[str]:
 
 # --- python study/run.py ------------------------------------------------------------------------
 
+def feed_study(data: bytes, name: str, good: bytes, flags: list[str], tmp_path, tiny_data, capsys) -> None:
+    """Give `data` to the study CLI as file `name` after `flags`: refused, or still a part of `good`."""
+    tmp = fresh(tmp_path)
+    path = put(tmp / name, data)
+    code, err = call("study", study_argv(tmp, tiny_data, *flags, str(path)), capsys)
+    if code == "accepted":
+        assert parts_of(data, good), data
+        return
+    assert_refused(code, err, name, [tmp / "studies"])
+
+
 GOOD_SETTINGS = b"num_trials: 3\nmax_concurrent: 1\nconfig:\n  epochs: 1\n"
 
 
 @PROPERTY
 @given(data=bad_files(GOOD_SETTINGS))
 def test_study_config(data, tmp_path, tiny_data, capsys):
-    tmp = fresh(tmp_path)
-    path = put(tmp / "settings.yaml", data)
-    code, err = call("study", study_argv(tmp, tiny_data, "--config", str(path)), capsys)
-    if code == "accepted":  # still a good settings file: empty, `{}`, or cut at a line end
-        assert parts_of(data, GOOD_SETTINGS), data
-        return
-    assert_refused(code, err, "settings.yaml", [tmp / "studies"])
+    # still a good settings file when empty, `{}`, or cut at a line end
+    feed_study(data, "settings.yaml", GOOD_SETTINGS, ["--config"], tmp_path, tiny_data, capsys)
 
 
 GOOD_ENQUEUE = b"- {rt: rt2, lambda_ce: 0.1}\n- {rt: rt1, lambda_ce: 0.05}\n"
@@ -211,13 +217,8 @@ GOOD_ENQUEUE = b"- {rt: rt2, lambda_ce: 0.1}\n- {rt: rt1, lambda_ce: 0.05}\n"
 @PROPERTY
 @given(data=bad_files(GOOD_ENQUEUE))
 def test_study_enqueue(data, tmp_path, tiny_data, capsys):
-    tmp = fresh(tmp_path)
-    path = put(tmp / "refs.yaml", data)
-    code, err = call("study", study_argv(tmp, tiny_data, "--space", "paper", "--enqueue", str(path)), capsys)
-    if code == "accepted":  # cut after its first entry: still one good reference
-        assert parts_of(data, GOOD_ENQUEUE), data
-        return
-    assert_refused(code, err, "refs.yaml", [tmp / "studies"])
+    # still good when cut after its first entry: one reference
+    feed_study(data, "refs.yaml", GOOD_ENQUEUE, ["--space", "paper", "--enqueue"], tmp_path, tiny_data, capsys)
 
 
 @PROPERTY

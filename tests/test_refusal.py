@@ -134,8 +134,10 @@ CASES: dict[str, Case] = {
         "analysis", ["--mlflow-uri", "sqlite:///{tmp}/m.db", "--experiment", "e", "--ref-point", "0", "0"]),
     "analysis: unreachable tracking URI": Case("analysis", ["--mlflow-uri", "http://127.0.0.1:{port}",
                                                             "--experiment", "e"]),
-    "analysis: unknown experiment": Case("analysis", ["--mlflow-uri", "sqlite:///{tmp}/m.db", "--experiment", "e"],
-                                         MLFLOW, {"m.db": ""}),  # only the store knows its experiments
+    "analysis: an empty file as the store": Case("analysis", ["--mlflow-uri", "sqlite:///{tmp}/m.db",
+                                                              "--experiment", "e"], files={"m.db": ""}),
+    "analysis: unknown experiment": Case("analysis", ["--mlflow-uri", "{store}", "--experiment", "e"],
+                                         MLFLOW),  # only the store knows its experiments
 }
 
 
@@ -145,12 +147,23 @@ def machine_has_gpu() -> bool:
     return visible_gpus() > 0
 
 
-def probe(case: Case, tmp: Path) -> tuple[dict, subprocess.CompletedProcess]:
-    """Run the case; returns (what the probe printed, the finished process)."""
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real MLflow sqlite store that holds no experiment but MLflow's own `Default`."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    names = [e.name for e in mlflow.MlflowClient(tracking_uri=uri).search_experiments()]
+    assert names == ["Default"], names
+    return uri
+
+
+def probe(case: Case, tmp: Path, store: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """Run the case (`store`: what "{store}" means); returns (what the probe printed, the finished process)."""
     for rel, text in case.files.items():
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_text(text)
-    values = {"{tmp}": str(tmp), "{data}": str(data_dir()), "{port}": str(free_port())}
+    values = {"{tmp}": str(tmp), "{data}": str(data_dir()), "{port}": str(free_port()), "{store}": store}
 
     def fill(text: str) -> str:
         for key, value in values.items():
@@ -167,11 +180,11 @@ def probe(case: Case, tmp: Path) -> tuple[dict, subprocess.CompletedProcess]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_refused_before_heavy_imports_and_ray(name: str, tmp_path: Path) -> None:
+def test_bad_input_is_refused_before_heavy_imports_and_ray(name: str, tmp_path: Path, mlflow_store: str) -> None:
     case = CASES[name]
     if name == "study: GPUs this machine lacks" and machine_has_gpu():
         pytest.skip("this machine has a GPU")
-    seen, done = probe(case, tmp_path)
+    seen, done = probe(case, tmp_path, mlflow_store)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert seen["code"] == 2 and len(errors) == 1, done.stderr[-2000:]
     assert not seen["ray_started"], errors
