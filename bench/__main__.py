@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI size: a few minutes on a 2-core CPU")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", required=True, help="folder for bench.json")
-    parser.add_argument("--data-dir", help="folder with cifar10_train.npz (default: random images)")
+    parser.add_argument("--data-dir", help="folder with cifar10_train.npz and cifar10_test.npz (default: random images)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per function (>= 5 for the note)")
     parser.add_argument("--rows", help="comma-separated row names to run (default: all)")
     parser.add_argument("--compile", action="store_true", help="run the torch.compile row even with --quick")
@@ -64,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.data_dir:  # a bad data file is refused now, not as a traceback once the first rows have run
         if not Path(args.data_dir).expanduser().is_dir():
-            print(f"error: --data-dir {args.data_dir!r} is not a folder; expected one holding cifar10_train.npz",
-                  file=sys.stderr)
+            print(f"error: --data-dir {args.data_dir!r} is not a folder; expected one holding cifar10_train.npz "
+                  "and cifar10_test.npz", file=sys.stderr)
             return 2
         try:
-            load_split("cifar10", "train", args.data_dir)
+            for split in ("train", "test"):  # the precision row scores test images
+                load_split("cifar10", split, args.data_dir)
         except DataError as exc:
             print(f"error: --data-dir {args.data_dir!r}: {exc}", file=sys.stderr)
             return 2

@@ -123,16 +123,20 @@ def test_bad_arguments_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"not an npz at all", b"PK\x03\x04 truncated zip"])
-def test_a_bad_data_file_is_refused_before_any_row_runs(content, tmp_path, capsys):
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_bad_data_file_is_refused_before_any_row_runs(content, split, tmp_path, capsys):
     from bench.__main__ import main
+    from tests.conftest import data_dir
 
     data = tmp_path / "data"
     data.mkdir()
-    (data / "cifar10_train.npz").write_bytes(content)
+    (data / f"cifar10_{split}.npz").write_bytes(content)
+    other = f"cifar10_{'test' if split == 'train' else 'train'}.npz"
+    (data / other).symlink_to(data_dir() / other)  # the other split is the real one
     out = tmp_path / "out"
     assert main(["--rows", "ft_step", "--tiny", "--data-dir", str(data), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --data-dir") and "cifar10_train.npz" in err[0], err
+    assert len(err) == 1 and err[0].startswith("error: --data-dir") and f"cifar10_{split}.npz" in err[0], err
     assert not out.exists()
 
 
