@@ -132,6 +132,10 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     if plan.resume:  # kept from when the study was created (its trials were copied, its weights made then)
         saved = plan.store.read_json(STUDY_FILE)
         warm, weights = saved.get("warm_start"), saved.get("weights")
+        if weights is None and plan.weights:  # a study from before the record: the files its trial runs name
+            from study.pretrained import weights_record
+
+            weights = weights_record(*plan.weights)
     try:
         plan.store.write_json(STUDY_FILE, {
             "settings": settings.to_dict(), "mlflow_uri": uri, "data_dir": plan.data_dir,

@@ -47,7 +47,8 @@ class StudyPlan:
         verbose: Ray's and Optuna's own INFO logs.
         warm_start: `--warm-start STUDY`, checked (`study.warmstart`): copied when the study is created.
         weights: a resumed study's classifier and purifier files, as study.json recorded them and
-            checked (`study.pretrained.recorded_weights`); None: pre-train or reuse the cache.
+            checked (`study.pretrained.recorded_weights`), or, for a study from before that record,
+            as its trial runs name them (`weights_named_by_trials`); None: pre-train or reuse the cache.
     """
 
     settings: StudySettings

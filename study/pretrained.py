@@ -39,6 +39,7 @@ from atop.pretrained_cache import (
     check_purifier_file,
 )
 from study.errors import StudyError
+from tracking.contract import PRETRAINED_TAG
 
 #: the files `--pretrained DIR` takes
 CLASSIFIER_FILE, PURIFIER_FILE = "classifier.pt", "purifier.pt"
@@ -219,3 +220,38 @@ def recorded_weights(folder: Path, record: dict[str, dict[str, str]]) -> tuple[P
         paths.append(path)
     return paths[0], paths[1]
 
+
+
+def weights_named_by_trials(folder: Path, named: list[str], log: Callable[[str], None] = print) -> tuple[Path, Path] | None:
+    """The weights of a resumed study whose study.json has no `weights_record` (a study started before
+    the record existed): the files its trial runs' `PRETRAINED_TAG`s name, from the cache `folder`.
+
+    Args:
+        named: the tags' distinct values, oldest run first (`tracking.mlflow_log.pretrained_of_trials`).
+            Where there are several (trials already fine-tuned from different weights), the first
+            trials' are used and a warning says so.
+
+    Returns:
+        The classifier's and purifier's paths, or None when no trial has run (nothing was trained
+        from any weights yet, so new ones may be made).
+
+    Raises:
+        StudyError: a tag does not name two files, or a named file is missing from `folder`.
+    """
+    if not named:
+        return None
+    if len(named) > 1:
+        log(f"warning: this study's trials were fine-tuned from different pre-trained weights ({'; '.join(named)}); "
+            f"the resumed trials use the first trials' ({named[0]})")
+    files = named[0].split(",")
+    if len(files) != 2 or any(not f or Path(f).name != f for f in files):
+        raise StudyError(f"--resume: the trial runs' {PRETRAINED_TAG} tag {named[0]!r} is not one this driver wrote; "
+                         "expected 'classifier file,purifier file'")
+    paths = folder / files[0], folder / files[1]
+    for kind, path in zip(("classifier", "purifier"), paths):
+        if not path.is_file():
+            raise StudyError(f"--resume: the study's pre-trained {kind} {str(path)!r} (named by its trial runs' "
+                             f"{PRETRAINED_TAG} tag) is missing; its trials were trained from it: copy it there (from "
+                             "the node that started the study, or pass that node's --pretrained-cache), or start a "
+                             "new study")
+    return paths

@@ -210,13 +210,17 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
                       optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
     # the checks that need torch last (checkpoints and data are torch tensors); the data's, the slowest, at the end
     from atop.data import DataError, carve_validation
-    from study.pretrained import check_pretrained, recorded_weights
+    from study.pretrained import check_pretrained, recorded_weights, weights_named_by_trials
 
     if pretrained:
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
     # a resumed study's trials keep the weights they started with: they must still be there
-    weights = recorded_weights(cache, saved["weights"]) if args.resume and saved.get("weights") else None
+    weights = None
+    if args.resume and saved.get("weights"):
+        weights = recorded_weights(cache, saved["weights"])
+    elif args.resume:  # a study from before study.json recorded them: its trial runs name them
+        weights = weights_named_by_trials(cache, mlflow_log.pretrained_of_trials(mlflow_uri, name))
     train, test = load_data(cfg, data_dir or args.data_dir)
     try:
         holdout = carve_validation(train, cfg.n_eval)

@@ -19,8 +19,11 @@ from study.pretrained import (
     check_pretrained,
     pretrain_once,
     recorded_weights,
+    weights_named_by_trials,
     weights_record,
 )
+from tracking.contract import PRETRAINED_TAG, ROLE_TAG, Role
+from tracking.mlflow_log import pretrained_of_trials
 
 CFG = Config.from_dict({"classifier": "small_cnn", "purifier": "unet", "purifier_width": 4})
 TINY = PretrainSettings(classifier_epochs=1, purifier_epochs=1, n_train=64, batch_size=32)
@@ -200,3 +203,31 @@ def test_a_resumed_study_gets_the_weights_it_recorded_or_a_one_line_refusal(tmp_
         recorded_weights(tmp_path, record)
     with pytest.raises(StudyError, match="weights record"):
         recorded_weights(tmp_path, {"classifier": "x"})
+
+
+def test_a_study_from_before_the_record_gets_the_weights_its_trial_runs_name(tmp_path):
+    """A study.json without `weights` (studies started before the record): the resume takes the files
+    its trial runs' tag names, in a real MLflow store, oldest first; a study with no trial yet may pre-train."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert pretrained_of_trials(uri, "s") == []  # no experiment yet
+    client = MlflowClient(uri)
+    exp = client.create_experiment("s", artifact_location=(tmp_path / "a").as_uri())
+    for start, role, files in ((1, Role.STUDY, "x.pt,y.pt"), (2, Role.TRIAL, "c1.pt,p1.pt"), (3, Role.TRIAL, "c1.pt,p1.pt"),
+                               (4, Role.TRIAL, "c2.pt,p2.pt"), (5, Role.CONFIRM_SEED, "z.pt,w.pt")):
+        client.create_run(exp, start_time=start, tags={ROLE_TAG: role.value, PRETRAINED_TAG: files})
+    named = pretrained_of_trials(uri, "s")
+    assert named == ["c1.pt,p1.pt", "c2.pt,p2.pt"]
+
+    for name in ("c1.pt", "p1.pt"):
+        (tmp_path / name).write_bytes(b"weights")
+    said: list[str] = []
+    assert weights_named_by_trials(tmp_path, named, log=said.append) == (tmp_path / "c1.pt", tmp_path / "p1.pt")
+    assert len(said) == 1 and "different pre-trained weights" in said[0] and "(c1.pt,p1.pt)" in said[0]
+    assert weights_named_by_trials(tmp_path, []) is None
+    with pytest.raises(StudyError, match=r"^--resume: the study's pre-trained purifier .*p2.pt' .* is missing"):
+        weights_named_by_trials(tmp_path, ["c1.pt,p2.pt"])
+    for bad in ("c1.pt", "c1.pt,", "../c1.pt,p1.pt"):
+        with pytest.raises(StudyError, match="is not one this driver wrote"):
+            weights_named_by_trials(tmp_path, [bad])

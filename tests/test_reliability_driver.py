@@ -152,9 +152,13 @@ def test_driver_sigkill_then_resume(cifar_dir, tmp_path):
     files = f"{weights['classifier']['file']},{weights['purifier']['file']}"
     assert {r.data.tags[PRETRAINED_TAG] for r in runs} == {files}
 
+    # a study from before study.json recorded its weights: the resume finds them by its trial runs' tags
+    saved = json.loads((folder / "study.json").read_text())
+    (folder / "study.json").write_text(json.dumps({**saved, "weights": None}))
     again = subprocess.run([sys.executable, str(STUDY_PY), "--study-name", name, "--storage-path", str(storage),
                             "--resume"], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((folder / "study.json").read_text())["weights"] == weights
     assert "0 to run" in again.stdout and "Started a local Ray" not in again.stdout + again.stderr
     assert len(optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}").trials) == len(trials)
     print(f"resumed: {len(interrupted)} interrupted (KILLED, re-run), {len(finished)} finished, "

@@ -55,6 +55,7 @@ from atop.io import atomic_write_text
 from tracking.contract import (
     LAST_ERROR_TAG,
     PARENT_TAG,
+    PRETRAINED_TAG,
     ROLE_TAG,
     SPACE_TAG,
     TERMINAL_STATUSES,
@@ -119,6 +120,18 @@ def trial_runs(uri: str, experiment_id: str, parent_run_id: str) -> dict[int, An
     runs = c.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                          max_results=50_000, order_by=["attributes.start_time ASC"])
     return {int(r.data.tags[TRIAL_TAG]): r for r in runs if TRIAL_TAG in r.data.tags}
+
+
+def pretrained_of_trials(uri: str, experiment_name: str) -> list[str]:
+    """The distinct `PRETRAINED_TAG` values of a study's trial runs, oldest run first: the weights
+    ("classifier file,purifier file") its trials were fine-tuned from; empty before any trial ran."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id], filter_string=role_filter(Role.TRIAL), max_results=50_000,
+                         order_by=["attributes.start_time ASC"])
+    return list(dict.fromkeys(r.data.tags[PRETRAINED_TAG] for r in runs if PRETRAINED_TAG in r.data.tags))
 
 
 @dataclass(frozen=True)
