@@ -213,6 +213,8 @@ def run(args: argparse.Namespace, study: Study | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input)."""
     args = parse_args(argv)
+    # one MLflow download bar per trial's per-example file is noise; the bootstrap says how far it is
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     def body() -> int:
         check_ref_point(args.ref_point, len(args.objectives))  # before the store is read

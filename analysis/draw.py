@@ -19,6 +19,7 @@ import moocore
 import numpy as np
 import plotly.graph_objects as go
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from plotly.subplots import make_subplots
 
 from analysis.compute import CompareInfo, FrontInfo, Objective
@@ -193,7 +194,9 @@ def front_pairs_png(info: FrontInfo, path: Path, title: str, caption: str = "") 
         mark_unit_range(ax, "y", extent(info, j))
         ax.grid(alpha=0.3)
     bars = has_intervals(info, list(range(len(info.objectives))))
-    axes[0][-1].legend(handles=_legend_handles(info, bars), loc="best", fontsize=8)
+    # beside the last panel, not inside it: "best" still covered error bars and points
+    axes[0][-1].legend(handles=_legend_handles(info, bars), loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       borderaxespad=0, fontsize=8)
     distinct = len(np.unique(info.points[info.on_front], axis=0))
     fig.suptitle(
         f"{title}: {info.on_front.sum()} of {len(info.points)} runs on the first front"
@@ -227,6 +230,7 @@ def convergence_png(info: FrontInfo, path: Path, title: str, caption: str = "") 
     ax.step(x, info.convergence, where="post", color="tab:blue")
     ax.plot(x, info.convergence, "o", ms=3, color="tab:blue")
     ax.set_xlabel("trial number (kept runs only)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no trial 0.5
     ax.set_ylabel("hypervolume")
     ax.set_ylim(0, max(info.hypervolume, 1e-12) * 1.08)
     ref = ", ".join(f"{v:g}" for v in info.ref_point)
