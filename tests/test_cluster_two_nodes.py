@@ -134,12 +134,12 @@ def _submit(head_address: str, job_id: str, optuna_url: str, args: list[str]) ->
     return logs
 
 
-def _study_files(root: Path) -> list[str]:
-    """Paths below `root` named like something a study writes (Tune's `tune-*` experiments included)."""
+def _study_files(root: Path, names: tuple[str, ...] = STUDY_FILES, prefixes: tuple[str, ...] = ("tune-",)) -> list[str]:
+    """Paths below `root` named one of `names` or starting with one of `prefixes` (Tune's experiments)."""
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in (".git", ".venv")]
-        found += [os.path.join(folder, n) for n in dirs + files if n in STUDY_FILES or n.startswith("tune-")]
+        found += [os.path.join(folder, n) for n in dirs + files if n in names or n.startswith(prefixes)]
     return found
 
 
@@ -215,7 +215,8 @@ def test_a_study_on_two_nodes_keeps_its_state_in_the_buckets_and_resumes(cifar_d
 
         study_keys = s3_keys(endpoint, f"atop-studies/studies/{NAME}")
         mlflow_keys = s3_keys(endpoint, "atop-mlflow/artifacts")
-        left_behind = [*_study_files(REPO),
+        # the repository: only this study's name (a developer's checkout may hold studies of its own)
+        left_behind = [*_study_files(REPO, (NAME,), ()),
                        *(p for d in _job_working_dirs(tmp / "head" / "r") for p in _study_files(d)),
                        *(p for d in _job_working_dirs(node_view / str(node_temp).lstrip("/"))
                          for p in _study_files(d))]
