@@ -126,25 +126,73 @@ class RayHead:
     proc: subprocess.Popen
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory) -> Iterator[RayHead]:
-    tmp = tmp_path_factory.mktemp("ray")
+def start_ray_head(folder: Path, host: str = "127.0.0.1", num_cpus: int = 2, **env: str) -> RayHead:
+    """A real Ray head (`ray start --head --block`) in its own session, its Ray temp dir in `folder`.
+
+    Args:
+        host: the node's address (an address of this machine other nodes reach); its dashboard,
+            where jobs are submitted, stays on 127.0.0.1.
+        env: added to the head's environment (which the driver of a submitted job inherits).
+    """
     port, dash = free_port(), free_port()
-    log = tmp / "ray-head.log"
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+    log = folder / "ray-head.log"
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", host, "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", str(num_cpus),
            "--include-dashboard", "true", "--block",
            # every fixed default port set free: other engineers' Ray heads share this machine
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-           "--temp-dir", str(tmp / "r")]
+           "--temp-dir", str(folder / "r")]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=service_env(RAY_AUTH_MODE="disabled"),
-                                start_new_session=True, cwd=tmp)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
+                                env=service_env(RAY_AUTH_MODE="disabled", **env))
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", proc, 120, log)
-        yield RayHead(f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}", proc)
-    finally:
+    except BaseException:
         stop_by_pid(proc)
+        raise
+    return RayHead(f"http://127.0.0.1:{dash}", f"{host}:{port}", proc)
+
+
+def alive_nodes(dashboard: str) -> list[dict]:
+    """The alive nodes of the cluster whose dashboard is at `dashboard` (state API rows: `node_id`,
+    `node_ip`, `is_head_node`, ...); [] while the dashboard does not answer."""
+    import json
+
+    try:
+        with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?limit=100", timeout=5) as r:
+            data = json.loads(r.read())
+    except OSError:
+        return []
+    return [n for n in data["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+
+
+def start_ray_node(head: RayHead, folder: Path, *, num_cpus: int = 1, resources: str | None = None,
+                   host: str = "127.0.0.1", temp_dir: Path | None = None, prefix: tuple[str, ...] = (),
+                   **env: str) -> subprocess.Popen:
+    """A second Ray node (`ray start --address --block`) in its own session; its log in `folder`.
+
+    Args:
+        host: the node's address. temp_dir: its own Ray temp dir (default Ray's, /tmp/ray).
+        prefix: the command that runs `ray start` (e.g. in another network namespace); it must exec
+            it, so that the returned process is the node's `ray start`.
+        env: added to the node's environment (its trials inherit it).
+    """
+    cmd = [*prefix, str(VENV_BIN / "ray"), "start", "--address", head.gcs_address, "--node-ip-address", host,
+           "--num-cpus", str(num_cpus), "--block",
+           "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+           *(["--resources", resources] if resources else []), *(["--temp-dir", str(temp_dir)] if temp_dir else [])]
+    with open(folder / "ray-node.log", "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
+                                env=service_env(RAY_AUTH_MODE="disabled", **env))
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory) -> Iterator[RayHead]:
+    head = start_ray_head(tmp_path_factory.mktemp("ray"))
+    try:
+        yield head
+    finally:
+        stop_by_pid(head.proc)
 
 
 @dataclass
@@ -155,16 +203,9 @@ class MlflowServer:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
-    tmp = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = tmp / "mlflow-server.log"
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts")]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
-                                env=service_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    tmp, port = tmp_path_factory.mktemp("mlflow"), free_port()
+    proc = start_mlflow_server(tmp, port)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 120, log)
         yield MlflowServer(f"http://127.0.0.1:{port}", proc)
     finally:
         stop_by_pid(proc)
@@ -246,14 +287,23 @@ def stop_study(proc: subprocess.Popen) -> None:
         pass
 
 
-def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:port with its store in `folder` (restartable on the same)."""
+def start_mlflow_server(folder: Path, port: int, host: str = "127.0.0.1", backend_store_uri: str | None = None,
+                        artifacts_destination: str | None = None, **env: str) -> subprocess.Popen:
+    """A real `mlflow server` on host:port (restartable on the same store); its log in `folder`.
+
+    Default stores: sqlite `folder/mlflow.db` and artifacts in `folder/artifacts`. `env` is added to
+    the server's environment (an S3 endpoint and its credentials for `s3://` artifacts).
+    """
     log = folder / "mlflow-server.log"
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
-           str(folder / "artifacts")]
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1",
+           "--backend-store-uri", backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}",
+           "--artifacts-destination", artifacts_destination or str(folder / "artifacts")]
     with open(log, "a") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
-                                env=service_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-    wait_http(f"http://127.0.0.1:{port}/health", proc, 120, log)
+                                env=service_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **env))
+    try:
+        wait_http(f"http://{host}:{port}/health", proc, 120, log)
+    except BaseException:
+        stop_by_pid(proc)
+        raise
     return proc

@@ -37,15 +37,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 60.0) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 60.0, host: str = HOST) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} before listening on {HOST}:{port}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before listening on {host}:{port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
             return
         time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on {HOST}:{port} within {timeout_s:.0f} s")
+    raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout_s:.0f} s")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
@@ -95,6 +95,20 @@ def postgres(folder: Path, database: str = "atop") -> Iterator[str]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def create_database(url: str, name: str) -> str:
+    """Create database `name` on the server of `url` (a `postgres()` URL); returns its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE refuses a transaction
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
 def _wait_ready(bin_dir: Path, port: int, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while subprocess.run([str(bin_dir / "pg_isready"), "-h", HOST, "-p", str(port)],
@@ -112,15 +126,16 @@ def _ids(user: str) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def s3(folder: Path) -> Iterator[str]:
-    """moto's S3-compatible server; yields its endpoint `http://127.0.0.1:PORT` (in memory: no files)."""
+def s3(folder: Path, host: str = HOST) -> Iterator[str]:
+    """moto's S3-compatible server on `host` (an address of this machine); yields its endpoint
+    `http://HOST:PORT` (in memory: no files)."""
     port = free_port()
     log = open(Path(folder) / "moto.log", "wb")  # noqa: SIM115  (closed below)
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **S3_KEYS})
     try:
-        wait_for_port(port, proc, "moto server")
-        yield f"http://{HOST}:{port}"
+        wait_for_port(port, proc, "moto server", host=host)
+        yield f"http://{host}:{port}"
     finally:
         stop(proc)
         log.close()
@@ -131,10 +146,22 @@ def s3_env(endpoint: str) -> dict[str, str]:
     return {**S3_KEYS, "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-def make_bucket(endpoint: str, bucket: str) -> None:
+def s3_fs(endpoint: str, **options):
+    """A `pyarrow.fs.S3FileSystem` on the S3 server at `endpoint`, with the test credentials."""
     import pyarrow.fs as pafs
 
-    s3fs = pafs.S3FileSystem(endpoint_override=endpoint, access_key=S3_KEYS["AWS_ACCESS_KEY_ID"],
+    return pafs.S3FileSystem(endpoint_override=endpoint, access_key=S3_KEYS["AWS_ACCESS_KEY_ID"],
                              secret_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"], region=S3_KEYS["AWS_DEFAULT_REGION"],
-                             allow_bucket_creation=True)
-    s3fs.create_dir(bucket)
+                             **options)
+
+
+def make_bucket(endpoint: str, bucket: str) -> None:
+    s3_fs(endpoint, allow_bucket_creation=True).create_dir(bucket)
+
+
+def s3_keys(endpoint: str, prefix: str) -> list[str]:
+    """Every object's key below `prefix` (`BUCKET/PATH`), relative to it, sorted."""
+    import pyarrow.fs as pafs
+
+    found = s3_fs(endpoint).get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return sorted(i.path.removeprefix(prefix.rstrip("/") + "/") for i in found if i.type == pafs.FileType.File)

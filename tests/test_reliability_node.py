@@ -11,24 +11,23 @@ A study whose MLflow server one node cannot reach is refused before it exists (s
 """
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from tests.conftest import (
     LOOPBACK,
     STUDY_PY,
-    VENV_BIN,
+    alive_nodes,
     free_port,
     kill_session,
     listening,
     service_env,
     session_procs,
+    start_ray_node,
     start_study,
     stop_by_pid,
     stop_study,
@@ -40,15 +39,6 @@ pytestmark = pytest.mark.slow
 NUM_TRIALS = 3
 
 
-def _alive_nodes(dashboard: str) -> int:
-    try:
-        with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?limit=100", timeout=5) as r:
-            data = json.loads(r.read())
-    except OSError:
-        return 0
-    return sum(1 for n in data["data"]["result"]["result"] if n.get("state") == "ALIVE")
-
-
 def _runs_a_trial(proc) -> bool:
     try:
         return "ImplicitFunc" in " ".join(proc.cmdline())
@@ -58,12 +48,7 @@ def _runs_a_trial(proc) -> bool:
 
 def _start_node(ray_head, tmp_path, **env: str) -> subprocess.Popen:
     """A second Ray node on this machine (1 CPU, resource `worker_node`) in its own session."""
-    cmd = [str(VENV_BIN / "ray"), "start", "--address", ray_head.gcs_address, "--node-ip-address", "127.0.0.1",
-           "--num-cpus", "1", "--resources", '{"worker_node": 1}', "--block",
-           "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
-    with open(tmp_path / "ray-node.log", "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
-                                env=service_env(RAY_AUTH_MODE="disabled", **env))
+    return start_ray_node(ray_head, tmp_path, resources='{"worker_node": 1}', **env)
 
 
 def test_worker_node_killed_mid_trial(ray_head, cifar_dir, tmp_path):
@@ -75,7 +60,7 @@ def test_worker_node_killed_mid_trial(ray_head, cifar_dir, tmp_path):
     folder = storage / name
     study = None
     try:
-        wait_for(lambda: _alive_nodes(ray_head.address) >= 2, 120, "the second Ray node to join", proc=node)
+        wait_for(lambda: len(alive_nodes(ray_head.address)) >= 2, 120, "the second Ray node to join", proc=node)
         hold = f"sleep@trial=*,epoch=1,seconds=45,once={tmp_path / 'held-{trial}'}"
         study = start_study(["--preset", "tiny", "--num-trials", str(NUM_TRIALS), "--max-concurrent", str(NUM_TRIALS),
                              "--cpus", "1", "--max-failures", "1", "--data-dir", str(cifar_dir),
@@ -139,7 +124,7 @@ def test_a_node_that_cannot_reach_mlflow_is_refused_before_the_study_exists(ray_
                        no_grpc_proxy="*")  # Ray's own gRPC between nodes must not take the proxy
     storage, name = tmp_path / "studies", "unreachable"
     try:
-        wait_for(lambda: _alive_nodes(ray_head.address) >= 2, 120, "the second Ray node to join", proc=node)
+        wait_for(lambda: len(alive_nodes(ray_head.address)) >= 2, 120, "the second Ray node to join", proc=node)
         done = subprocess.run([sys.executable, str(STUDY_PY), "--preset", "tiny", "--data-dir", str(cifar_dir),
                                "--storage-path", str(storage), "--study-name", name, "--mlflow-uri", mlflow_server.uri],
                               capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False,

@@ -96,6 +96,8 @@ SPACE_TAG: Final = "atop.space"
 STUDY_TAG: Final = "atop.study"
 PRETRAINED_TAG: Final = "atop.pretrained"
 RESOURCES_TAG: Final = "atop.resources"
+#: on every trial run: the Ray node (its id, then its IP) the trial last started or restarted on
+NODE_TAG: Final = "atop.node"
 RESTORED_TAG: Final = "atop.restored_from_epoch"
 #: on the rerun of an interrupted trial that started from its checkpoint: that checkpoint (`RESUME_FROM`)
 RESUMED_FROM_TAG: Final = "atop.resumed_from"

@@ -58,6 +58,7 @@ from tracking.contract import (
     EVALUATION_TAG,
     FAILED_KEY,
     LAST_ERROR_TAG,
+    NODE_TAG,
     RESOURCES_TAG,
     RESTORED_TAG,
     RESUME_FROM,
@@ -160,11 +161,11 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
                               RESOURCES_TAG: f"cpu={ctx.cpus_per_trial},gpu={ctx.gpus_per_trial}",
                               EVAL_LEVEL_TAG: cfg.eval_level.value, EVAL_SPLIT_TAG: ctx.eval_split,
                               EVALUATION_TAG: how_obtained(cfg, len(ctx.eval_data), ctx.eval_split),
-                              STAGE_TAG: ctx.stage,
+                              STAGE_TAG: ctx.stage, NODE_TAG: node_name(),
                               **({RESTORED_TAG: start_epoch, RESUMED_FROM_TAG: reserved[RESUME_FROM]}
                                  if carried is not None else {})})
             else:
-                log.set_tags({RESTORED_TAG: start_epoch})
+                log.set_tags({RESTORED_TAG: start_epoch, NODE_TAG: node_name()})
         _check_sizes(cfg, ctx)
         faults = FaultPlan.from_env(number)
         faults.at(start_epoch, purifier)
@@ -206,6 +207,14 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             log.set_tags({LAST_ERROR_TAG: f"{type(exc).__name__}: {exc}"})
             log.flush()
         raise
+
+
+def node_name() -> str:
+    """The Ray node this process runs on, for its run's `atop.node` tag: `<node id> <node IP>`."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return f"{context.get_node_id()} {ray.util.get_node_ip_address()}"
 
 
 def spool_file(stage: str, number: int, seed: int) -> str:
