@@ -209,11 +209,12 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
         warm = source(storage, args.warm_start, name, fingerprint(SPACES[settings.space]),
                       optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
     # the checks that need torch last (checkpoints and data are torch tensors); the data's, the slowest, at the end
-    from atop.data import DataError, carve_validation
     from study.pretrained import check_pretrained, recorded_weights
 
-    if pretrained:
+    if pretrained:  # a file that is no torch file is refused before torch is imported
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
+    from atop.data import DataError, carve_validation
+
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
     # a resumed study's trials keep the weights they started with: they must still be there
     weights = recorded_weights(cache, saved["weights"]) if args.resume and saved.get("weights") else None
