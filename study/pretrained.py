@@ -118,6 +118,24 @@ def check_pretrained(folder: str | os.PathLike, cfg: Config, settings: PretrainS
     return given
 
 
+def check_classifier_checkpoint(path: str, cfg: Config) -> None:
+    """`pretrain.classifier_checkpoint` (a settings file's classifier to pre-train the purifier
+    against), checked before anything starts as `check_pretrained` checks `--pretrained`: otherwise a
+    bad file would end the study's pre-training task, after the study and Ray have started.
+
+    Raises:
+        StudyError: one line naming the file and what is accepted.
+    """
+    label, file = "classifier_checkpoint", Path(path).expanduser()
+    try:
+        check_torch_file(file, label, classifier_expected(cfg))  # no torch yet: see check_pretrained
+        from atop.pretrained_cache import check_classifier_file
+
+        check_classifier_file(file, cfg, label=label)
+    except CheckpointError as exc:
+        raise StudyError(str(exc)) from None
+
+
 def adopt_pretrained(folder: str | os.PathLike, cfg: Config, settings: PretrainSettings, train: Split,
                      cache: Path, *, log: Callable[[str], None] = print) -> tuple[Path, Path | None]:
     """Check the files of `--pretrained DIR` and store them as entries of the cache `cache`.

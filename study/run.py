@@ -209,10 +209,13 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
         warm = source(storage, args.warm_start, name, fingerprint(SPACES[settings.space]),
                       optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
     # the checks that need torch last (checkpoints and data are torch tensors); the data's, the slowest, at the end
-    from study.pretrained import check_pretrained, recorded_weights
+    from study.pretrained import check_classifier_checkpoint, check_pretrained, recorded_weights
 
-    if pretrained:  # a file that is no torch file is refused before torch is imported
+    # a file that is no torch file is refused before torch is imported
+    if pretrained:
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
+    elif settings.pretrain_settings().classifier_checkpoint:
+        check_classifier_checkpoint(settings.pretrain_settings().classifier_checkpoint, cfg)
     from atop.data import DataError, carve_validation
 
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)

@@ -105,6 +105,9 @@ CASES: dict[str, Case] = {
     # a file that is no torch file (atop.checkpoint_file) is refused without torch (after the space's checks: Optuna)
     "study: corrupt pretrained classifier": Case("study", ["--pretrained", "{tmp}/corrupt"], OPTUNA,
                                                  {"corrupt/classifier.pt": "PK\x03\x04 not really a zip"}),
+    "study: corrupt pretrain.classifier_checkpoint": Case(
+        "study", ["--config", "{tmp}/s.yaml"], OPTUNA,
+        {"s.yaml": "pretrain: {classifier_checkpoint: c.pt}\n", "c.pt": "PK\x03\x04 not really a zip"}),
     # --- python -m atop.run
     "run: unknown option": Case("run", ["--frobnicate"]),
     "run: unknown evaluation level": Case("run", ["--level", "quick"]),
