@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"CheckpointError": "atop.checkpoint", "load_checkpoint": "atop.checkpoint",
+_LAZY = {"CheckpointError": "atop.checkpoint_file", "load_checkpoint": "atop.checkpoint",
          "load_defense": "atop.checkpoint", "save_checkpoint": "atop.checkpoint",
          "Config": "atop.config", "ConfigError": "atop.config"}
 

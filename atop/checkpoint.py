@@ -24,23 +24,26 @@ from typing import Any
 import torch
 from torch import nn
 
+# the checks of a file's outside, the error type and the format's names need no torch (bad input is
+# refused before torch loads); they are this module's API too
+from atop.checkpoint_file import (
+    ACCEPTED,
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    check_torch_file,
+    sha256,
+)
 from atop.config import Config, ConfigError
 from atop.data import DATASETS
 from atop.defense import Defense
 from atop.io import atomic_write
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
 
-FORMAT, VERSION = "atop-checkpoint", 1
 KINDS = ("classifier", "purifier", "defense")
-#: what a checkpoint argument accepts, for error messages
-ACCEPTED = f"an atop checkpoint file (format={FORMAT!r}, version {VERSION}; see docs/CHECKPOINTS.md)"
 #: the pre-training cache folder a study keeps in its storage path (study/run.py's CACHE_DIR): a
 #: referenced classifier is looked for in it, in every folder above the checkpoint
 STUDY_CACHE_DIR = ".pretrained-cache"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, of another kind or of another model; one-line message."""
 
 
 def save_checkpoint(path: str | os.PathLike, *, kind: str, cfg: Config, classifier: nn.Module | None = None,
@@ -122,18 +125,9 @@ def read_torch_file(source: Path | bytes, what: str, accepted: str) -> Any:
         what: what the file was given as, for the message (e.g. "checkpoint", "classifier_checkpoint").
         accepted: what the argument accepts, for the message ("expected <accepted>").
     """
-    target: Path | io.BytesIO
-    if isinstance(source, bytes):
-        label, size, target = f"{what} <bytes>", len(source), io.BytesIO(source)
-    else:
-        label, target = f"{what} {str(source)!r}", source
-        if source.is_dir():
-            raise CheckpointError(f"{label} is a folder; expected {accepted}")
-        if not source.is_file():
-            raise CheckpointError(f"{label} does not exist; expected {accepted}")
-        size = source.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{label} is an empty file; expected {accepted}")
+    check_torch_file(source, what, accepted)  # a file that cannot be a torch file, refused as the CLIs refuse it
+    label = f"{what} <bytes>" if isinstance(source, bytes) else f"{what} {str(source)!r}"
+    target = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         # the weights-only unpickler may warn about the pickle protocol of a foreign file: noise
         # under a one-line error
@@ -304,14 +298,6 @@ def load_defense(path: str | os.PathLike, device: str | torch.device = "cpu", se
     defense = Defense.from_config(blob["config"], purifier, build_classifier(blob, classifier))
     defense.reseed(seed)
     return defense.to(device).eval()
-
-
-def sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_layout(blob: dict[str, Any], name: str) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atop.names import NUM_CLASSES
+
 
 class DataError(ValueError):
     """Data that cannot be found or read; the message says what was tried and how to fix it."""
@@ -54,9 +56,9 @@ def _imagenette(root: Path, split: str, download: bool) -> tuple[np.ndarray, np.
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec(10, 32, _cifar("CIFAR10")),
-    "cifar100": DatasetSpec(100, 32, _cifar("CIFAR100")),
-    "imagenette": DatasetSpec(10, 64, _imagenette),
+    "cifar10": DatasetSpec(NUM_CLASSES["cifar10"], 32, _cifar("CIFAR10")),
+    "cifar100": DatasetSpec(NUM_CLASSES["cifar100"], 32, _cifar("CIFAR100")),
+    "imagenette": DatasetSpec(NUM_CLASSES["imagenette"], 64, _imagenette),
 }
 SPLITS = ("train", "test")
 #: validation images are carved out of the train split by a permutation with this fixed seed, so every

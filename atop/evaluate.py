@@ -34,6 +34,7 @@ import numpy as np
 
 # No torch at import: `python -m atop.evaluate` refuses bad input before torch loads
 # (tests/test_refusal.py); `evaluate` and the command import the torch modules they use.
+from atop.checkpoint_file import ACCEPTED, CheckpointError, check_torch_file
 from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, ConfigError, EvalLevel, Precision
 from atop.io import atomic_folder
@@ -317,7 +318,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> int:
-    """The checks of the command line alone, before torch is imported; raise UsageError."""
+    """The checks of the command line and of its files' outside, before torch is imported; raise
+    UsageError or CheckpointError."""
     if args.n_images is not None and args.n_images < 1:
         raise UsageError(f"--n-images={args.n_images} must be >= 1")
     for name in ("steps", "eot", "queries", "repeats", "batch_size"):
@@ -333,11 +335,15 @@ def _check_args(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} exists and is not an empty folder; pick a new one")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir!r} is not a folder")
-    if not Path(args.checkpoint).exists():  # what an existing path holds is `load_checkpoint`'s to check
+    if not Path(args.checkpoint).exists():
         raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist; expected a defense checkpoint file")
     unknown = [n for n in _extra_attacks(args) if n not in ATTACK_NAMES]
     if unknown:
         raise UsageError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACK_NAMES))}")
+    # that a file can be a torch file at all is checked here, without torch; what it holds is `load_checkpoint`'s
+    check_torch_file(Path(args.checkpoint), "checkpoint", ACCEPTED)
+    if args.classifier is not None and Path(args.classifier).is_file():  # a folder is searched, later
+        check_torch_file(Path(args.classifier), "classifier", ACCEPTED)
     return 0
 
 
@@ -374,10 +380,9 @@ def _write(out: Path, report: dict[str, Any], per_example: dict[str, np.ndarray]
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    refused = one_line_errors(lambda: _check_args(args), ())
+    refused = one_line_errors(lambda: _check_args(args), (CheckpointError,))
     if refused:
         return refused
-    from atop.checkpoint import CheckpointError
     from atop.data import DataError
 
     return one_line_errors(lambda: _run(args), (CheckpointError, ConfigError, DataError))

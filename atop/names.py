@@ -10,6 +10,8 @@ nothing from `atop`.
 from __future__ import annotations
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "imagenette")
+#: dataset -> its number of classes (`atop.data.DATASETS` reads it; an error message about a file names it)
+NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100, "imagenette": 10}
 CLASSIFIERS: tuple[str, ...] = ("small_cnn", "fast_cnn", "resnet18", "wrn28_10")
 PURIFIERS: tuple[str, ...] = ("unet", "gated")
 ATTACKS: tuple[str, ...] = (

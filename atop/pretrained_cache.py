@@ -42,6 +42,7 @@ from atop.checkpoint import (
     save_checkpoint,
     sha256,
 )
+from atop.checkpoint_file import check_torch_file, classifier_expected, purifier_expected
 from atop.config import Config
 from atop.data import DATASETS, Split
 from atop.models import CLASSIFIERS
@@ -158,9 +159,7 @@ def check_classifier_file(source: str | os.PathLike, cfg: Config, *,
         CheckpointError: one line naming the file and what was expected.
     """
     path = checked_file(source, label)
-    num_classes = DATASETS[cfg.dataset].num_classes
-    expected = (f"an atop classifier checkpoint or a state dict of {cfg.classifier} for {cfg.dataset} "
-                f"({num_classes} classes)")
+    num_classes, expected = DATASETS[cfg.dataset].num_classes, classifier_expected(cfg)
     blob = read_torch_file(path, label, expected)
     if isinstance(blob, dict) and "format" in blob:
         try:
@@ -213,8 +212,8 @@ def check_purifier_file(source: str | os.PathLike, cfg: Config, *,
         CheckpointError: one line naming the file and what was expected.
     """
     path = checked_file(source, label, "purifier")
-    expected = (f"an atop purifier or defense checkpoint of {cfg.purifier} (width {cfg.purifier_width}) for "
-                f"{cfg.dataset}, with its discriminator")
+    expected = purifier_expected(cfg)
+    check_torch_file(path, label, expected)  # as the command line's early check words it (no torch needed)
     try:
         blob = load_checkpoint(path, kind="purifier")
     except CheckpointError as exc:

@@ -24,9 +24,13 @@ def loopback_ray() -> None:
     Ray on Linux turns a node IP of 127.0.0.1 into the machine's external IP and binds its gRPC
     servers (GCS, raylet, workers) there or on all interfaces; with "cluster mode" off it keeps
     127.0.0.1 and binds loopback only. Read once, when ray is imported. See docs/RELIABILITY.md.
+
+    Token authentication: what a new local Ray turns on when RAY_AUTH_MODE is unset, said here so
+    that Ray does not warn about it in every study (a RAY_AUTH_MODE of the user's own is kept).
     """
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False) -> None:
@@ -49,8 +53,11 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
                            runtime_env={"env_vars": {FAULT_ENV: fault}} if fault else None)
     else:  # embedded: a local Ray bound to 127.0.0.1, workers importing this checkout
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        # the workers' own Ray INFO logs reach this terminal too ("Checkpoint successfully created at"
+        # for every checkpoint of every trial): warnings only there as well, unless `verbose`
+        env = {"PYTHONPATH": path, **({} if verbose else {"RAY_LOGGER_LEVEL": "warning"})}
         context = ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=level,
-                           runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
+                           runtime_env={"env_vars": env}, log_to_driver=True)
     if getattr(context, "dashboard_url", None):
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     total = ray.cluster_resources()

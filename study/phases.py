@@ -11,6 +11,7 @@ import platform
 import shutil
 import subprocess
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 # Only light modules here: bad input is refused (study.args, then `prepare`) before torch, Optuna,
@@ -149,7 +150,9 @@ def open_study(plan: StudyPlan) -> OpenStudy:
         study = optuna.create_study(study_name=name, storage=storage, directions=[optuna.study.StudyDirection[d.upper()] for d in DIRECTIONS],
                                     load_if_exists=True, sampler=make_sampler(
                                         settings.sampler, plan.cfg.seed, settings.population_size, n_existing))
-        study.set_metric_names(list(OBJECTIVES))
+        with warnings.catch_warnings():  # marked experimental; say nothing to every study
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(OBJECTIVES))
         if plan.warm_start and not plan.resume:
             from study.warmstart import copy_trials
 

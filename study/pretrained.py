@@ -23,26 +23,30 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from atop.checkpoint import CheckpointError, save_checkpoint, sha256
+# Only light modules here: `check_pretrained` refuses a file that is no torch file before torch is
+# imported (tests/test_refusal.py); each function imports the torch modules it needs.
+from atop.checkpoint_file import (
+    CheckpointError,
+    check_torch_file,
+    classifier_expected,
+    purifier_expected,
+    sha256,
+)
 from atop.config import Config
-from atop.data import Split
 from atop.io import atomic_write_bytes
 from atop.presets import PretrainSettings
-from atop.pretrain import ensure_pretrained
-from atop.pretrained_cache import (
-    adopted_purifier_path,
-    cache_paths,
-    check_classifier_file,
-    check_entry,
-    check_purifier_file,
-)
 from study.errors import StudyError
 from tracking.contract import PRETRAINED_TAG
 
+if TYPE_CHECKING:
+    from atop.data import Split
+
 #: the files `--pretrained DIR` takes
 CLASSIFIER_FILE, PURIFIER_FILE = "classifier.pt", "purifier.pt"
+#: how messages name them
+CLASSIFIER_LABEL, PURIFIER_LABEL = "--pretrained classifier", "--pretrained purifier"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ def _pretrain_task(cfg: dict[str, Any], settings: PretrainSettings, train: Split
                    threads: int, folder: str) -> tuple[bytes, bytes]:
     """Pre-train what the cache `folder` lacks; returns the classifier's and purifier's files."""
     import torch
+
+    from atop.pretrain import ensure_pretrained
 
     torch.set_num_threads(threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -99,12 +105,36 @@ def check_pretrained(folder: str | os.PathLike, cfg: Config, settings: PretrainS
     """
     given = given_weights(folder, settings)
     try:
-        check_classifier_file(given.classifier, cfg, label="--pretrained classifier")
+        # a file that is no torch file is refused in well under a second, before torch is imported
+        check_torch_file(given.classifier, CLASSIFIER_LABEL, classifier_expected(cfg))
         if given.purifier is not None:
-            check_purifier_file(given.purifier, cfg, label="--pretrained purifier")
+            check_torch_file(given.purifier, PURIFIER_LABEL, purifier_expected(cfg))
+        from atop.pretrained_cache import check_classifier_file, check_purifier_file
+
+        check_classifier_file(given.classifier, cfg, label=CLASSIFIER_LABEL)
+        if given.purifier is not None:
+            check_purifier_file(given.purifier, cfg, label=PURIFIER_LABEL)
     except CheckpointError as exc:
         raise StudyError(str(exc)) from None
     return given
+
+
+def check_classifier_checkpoint(path: str, cfg: Config) -> None:
+    """`pretrain.classifier_checkpoint` (a settings file's classifier to pre-train the purifier
+    against), checked before anything starts as `check_pretrained` checks `--pretrained`: otherwise a
+    bad file would end the study's pre-training task, after the study and Ray have started.
+
+    Raises:
+        StudyError: one line naming the file and what is accepted.
+    """
+    label, file = "classifier_checkpoint", Path(path).expanduser()
+    try:
+        check_torch_file(file, label, classifier_expected(cfg))  # no torch yet: see check_pretrained
+        from atop.pretrained_cache import check_classifier_file
+
+        check_classifier_file(file, cfg, label=label)
+    except CheckpointError as exc:
+        raise StudyError(str(exc)) from None
 
 
 def adopt_pretrained(folder: str | os.PathLike, cfg: Config, settings: PretrainSettings, train: Split,
@@ -123,6 +153,15 @@ def adopt_pretrained(folder: str | os.PathLike, cfg: Config, settings: PretrainS
     Raises:
         StudyError: as `check_pretrained`, or a cache entry of these files is corrupt.
     """
+    from atop.checkpoint import save_checkpoint
+    from atop.pretrained_cache import (
+        adopted_purifier_path,
+        cache_paths,
+        check_classifier_file,
+        check_entry,
+        check_purifier_file,
+    )
+
     given = given_weights(folder, settings)
     clf_entry = cache_paths(cfg, _with_classifier(settings, given), train, cache)[0]
     pur_entry = None if given.purifier is None else adopted_purifier_path(cfg, given.purifier, clf_entry, cache)
@@ -130,9 +169,9 @@ def adopt_pretrained(folder: str | os.PathLike, cfg: Config, settings: PretrainS
         # entries are named by their file's sha256: one already stored was checked then. Both files
         # are checked before either is stored, so a bad purifier leaves no entry of its classifier.
         classifier = None if clf_entry.is_file() else \
-            check_classifier_file(given.classifier, cfg, label="--pretrained classifier")
+            check_classifier_file(given.classifier, cfg, label=CLASSIFIER_LABEL)
         purifier = None if given.purifier is None or pur_entry is None or pur_entry.is_file() else \
-            check_purifier_file(given.purifier, cfg, label="--pretrained purifier")
+            check_purifier_file(given.purifier, cfg, label=PURIFIER_LABEL)
         if classifier is None:
             check_entry(clf_entry, "classifier")
         else:
@@ -164,6 +203,8 @@ def pretrain_once(cfg: Config, settings: PretrainSettings, train: Split, folder:
         CheckpointError: a cached entry is corrupt (the message says to delete it to rebuild).
         StudyError: a file of `pretrained` is missing, corrupt, foreign or of another model.
     """
+    from atop.pretrained_cache import cache_paths, check_entry
+
     if pretrained is not None:
         given = given_weights(pretrained, settings)
         clf_path, pur_path = adopt_pretrained(pretrained, cfg, settings, train, folder, log=log)

@@ -46,7 +46,7 @@ from study.phases import confirm, open_study, report, search, settle, shared_con
 from study.plan import StudyPlan
 from study.storage import Storage, default_cache, leave_job_working_dir, local_folder
 from tracking import mlflow_log
-from tracking.mlflow_log import quiet_http
+from tracking.mlflow_log import quiet_http, quiet_logs
 
 if TYPE_CHECKING:
     from study.enqueue import Reference
@@ -92,7 +92,7 @@ def build_parser(listing: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", help="tracking URI (default sqlite:////<study folder>/mlflow.db)")
     p.add_argument("--optuna-storage", metavar="URL", help="Optuna's database (default sqlite:///<study folder>/"
                    "optuna.db; on a cluster e.g. postgresql://user@db/optuna; also $ATOP_OPTUNA_STORAGE)")
-    p.add_argument("--verbose", action="store_true", help="show Ray's and Optuna's own INFO logs")
+    p.add_argument("--verbose", action="store_true", help="show Ray's, Optuna's and MLflow's own INFO logs")
     p.add_argument("--storage-path", default="studies", help="where study folders go: s3://BUCKET/PATH, "
                    "gs://BUCKET/PATH, file:///PATH or a path (default ./studies; a relative path is refused under "
                    "`ray job submit`). An S3-compatible server: ?endpoint_override=HOST:PORT&scheme=http or "
@@ -209,11 +209,20 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
         warm = source(storage, args.warm_start, name, fingerprint(SPACES[settings.space]),
                       optuna_url or f"sqlite:///{folder / 'optuna.db'}", settings.to_dict())
     # the checks that need torch last (checkpoints and data are torch tensors); the data's, the slowest, at the end
-    from atop.data import DataError, carve_validation
-    from study.pretrained import check_pretrained, recorded_weights, weights_named_by_trials
+    from study.pretrained import (
+        check_classifier_checkpoint,
+        check_pretrained,
+        recorded_weights,
+        weights_named_by_trials,
+    )
 
+    # a file that is no torch file is refused before torch is imported
     if pretrained:
         check_pretrained(pretrained, cfg, settings.pretrain_settings())
+    elif settings.pretrain_settings().classifier_checkpoint:
+        check_classifier_checkpoint(settings.pretrain_settings().classifier_checkpoint, cfg)
+    from atop.data import DataError, carve_validation
+
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)
     # a resumed study's trials keep the weights they started with: they must still be there
     weights = None
@@ -373,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command: check every input, then run the study; bad input is one `error: ...` line, exit 2."""
     asks_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
     args = build_parser(listing=asks_help).parse_args(argv)
+    quiet_logs(args.verbose)
     return one_line_errors(lambda: run(prepare(args)), (StudyError,))
 
 

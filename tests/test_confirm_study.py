@@ -53,6 +53,11 @@ def test_search_scores_on_validation_and_confirm_on_test(cifar_dir, tmp_path):
     # the confirm stage says as each of its trials starts and ends (never silent for a whole trial)
     assert "confirm: trial " in done.stdout and " started (1 of " in done.stdout, done.stdout[-3000:]
     assert " ended after " in done.stdout and " done: test clean_acc " in done.stdout
+    # at default verbosity a user sees none of Optuna's, Ray's or MLflow's own INFO logs and warnings
+    # (issue 15: these are the ones a study printed); --verbose brings the INFO logs back
+    noise = ("ExperimentalWarning", "Token authentication is enabled", "Creating initial MLflow database tables",
+             "Checkpoint successfully created at")
+    assert not [n for n in noise if n in done.stdout + done.stderr], done.stdout[-3000:] + done.stderr[-3000:]
 
     folder = storage / name
     record = json.loads((folder / "study.json").read_text())["validation"]

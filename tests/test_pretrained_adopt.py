@@ -16,6 +16,7 @@ from atop.pretrained_cache import cache_paths
 from study.errors import StudyError
 from study.pretrained import (
     adopt_pretrained,
+    check_classifier_checkpoint,
     check_pretrained,
     pretrain_once,
     recorded_weights,
@@ -184,6 +185,20 @@ def test_dir_and_classifier_checkpoint_setting_conflict(tmp_path):
     settings = dataclasses.replace(TINY, classifier_checkpoint=str(tmp_path / "x.pt"))
     with pytest.raises(StudyError, match="both give a classifier; accepted: one of them"):
         check_pretrained(_dir(tmp_path), CFG, settings)
+
+
+def test_the_classifier_checkpoint_setting_is_checked_like_a_pretrained_classifier(tmp_path):
+    """A study checks `pretrain.classifier_checkpoint` before anything starts (its pre-training task
+    used to find a bad file, after the study and Ray had started)."""
+    folder = _dir(tmp_path, purifier=None)
+    check_classifier_checkpoint(str(folder / "classifier.pt"), CFG)
+    (tmp_path / "junk.pt").write_bytes(b"\x00not torch" * 50)
+    bad = {"junk.pt": "does not load", "absent.pt": "does not exist", "given": "is a folder"}
+    for name, why in bad.items():
+        with pytest.raises(StudyError, match=rf"^classifier_checkpoint '.*{name}' {why}.*expected an atop classifier"):
+            check_classifier_checkpoint(str(tmp_path / name), CFG)
+    with pytest.raises(StudyError, match="holds a 'small_cnn' classifier .* expected .*fast_cnn"):
+        check_classifier_checkpoint(str(folder / "classifier.pt"), CFG.replace(classifier="fast_cnn"))
 
 
 def test_a_resumed_study_gets_the_weights_it_recorded_or_a_one_line_refusal(tmp_path):

@@ -2,9 +2,10 @@
 
 Each case calls one CLI's `main([...])` in a fresh interpreter (`python -c`), catches its exit and
 prints which of torch, ray, mlflow and optuna are in `sys.modules` and whether Ray was started.
-A case names the heavy modules its check genuinely needs (reading a checkpoint's contents needs
-torch; learning what a search space searches runs it on an Optuna trial; an MLflow store is read
-with MLflow; a registry's names are in `atop.names`, without torch);
+A case names the heavy modules its check genuinely needs (none needs torch: a checkpoint that is no
+torch file is refused by its outside, `atop.checkpoint_file`; learning what a search space searches
+runs it on an Optuna trial; an MLflow store is read with MLflow; a registry's names are in
+`atop.names`, without torch);
 no case may import more, and no case may start Ray. tests/test_bad_input.py checks the messages;
 this file checks what refusing costs.
 """
@@ -23,7 +24,6 @@ import pytest
 from tests.conftest import REPO, data_dir, free_port
 
 HEAVY = ("mlflow", "optuna", "ray", "torch")
-TORCH = frozenset({"torch"})
 OPTUNA = frozenset({"optuna"})  # a check that runs a search space on a trial, or reads an Optuna storage
 MLFLOW = frozenset({"mlflow"})
 
@@ -102,9 +102,12 @@ CASES: dict[str, Case] = {
     "study: plateau of zero trials": Case("study", ["--stop-on-plateau", "0,x"], OPTUNA),
     "study: enqueue a value outside the space": Case("study", ["--enqueue", "{tmp}/e.yaml"], OPTUNA,
                                                      {"e.yaml": "- {rt: rt9, lambda_ce: 0.1}\n"}),
-    # reading a checkpoint's contents needs torch (and comes after the space's checks: Optuna)
-    "study: corrupt pretrained classifier": Case("study", ["--pretrained", "{tmp}/corrupt"], OPTUNA | TORCH,
+    # a file that is no torch file (atop.checkpoint_file) is refused without torch (after the space's checks: Optuna)
+    "study: corrupt pretrained classifier": Case("study", ["--pretrained", "{tmp}/corrupt"], OPTUNA,
                                                  {"corrupt/classifier.pt": "PK\x03\x04 not really a zip"}),
+    "study: corrupt pretrain.classifier_checkpoint": Case(
+        "study", ["--config", "{tmp}/s.yaml"], OPTUNA,
+        {"s.yaml": "pretrain: {classifier_checkpoint: c.pt}\n", "c.pt": "PK\x03\x04 not really a zip"}),
     # --- python -m atop.run
     "run: unknown option": Case("run", ["--frobnicate"]),
     "run: unknown evaluation level": Case("run", ["--level", "quick"]),
@@ -125,8 +128,10 @@ CASES: dict[str, Case] = {
     "evaluate: missing data dir": Case("evaluate", ["--checkpoint", "{tmp}/none.pt", "--data-dir", "{tmp}/no"]),
     "evaluate: unknown attack": Case("evaluate", ["--checkpoint", "{tmp}/c.pt", "--attacks", "pgd_linf2"],
                                      files={"c.pt": "x"}),
-    "evaluate: corrupt checkpoint": Case("evaluate", ["--checkpoint", "{tmp}/c.pt"], TORCH,
-                                         {"c.pt": "PK\x03\x04 not really a zip"}),
+    "evaluate: corrupt checkpoint": Case("evaluate", ["--checkpoint", "{tmp}/c.pt"],
+                                         files={"c.pt": "PK\x03\x04 not really a zip"}),
+    "evaluate: checkpoint of another format": Case("evaluate", ["--checkpoint", "{tmp}/c.pt"],
+                                                   files={"c.pt": "\x89PNG\r\n\x1a\n not a checkpoint"}),
     # --- python -m analysis
     "analysis: unknown option": Case("analysis", ["--frobnicate", "--mlflow-uri", "x", "--experiment", "e"]),
     "analysis: too few resamples": Case("analysis", ["--mlflow-uri", "x", "--experiment", "e", "--resamples", "9"]),

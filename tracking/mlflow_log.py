@@ -82,6 +82,16 @@ def quiet_http(max_retries: int = 1, timeout_s: int = 30) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
 
 
+def quiet_logs(verbose: bool) -> None:
+    """MLflow's own INFO logs ("Creating initial MLflow database tables...") only if `verbose`.
+
+    Call it before MLflow is imported: MLflow reads `MLFLOW_LOGGING_LEVEL` then, in this process and
+    in the processes it starts (an embedded Ray's trial workers). A level the user set is kept.
+    """
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 def client(uri: str):
     from mlflow import MlflowClient
 
