@@ -24,8 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-# the checks of a file's outside, the error type and the format's names need no torch (bad input is
-# refused before torch loads); they are this module's API too
 from atop.checkpoint_file import (
     ACCEPTED,
     FORMAT,

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atop.checkpoint import CheckpointError, build_classifier, load_checkpoint, save_checkpoint
+from atop.checkpoint import build_classifier, load_checkpoint, save_checkpoint
+from atop.checkpoint_file import CheckpointError
 from atop.cli import OneLineParser, UsageError, one_line_errors
 from atop.config import Config, ConfigError
 from atop.data import DATASETS, DataError, Split, load_split, subset

@@ -33,16 +33,20 @@ import torch
 from torch import nn
 
 from atop.checkpoint import (
-    CheckpointError,
     build_classifier,
     build_purifier,
     default_cache_dir,
     load_checkpoint,
     read_torch_file,
     save_checkpoint,
+)
+from atop.checkpoint_file import (
+    CheckpointError,
+    check_torch_file,
+    classifier_expected,
+    purifier_expected,
     sha256,
 )
-from atop.checkpoint_file import check_torch_file, classifier_expected, purifier_expected
 from atop.config import Config
 from atop.data import DATASETS, Split
 from atop.models import CLASSIFIERS

@@ -54,13 +54,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, device: str,
         pretrained_cache: str | None = None) -> dict[str, Any]:
     """Pre-train (or reuse), evaluate the pre-trained purifier, fine-tune (evaluating), return metrics."""
-    from atop.checkpoint import (
-        CheckpointError,
-        build_classifier,
-        build_purifier,
-        load_checkpoint,
-        save_checkpoint,
-    )
+    from atop.checkpoint import build_classifier, build_purifier, load_checkpoint, save_checkpoint
+    from atop.checkpoint_file import CheckpointError
     from atop.data import load_split, subset
     from atop.defense import Defense
     from atop.evaluate import evaluate
@@ -126,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     refused = one_line_errors(lambda: _check_args(args), (ConfigError,))
     if refused:
         return refused
-    from atop.checkpoint import CheckpointError
+    from atop.checkpoint_file import CheckpointError
     from atop.data import DataError
 
     return one_line_errors(lambda: _run(args), (ConfigError, DataError, CheckpointError))

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(compare(args.checkpoint, args.n_images, args.level, args.data_dir), flush=True)
         return 0
 
-    from atop.checkpoint import CheckpointError
+    from atop.checkpoint_file import CheckpointError
     from atop.data import DataError
 
     return one_line_errors(run, (CheckpointError, DataError))

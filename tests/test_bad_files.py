@@ -20,7 +20,8 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from atop.checkpoint import CheckpointError, load_checkpoint, load_defense, save_checkpoint
+from atop.checkpoint import load_checkpoint, load_defense, save_checkpoint
+from atop.checkpoint_file import CheckpointError
 from atop.config import Config
 from atop.data import DataError, load_npz
 from atop.evaluate import main as evaluate_main

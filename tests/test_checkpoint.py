@@ -6,14 +6,13 @@ import torch
 
 from atop.checkpoint import (
     STUDY_CACHE_DIR,
-    CheckpointError,
     build_classifier,
     classifier_reference,
     load_checkpoint,
     load_defense,
     save_checkpoint,
-    sha256,
 )
+from atop.checkpoint_file import CheckpointError, sha256
 from atop.config import Config
 from atop.models import CLASSIFIERS, PURIFIERS, PatchDiscriminator
 

@@ -5,7 +5,8 @@ import threading
 import pytest
 import torch
 
-from atop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from atop.checkpoint import load_checkpoint, save_checkpoint
+from atop.checkpoint_file import CheckpointError
 from atop.config import Config
 from atop.data import Split, load_split, subset
 from atop.io import atomic_write_bytes

@@ -65,7 +65,8 @@ def test_yaml_is_parsed_safely():
 
 
 def test_a_pickled_payload_is_refused_without_running(tmp_path):
-    from atop.checkpoint import CheckpointError, load_checkpoint
+    from atop.checkpoint import load_checkpoint
+    from atop.checkpoint_file import CheckpointError
 
     marker = tmp_path / "ran"
 

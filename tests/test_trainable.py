@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atop.checkpoint import CheckpointError, classifier_reference, load_checkpoint, save_checkpoint
+from atop.checkpoint import classifier_reference, load_checkpoint, save_checkpoint
+from atop.checkpoint_file import CheckpointError
 from atop.config import Config, ConfigError
 from atop.data import Split
 from atop.finetune import finetune

@@ -19,7 +19,8 @@ from tracking.contract import RESTORED_TAG, Role, role_filter
 def test_trial_checkpoints_and_artifacts_reference_the_study_classifier(cifar_dir, tmp_path):
     from mlflow import MlflowClient
 
-    from atop.checkpoint import STUDY_CACHE_DIR, load_defense, sha256
+    from atop.checkpoint import STUDY_CACHE_DIR, load_defense
+    from atop.checkpoint_file import sha256
 
     storage, name = tmp_path / "studies", "small"
     once = tmp_path / "transient-{trial}.fired"

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from atop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from atop.checkpoint import load_checkpoint, save_checkpoint
+from atop.checkpoint_file import CheckpointError
 from atop.config import Config
 from atop.finetune import EpochReport
 from tracking.contract import CHECKPOINT_FILES

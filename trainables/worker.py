@@ -28,13 +28,8 @@ from typing import Any
 
 import torch
 
-from atop.checkpoint import (
-    CheckpointError,
-    build_classifier,
-    build_purifier,
-    classifier_reference,
-    load_checkpoint,
-)
+from atop.checkpoint import build_classifier, build_purifier, classifier_reference, load_checkpoint
+from atop.checkpoint_file import CheckpointError
 from atop.config import Config, ConfigError
 
 
