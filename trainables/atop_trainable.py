@@ -33,6 +33,7 @@ by `atop.artifacts`, the test-only fault hook is `trainables.faults`.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -274,17 +275,25 @@ def _final_artifacts(log: RunLogger, number: int, cfg: Config, ctx: StudyContext
                      classifier_ref: dict[str, Any], purifier: torch.nn.Module, discriminator: torch.nn.Module,
                      final: Any, trial_dir: Path, device: torch.device) -> None:
     """Final checkpoint (naming the classifier by sha256), image grid and per-example results, kept
-    in the trial folder and logged."""
+    in the trial folder and logged.
+
+    They are made in a scratch folder and moved in whole: Tune copies the trial folder to the
+    study's storage while the trial runs, and an atomic write's temporary file that vanished under
+    that copy failed its "Saving experiment state" with a traceback on the driver's terminal.
+    """
     out = trial_dir / "artifacts"
     out.mkdir(parents=True, exist_ok=True)
-    save_final(out / DEFENSE_FILE, cfg, classifier_ref, purifier, discriminator,
-               final.metrics if final is not None else {})
-    defense = Defense.from_config(cfg, purifier, classifier).to(device).eval()
-    if final is not None:  # the last epoch's evaluation, at the config's level
-        per_example = final.per_example
-    else:  # resumed after its last epoch: nothing ran here, evaluate the restored purifier
-        per_example = evaluate(defense, ctx.eval_data, cfg, device=device).per_example
-    write_parquet(per_example, out / PER_EXAMPLE_FILE, trial_number=number)
-    image_grid(defense, ctx.eval_data, cfg, out / GRID_FILE, n=ctx.grid_images, device=device)
-    for name in (DEFENSE_FILE, PER_EXAMPLE_FILE, GRID_FILE):
-        log.log_artifact(out / name)
+    with tempfile.TemporaryDirectory(prefix=f"atop-trial-{number}-") as scratch:
+        made = Path(scratch)
+        save_final(made / DEFENSE_FILE, cfg, classifier_ref, purifier, discriminator,
+                   final.metrics if final is not None else {})
+        defense = Defense.from_config(cfg, purifier, classifier).to(device).eval()
+        if final is not None:  # the last epoch's evaluation, at the config's level
+            per_example = final.per_example
+        else:  # resumed after its last epoch: nothing ran here, evaluate the restored purifier
+            per_example = evaluate(defense, ctx.eval_data, cfg, device=device).per_example
+        write_parquet(per_example, made / PER_EXAMPLE_FILE, trial_number=number)
+        image_grid(defense, ctx.eval_data, cfg, made / GRID_FILE, n=ctx.grid_images, device=device)
+        for name in (DEFENSE_FILE, PER_EXAMPLE_FILE, GRID_FILE):
+            shutil.move(made / name, out / name)  # a rename where both are on one file system
+            log.log_artifact(out / name)
