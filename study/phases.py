@@ -51,6 +51,7 @@ from tracking.contract import (
 )
 
 if TYPE_CHECKING:
+    from study.interrupt import StopRequest
     from study.plan import StudyPlan
     from study.settings import StudySettings
     from trainables.atop_trainable import StudyContext
@@ -198,9 +199,12 @@ def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
         store=plan.store)
 
 
-def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int, started: float) -> str | None:
+def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int, started: float,
+           interrupt: StopRequest | None = None) -> str | None:
     """Run `n_trials` more trials with Ray Tune, asked from and told to the Optuna study; returns why
-    `--time-budget` (counted from `started`) or `--stop-on-plateau` ended it early, if either did."""
+    `--time-budget` (counted from `started`) or `--stop-on-plateau` ended it early, if either did.
+    Once `interrupt` is set (SIGTERM, `study.interrupt`) no trial is asked and Tune ends the running
+    ones, left RUNNING in Optuna for the caller to settle."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -236,7 +240,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
     scheduler = make_scheduler(settings, plan.cfg.epochs, study)
     searcher = AskTellSearcher(study, space, plan.cfg, n_trials, new_run, settle_run, constraints,
                                max_trials=scheduler.trials_for(n_trials) if scheduler else None,
-                               stop=settings.search_stop(started))
+                               stop=settings.search_stop(started), interrupt=interrupt)
     trainable = tune.with_resources(tune.with_parameters(train_atop, ctx=ctx),
                                     {"cpu": settings.cpus, "gpu": settings.gpus})
     tuner = tune.Tuner(
@@ -249,7 +253,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt))
     tuner.fit()
     return searcher.stopped
 

@@ -48,6 +48,8 @@ class StudyPlan:
         warm_start: `--warm-start STUDY`, checked (`study.warmstart`): copied when the study is created.
         weights: a resumed study's classifier and purifier files, as study.json recorded them and
             checked (`study.pretrained.recorded_weights`); None: pre-train or reuse the cache.
+        storage_path: `--storage-path` as a later `--resume` must give it (a local path absolute, an
+            object-store URI as given, its options included).
     """
 
     settings: StudySettings
@@ -68,6 +70,7 @@ class StudyPlan:
     verbose: bool = False
     warm_start: WarmStart | None = None
     weights: tuple[Path, Path] | None = None
+    storage_path: str = ""
 
     @property
     def optuna_url(self) -> str:

@@ -230,7 +230,8 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
                      mlflow_uri=mlflow_uri,
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
                      optuna_storage=optuna_url, references=tuple(references), pretrained=pretrained,
-                     resume=bool(args.resume), verbose=bool(args.verbose), warm_start=warm, weights=weights)
+                     resume=bool(args.resume), verbose=bool(args.verbose), warm_start=warm, weights=weights,
+                     storage_path=args.storage_path if storage.remote else storage.where())
 
 
 def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> list[Reference]:
@@ -330,7 +331,9 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
 
 
 def run(plan: StudyPlan) -> int:
-    """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code."""
+    """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code:
+    0, or `study.interrupt.EXIT_STOPPED` when a SIGTERM during the search stopped it (settled, resumable)."""
+    from study.interrupt import StopRequest, catch_sigterm, settle_stopped
     from study.resume import finished_count
 
     started = time.time()
@@ -354,7 +357,11 @@ def run(plan: StudyPlan) -> int:
             if plan.resume:
                 join_ray(plan)
             ctx = shared_context(plan, opened)
-            stopped = search(plan, opened, ctx, remaining, started)
+            interrupt = StopRequest()
+            with catch_sigterm(interrupt):
+                stopped = search(plan, opened, ctx, remaining, started, interrupt)
+            if interrupt.reason:
+                return settle_stopped(plan, opened, interrupt)
         confirmed, confirmed_now = None, False
         if s.confirm:
             confirmed, confirmed_now = confirm(plan, opened, ctx)

@@ -26,6 +26,7 @@ from ray.tune.search import Searcher
 from atop.config import Config, ConfigError
 from search_spaces import Space
 from study.constraints import Constraint
+from study.interrupt import StopRequest
 from study.resume import COUNTED_STATES
 from study.scheduler import ATTR_EPOCH_OBJECTIVES, objective_vector
 from study.stopping import SearchStop
@@ -75,17 +76,19 @@ class AskTellSearcher(Searcher):
         constraints: `--constraint`s, set on each COMPLETE trial before it is told.
         stop: `--time-budget` / `--stop-on-plateau` (`study.stopping`): once it says so, no new
             trial is asked; `stopped` then holds why, for the driver's report.
+        interrupt: SIGTERM's request (`study.interrupt`): once set, no new trial is asked (Tune
+            ends the running ones; the driver settles them).
     """
 
     def __init__(self, study: optuna.Study, space: Space, base: Config, n_trials: int,
                  new_run: Callable[[int], str | None], settle: Settle, constraints: Sequence[Constraint] = (),
                  max_trials: int | None = None, log: Callable[[str], None] | None = None,
-                 stop: SearchStop | None = None):
+                 stop: SearchStop | None = None, interrupt: StopRequest | None = None):
         super().__init__(metric=None, mode=None)
         self.study, self.space, self.base, self.n_trials = study, space, base.to_dict(), n_trials
         self.new_run, self.settle, self.max_trials, self.log = new_run, settle, max_trials, log or say
         self.constraints = tuple(constraints)
-        self.stop = stop
+        self.stop, self.interrupt = stop, interrupt
         self.stopped: str | None = None  # why `stop` ended the search
         self.counted = 0  # trials asked here that ended COMPLETE or FAIL
         self.pruned = 0
@@ -116,7 +119,8 @@ class AskTellSearcher(Searcher):
             self.live[trial_id] = (trial, cfg.epochs)
             resume = trial.user_attrs.get(ATTR_RESUME_FROM)  # a rerun of an interrupted trial (study.resume)
             return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id, **({RESUME_FROM: resume} if resume else {})}
-        if self.max_trials is not None and self.counted < self.n_trials and not self.capped and not self.stopped:
+        if self.max_trials is not None and self.counted < self.n_trials and not self.capped and not self.stopped \
+                and not self._interrupted():
             if self.live:
                 return None  # a running trial may yet be pruned: ask again when one ends
             self.capped = True
@@ -128,12 +132,15 @@ class AskTellSearcher(Searcher):
         """Whether to ask another trial now."""
         if self.stop is not None and not self.stopped:
             self._stop_because(self.stop.expired())
-        if self.stopped:
+        if self.stopped or self._interrupted():
             return False
         asked = self.counted + len(self.live) + self.pruned
         if self.max_trials is None:
             return asked < self.n_trials
         return self.counted + len(self.live) < self.n_trials and asked < self.max_trials
+
+    def _interrupted(self) -> bool:
+        return self.interrupt is not None and self.interrupt.stop_all()
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self.last[trial_id] = result

@@ -1,0 +1,151 @@
+"""A study driver stopped by SIGTERM mid-study (`kill PID`; `ray job stop` sends the same), then
+resumed: the driver settles everything itself, nothing is lost and nothing counted twice.
+
+`python study/run.py` (tiny preset, in-process Ray) runs in its own session; once a trial is COMPLETE
+and trial 1 is RUNNING with its epoch-1 checkpoint (held there by the test-only `ATOP_FAULT_INJECT`
+sleep), the driver alone gets SIGTERM. It must (study/interrupt.py):
+
+- print the stop line and, at the end, the exact resume command; exit 143; leave no process behind;
+- leave Optuna and MLflow agreeing: no trial RUNNING, the held trial FAIL + `interrupted` with its
+  parameters enqueued again from its epoch-1 checkpoint, its MLflow run KILLED + `atop.interrupted`,
+  every COMPLETE trial's run FINISHED with Optuna's values, the parent run KILLED;
+
+then the printed command (`--resume`) finishes the study: exactly `--num-trials` trials counted,
+each finished trial's result once (one MLflow run per Optuna trial, one COMPLETE per parameter set),
+the rerun continuing from the checkpoint (it logs epoch 2 only).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import STUDY_PY, session_procs, start_study, stop_study, wait_for
+from tracking.contract import (
+    INTERRUPTED_TAG,
+    OBJECTIVES,
+    RESTORED_TAG,
+    TRIAL_TAG,
+    Role,
+    role_filter,
+)
+
+pytestmark = pytest.mark.slow
+NUM_TRIALS = 3
+NAME = "stopped"
+
+
+def _trials(db):
+    import optuna
+
+    if not list(db.parent.glob("tune-*")):  # before Tune starts the driver may still be creating the database
+        return []
+    try:
+        return optuna.load_study(study_name=NAME, storage=f"sqlite:///{db}").trials
+    except Exception:  # noqa: BLE001 - not created yet
+        return []
+
+
+def _runs(folder):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(NAME)
+    trials = client.search_runs([exp.experiment_id], role_filter(Role.TRIAL), max_results=1000)
+    parent = client.search_runs([exp.experiment_id], role_filter(Role.STUDY))
+    return client, {int(r.data.tags[TRIAL_TAG]): r for r in trials}, len(trials), parent
+
+
+def _agree(trials, runs):
+    """Optuna and MLflow tell the same story: one run per asked trial, same end, same figures."""
+    asked = [t for t in trials if t.state.name != "WAITING"]
+    assert sorted(runs) == sorted(t.number for t in asked)
+    for t in asked:
+        run = runs[t.number]
+        if t.user_attrs.get("interrupted"):
+            assert t.state.name == "FAIL" and run.info.status == "KILLED" and run.data.tags[INTERRUPTED_TAG] == "true"
+        elif t.state.name == "COMPLETE":
+            assert run.info.status == "FINISHED"
+            for name, value in zip(OBJECTIVES, t.values):
+                assert math.isclose(run.data.metrics[name], value), (t.number, name)
+        else:
+            raise AssertionError(f"trial {t.number} {t.state.name} ({t.user_attrs}), run {run.info.status}")
+
+
+def test_driver_sigterm_settles_then_resume_finishes(cifar_dir, tmp_path):
+    storage = tmp_path / "studies"
+    folder = storage / NAME
+    args = ["--preset", "tiny", "--num-trials", str(NUM_TRIALS), "--max-concurrent", "2", "--cpus", "0.5",
+            "--data-dir", str(cifar_dir), "--storage-path", str(storage), "--study-name", NAME]
+    log = tmp_path / "driver-1.log"
+    proc = start_study(args, log, ATOP_FAULT_INJECT="sleep@trial=1,epoch=1,seconds=600")
+    try:
+        def ready():
+            trials = _trials(folder / "optuna.db")
+            done = sum(t.state.name == "COMPLETE" for t in trials)
+            held = list(folder.glob("tune-*/trial-0001-*/checkpoint_000000"))
+            return trials if done >= 1 and held else None
+
+        before = wait_for(ready, 900, "a trial COMPLETE and trial 1 held RUNNING", every_s=2, proc=proc)
+        assert any(t.number == 1 and t.state.name == "RUNNING" for t in before), [(t.number, t.state.name) for t in before]
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)  # the driver alone, as `kill PID`
+        code = proc.wait(timeout=180)
+        took = time.monotonic() - sent
+        wait_for(lambda: not session_procs(proc.pid), 60, "the stopped driver's processes to be gone")
+    finally:
+        stop_study(proc)
+    out = log.read_text()
+    assert code == 143, out[-5000:]
+    assert "stop requested (SIGTERM): no new trials;" in out, out[-5000:]
+    resume_lines = [line for line in out.splitlines() if line.startswith("resume: ")]
+    assert len(resume_lines) == 1, out[-5000:]
+    command = shlex.split(resume_lines[0].removeprefix("resume: "))
+    assert command == ["python", "study/run.py", "--study-name", NAME, "--storage-path", str(storage), "--resume"]
+    assert not re.search(r"confirm:|Pareto", out)  # no confirm stage, no report
+
+    import optuna
+
+    trials = optuna.load_study(study_name=NAME, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert 1 in {t.number for t in interrupted}
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    assert sorted(t.user_attrs["rerun_of"] for t in waiting) == sorted(t.number for t in interrupted)
+    held_rerun = next(t for t in waiting if t.user_attrs["rerun_of"] == 1)
+    assert "/trial-0001-" in held_rerun.user_attrs["resume_from"]
+    assert held_rerun.user_attrs["resume_from"].endswith("checkpoint_000000")
+    _, runs, n_runs, parent = _runs(folder)
+    assert n_runs == len(runs)
+    _agree(trials, runs)
+    assert len(parent) == 1 and parent[0].info.status == "KILLED"
+    print(f"\nSIGTERM: driver exited {code} {took:.1f} s after it; {len(interrupted)} interrupted, "
+          f"{sum(t.state.name == 'COMPLETE' for t in trials)} COMPLETE, {len(waiting)} re-enqueued")
+
+    resumed = subprocess.run([sys.executable, str(STUDY_PY), *command[2:]], capture_output=True, text=True,
+                             timeout=900, cwd=tmp_path, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert "resume: 0 trial(s)" not in resumed.stdout and "interrupted by the last driver" not in resumed.stdout
+    trials = optuna.load_study(study_name=NAME, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    counted = [t for t in trials if t.state.name in ("COMPLETE", "FAIL") and not t.user_attrs.get("interrupted")]
+    assert len(counted) == NUM_TRIALS, [(t.number, t.state.name, t.user_attrs) for t in trials]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == len(complete), "a result counted twice"
+    client, runs, n_runs, parent = _runs(folder)
+    assert n_runs == len(runs) == len(trials)
+    _agree(trials, runs)
+    assert parent[0].info.status == "FINISHED"
+    rerun = next(t for t in trials if t.user_attrs.get("rerun_of") == 1)
+    assert rerun.state.name == "COMPLETE"
+    assert runs[rerun.number].data.tags.get(RESTORED_TAG) == "1"
+    assert [h.step for h in client.get_metric_history(runs[rerun.number].info.run_id, "clean_acc")] == [2]
+    print(f"resumed: {len(counted)} counted, {len(complete)} COMPLETE once each, {len(runs)} MLflow runs for "
+          f"{len(trials)} Optuna trials, the rerun of trial 1 from its epoch-1 checkpoint")
