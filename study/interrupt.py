@@ -1,26 +1,31 @@
-"""SIGTERM while the search runs (`ray job stop`, `kill PID`): stop the study cleanly, resumable.
+"""SIGTERM while the study runs (`ray job stop`, `kill PID`): stop it cleanly, resumable.
 
 Without this, SIGTERM would end the driver at once, like a crash: the trials it left RUNNING are
-settled by the next `--resume` only. Here the driver, on the first SIGTERM during the search:
+settled by the next `--resume` only. Here the driver, on the first SIGTERM during the search or the
+confirm stage:
 
-1. prints one line (flushed: under `ray job stop` the output goes to a file and SIGKILL follows);
+1. prints one line (unbuffered: under `ray job stop` the output goes to a file and SIGKILL follows);
 2. asks no new trial (`AskTellSearcher` checks the request before each one, as it checks
    `--time-budget`);
 3. ends every running trial through Tune's own `Stopper.stop_all`: Tune stops their actors (the
    epoch in progress is lost, each trial keeps its last per-epoch checkpoint in the study folder)
    and saves its experiment state;
-4. settles the study as `--resume` would (`study.resume.settle_interrupted`): the trials still
-   RUNNING in Optuna become FAIL (user attr `interrupted`, not counted), their MLflow runs KILLED
-   (`atop.interrupted=true`), their parameters enqueued again with their last checkpoint; the
-   study's parent run ends KILLED; spooled MLflow calls are sent;
-5. skips the confirm stage and the report, prints the command that resumes the study and exits
-   with `EXIT_STOPPED` (143, as a shell reports a process SIGTERM ended).
+4. settles the study as `--resume` would (`study.resume.settle_interrupted`): the search trials
+   still RUNNING in Optuna become FAIL (user attr `interrupted`, not counted), their MLflow runs
+   KILLED (`atop.interrupted=true`), their parameters enqueued again with their last checkpoint; in
+   the confirm stage, the configurations whose seeds did not all end are left unconfirmed, their
+   runs KILLED (`study.confirm.run_confirm`); the study's parent run ends KILLED; spooled MLflow
+   calls are sent;
+5. skips what is left (the confirm stage, the report), prints the command that resumes the study
+   and exits with `EXIT_STOPPED` (143, as a shell reports a process SIGTERM ended).
 
 The next `--resume` finds nothing RUNNING, reruns the interrupted trials first, each from its
-checkpoint, and runs the study to its `--num-trials`. A second SIGTERM ends the driver at once (the
-default action): the next `--resume` settles what is left, as after a crash. `ray job stop` sends
-SIGKILL `RAY_JOB_STOP_WAIT_TIME_S` seconds after SIGTERM (default 3, read from the environment of
-the head's `ray start`): docs/CLUSTER.md asks for 60.
+checkpoint, runs the study to its `--num-trials`, then confirms what is not yet confirmed (a confirm
+trial starts again from its first epoch). A SIGTERM before the search (while the data load or
+pre-training runs) or a second SIGTERM ends the driver at once (the default action): the next
+`--resume` settles what is left, as after a crash. `ray job stop` sends SIGKILL
+`RAY_JOB_STOP_WAIT_TIME_S` seconds after SIGTERM (default 3, read from the environment of the head's
+`ray start`; stopping the trials takes up to about 15 s): docs/CLUSTER.md asks for 60.
 """
 from __future__ import annotations
 
@@ -108,8 +113,8 @@ def settle_stopped(plan: StudyPlan, opened: OpenStudy, request: StopRequest) -> 
     log.set_status("KILLED")
     log.close()
     settle(plan)
-    print(f"{request.reason}: the study is settled ({interrupted} running trial(s) FAIL/KILLED as interrupted "
-          "and enqueued again from their last checkpoint); no confirm stage", flush=True)
+    print(f"{request.reason}: the study is settled ({interrupted} search trial(s) FAIL/KILLED as interrupted and "
+          "enqueued again from their last checkpoint); --resume goes on with the rest", flush=True)
     print(f"resume: {resume_command(plan)}", flush=True)
     return EXIT_STOPPED
 

@@ -258,8 +258,11 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
     return searcher.stopped
 
 
-def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tuple[list[Any], bool]:
+def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None,
+            interrupt: StopRequest | None = None) -> tuple[list[Any], bool]:
     """Fine-tune the front's configurations again on new seeds and score them on test (`study.confirm`).
+    Once `interrupt` is set (SIGTERM) Tune ends the running confirm trials and the configurations
+    not yet confirmed are left for `--resume`.
 
     Returns:
         (every confirmed configuration's outcome, whether any confirm trial ran now).
@@ -293,14 +296,14 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
             run_config=tune.RunConfig(
                 name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt,
                 callbacks=[progress_callback(len(jobs), ended, log=lambda line: print(line, flush=True))]))
         tuner.fit()
 
     return run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config,
                        top=s.confirm_top, seeds=s.confirm_seeds, folder=plan.folder, store=plan.store,
                        uri=plan.mlflow_uri, experiment_id=opened.experiment_id, parent_id=opened.parent_id,
-                       start=start, note=level_note(base))
+                       start=start, note=level_note(base), interrupted=interrupt.stop_all if interrupt else None)
 
 
 def settle(plan: StudyPlan) -> None:

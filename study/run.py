@@ -332,7 +332,8 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
 
 def run(plan: StudyPlan) -> int:
     """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code:
-    0, or `study.interrupt.EXIT_STOPPED` when a SIGTERM during the search stopped it (settled, resumable)."""
+    0, or `study.interrupt.EXIT_STOPPED` when a SIGTERM during the search or the confirm stage stopped it
+    (settled, resumable)."""
     from study.interrupt import StopRequest, catch_sigterm, settle_stopped
     from study.resume import finished_count
 
@@ -352,19 +353,21 @@ def run(plan: StudyPlan) -> int:
               f"({s.space} space, {s.sampler} sampler, {s.max_concurrent} at once)", flush=True)
         for line in where_to_watch(plan, opened):
             print(line, flush=True)
-        ctx, stopped = None, None
+        ctx, stopped, interrupt = None, None, StopRequest()
         if remaining > 0:  # a resume with nothing left to run starts no Ray
             if plan.resume:
                 join_ray(plan)
             ctx = shared_context(plan, opened)
-            interrupt = StopRequest()
             with catch_sigterm(interrupt):
                 stopped = search(plan, opened, ctx, remaining, started, interrupt)
             if interrupt.reason:
                 return settle_stopped(plan, opened, interrupt)
         confirmed, confirmed_now = None, False
         if s.confirm:
-            confirmed, confirmed_now = confirm(plan, opened, ctx)
+            with catch_sigterm(interrupt):
+                confirmed, confirmed_now = confirm(plan, opened, ctx, interrupt)
+            if interrupt.reason:
+                return settle_stopped(plan, opened, interrupt)
         settle(plan)
         report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now, stopped=stopped)
     finally:

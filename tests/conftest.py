@@ -138,8 +138,10 @@ def ray_head(tmp_path_factory) -> Iterator[RayHead]:
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--temp-dir", str(tmp / "r")]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=service_env(RAY_AUTH_MODE="disabled"),
-                                start_new_session=True, cwd=tmp)
+        # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` SIGKILLs a job this long after its SIGTERM (default 3 s,
+        # too short for a study to settle: study/interrupt.py); docs/CLUSTER.md starts heads the same way
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
+                                env=service_env(RAY_AUTH_MODE="disabled", RAY_JOB_STOP_WAIT_TIME_S="60"))
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", proc, 120, log)
         yield RayHead(f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}", proc)

@@ -70,3 +70,56 @@ def test_the_resume_command_names_the_study_and_its_storage(monkeypatch):
     command = resume_command(plan)
     assert command.startswith("ray job submit --working-dir . -- python study/run.py --study-name 'my study' ")
     assert "secret" not in command and "--optuna-storage" in command
+
+
+def test_a_confirm_stage_stopped_by_sigterm_leaves_unfinished_configurations_for_resume(tmp_path):
+    """`fit` (standing in for Ray Tune, as in tests/test_confirm.py) ends the first configuration's
+    seeds, then the stop request comes: the second configuration is neither recorded nor failed, its
+    runs end KILLED at once, and the next stage confirms it. Real Optuna, MLflow (sqlite), study folder."""
+    from mlflow import MlflowClient
+
+    from study.confirm import load_state, run_confirm
+    from study.storage import parse
+    from tracking.contract import CONFIRM_OF_TAG, INTERRUPTED_TAG, OBJECTIVES
+    from trainables.atop_trainable import AUDIT_KEY, PER_IMAGE_KEY
+
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    for i, values in enumerate([(0.9, 0.1, 0.1), (0.1, 0.9, 0.1)]):  # both on the front: both confirmed
+        study.add_trial(optuna.trial.create_trial(
+            values=list(values), params={"rt": "rt1", "lambda_ce": 0.05 + 0.05 * i},
+            distributions={"rt": optuna.distributions.CategoricalDistribution(["rt1", "rt2"]),
+                           "lambda_ce": optuna.distributions.FloatDistribution(0, 1)}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("confirm", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment).info.run_id
+    store = parse(str(tmp_path / "study"))
+    store.fs.create_dir(store.base)
+    figures = {PER_IMAGE_KEY: json.dumps({o: [1.0, 0.0] for o in OBJECTIVES}), AUDIT_KEY: ""}
+    request = StopRequest()
+
+    def stopped_after_the_first(jobs, ended):
+        for job in (j for j in jobs if j["number"] == jobs[0]["number"]):
+            ended(job, figures)
+        request.reason = "stop requested (SIGTERM)"  # Tune then ends the other seeds without a result
+
+    def all_end(jobs, ended):
+        for job in jobs:
+            ended(job, figures)
+
+    def confirm(fit):
+        return run_confirm(study=study, space=SPACES["paper"], base=Config(epochs=1, seed=0), overrides={}, top=2,
+                           seeds=2, folder=tmp_path / "local", store=store, uri=uri, experiment_id=experiment,
+                           parent_id=parent, start=lambda: ({}, fit), note="test", log=lambda line: None,
+                           interrupted=request.stop_all)
+
+    confirmed, ran = confirm(stopped_after_the_first)
+    assert ran and [c.number for c in confirmed] == [0] and list(load_state(store)) == [0]
+    runs_of_1 = [r for r in client.search_runs([experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "1"]
+    assert len(runs_of_1) == 3  # its confirm run and two seed runs, all ended now
+    assert all(r.info.status == "KILLED" and r.data.tags.get(INTERRUPTED_TAG) == "true" for r in runs_of_1)
+
+    request.reason = None  # the resumed driver's stage
+    confirmed, ran = confirm(all_end)
+    assert [c.number for c in confirmed] == [0, 1] and not confirmed[1].failed_seeds
+    assert confirmed[1].figures["clean_acc"].mean == 0.5

@@ -13,9 +13,13 @@ sleep), the driver alone gets SIGTERM. It must (study/interrupt.py):
 then the printed command (`--resume`) finishes the study: exactly `--num-trials` trials counted,
 each finished trial's result once (one MLflow run per Optuna trial, one COMPLETE per parameter set),
 the rerun continuing from the checkpoint (it logs epoch 2 only).
+
+The second test does the same through a real `ray job submit` to conftest's Ray head and a real
+`ray job stop`, then resumes with the `ray job submit` command the stopped job printed.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -27,7 +31,16 @@ import time
 
 import pytest
 
-from tests.conftest import STUDY_PY, session_procs, start_study, stop_study, wait_for
+from tests.conftest import (
+    REPO,
+    STUDY_PY,
+    VENV_BIN,
+    service_env,
+    session_procs,
+    start_study,
+    stop_study,
+    wait_for,
+)
 from tracking.contract import (
     INTERRUPTED_TAG,
     OBJECTIVES,
@@ -36,10 +49,12 @@ from tracking.contract import (
     Role,
     role_filter,
 )
+from trainables.faults import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 NUM_TRIALS = 3
 NAME = "stopped"
+HOLD = "sleep@trial=1,epoch=1,seconds=600"  # trial 1 stays RUNNING after its epoch-1 checkpoint
 
 
 def _trials(db):
@@ -79,40 +94,30 @@ def _agree(trials, runs):
             raise AssertionError(f"trial {t.number} {t.state.name} ({t.user_attrs}), run {run.info.status}")
 
 
-def test_driver_sigterm_settles_then_resume_finishes(cifar_dir, tmp_path):
-    storage = tmp_path / "studies"
-    folder = storage / NAME
-    args = ["--preset", "tiny", "--num-trials", str(NUM_TRIALS), "--max-concurrent", "2", "--cpus", "0.5",
+def _study_args(cifar_dir, storage) -> list[str]:
+    return ["--preset", "tiny", "--num-trials", str(NUM_TRIALS), "--max-concurrent", "2", "--cpus", "0.5",
             "--data-dir", str(cifar_dir), "--storage-path", str(storage), "--study-name", NAME]
-    log = tmp_path / "driver-1.log"
-    proc = start_study(args, log, ATOP_FAULT_INJECT="sleep@trial=1,epoch=1,seconds=600")
-    try:
-        def ready():
-            trials = _trials(folder / "optuna.db")
-            done = sum(t.state.name == "COMPLETE" for t in trials)
-            held = list(folder.glob("tune-*/trial-0001-*/checkpoint_000000"))
-            return trials if done >= 1 and held else None
 
-        before = wait_for(ready, 900, "a trial COMPLETE and trial 1 held RUNNING", every_s=2, proc=proc)
-        assert any(t.number == 1 and t.state.name == "RUNNING" for t in before), [(t.number, t.state.name) for t in before]
-        sent = time.monotonic()
-        os.kill(proc.pid, signal.SIGTERM)  # the driver alone, as `kill PID`
-        code = proc.wait(timeout=180)
-        took = time.monotonic() - sent
-        wait_for(lambda: not session_procs(proc.pid), 60, "the stopped driver's processes to be gone")
-    finally:
-        stop_study(proc)
-    out = log.read_text()
-    assert code == 143, out[-5000:]
+
+def _held(folder):
+    """The study's trials once one is COMPLETE and trial 1 is held RUNNING after its epoch-1 checkpoint."""
+    trials = _trials(folder / "optuna.db")
+    done = sum(t.state.name == "COMPLETE" for t in trials)
+    held = list(folder.glob("tune-*/trial-0001-*/checkpoint_000000"))
+    return trials if done >= 1 and held and any(t.number == 1 and t.state.name == "RUNNING" for t in trials) else None
+
+
+def _check_stopped(folder, out: str, storage) -> list[str]:
+    """What the stopped driver printed and left behind (module docstring); returns the resume command."""
+    import optuna
+
     assert "stop requested (SIGTERM): no new trials;" in out, out[-5000:]
     resume_lines = [line for line in out.splitlines() if line.startswith("resume: ")]
     assert len(resume_lines) == 1, out[-5000:]
     command = shlex.split(resume_lines[0].removeprefix("resume: "))
-    assert command == ["python", "study/run.py", "--study-name", NAME, "--storage-path", str(storage), "--resume"]
-    assert not re.search(r"confirm:|Pareto", out)  # no confirm stage, no report
-
-    import optuna
-
+    assert command[command.index("python"):] == ["python", "study/run.py", "--study-name", NAME, "--storage-path",
+                                                 str(storage), "--resume"]
+    assert not re.search(r"confirm:|Pareto", out)  # nothing after the search: no confirm stage, no report
     trials = optuna.load_study(study_name=NAME, storage=f"sqlite:///{folder / 'optuna.db'}").trials
     assert not [t for t in trials if t.state.name == "RUNNING"]
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
@@ -126,13 +131,15 @@ def test_driver_sigterm_settles_then_resume_finishes(cifar_dir, tmp_path):
     assert n_runs == len(runs)
     _agree(trials, runs)
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
-    print(f"\nSIGTERM: driver exited {code} {took:.1f} s after it; {len(interrupted)} interrupted, "
-          f"{sum(t.state.name == 'COMPLETE' for t in trials)} COMPLETE, {len(waiting)} re-enqueued")
+    print(f"\nSIGTERM: {len(interrupted)} interrupted, {sum(t.state.name == 'COMPLETE' for t in trials)} COMPLETE, "
+          f"{len(waiting)} re-enqueued, none RUNNING")
+    return command
 
-    resumed = subprocess.run([sys.executable, str(STUDY_PY), *command[2:]], capture_output=True, text=True,
-                             timeout=900, cwd=tmp_path, check=False)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
-    assert "resume: 0 trial(s)" not in resumed.stdout and "interrupted by the last driver" not in resumed.stdout
+
+def _check_finished(folder) -> None:
+    """After the resume: the study complete, each finished trial's result once, the rerun from its checkpoint."""
+    import optuna
+
     trials = optuna.load_study(study_name=NAME, storage=f"sqlite:///{folder / 'optuna.db'}").trials
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     counted = [t for t in trials if t.state.name in ("COMPLETE", "FAIL") and not t.user_attrs.get("interrupted")]
@@ -149,3 +156,85 @@ def test_driver_sigterm_settles_then_resume_finishes(cifar_dir, tmp_path):
     assert [h.step for h in client.get_metric_history(runs[rerun.number].info.run_id, "clean_acc")] == [2]
     print(f"resumed: {len(counted)} counted, {len(complete)} COMPLETE once each, {len(runs)} MLflow runs for "
           f"{len(trials)} Optuna trials, the rerun of trial 1 from its epoch-1 checkpoint")
+
+
+def test_driver_sigterm_settles_then_resume_finishes(cifar_dir, tmp_path):
+    storage = tmp_path / "studies"
+    folder = storage / NAME
+    log = tmp_path / "driver-1.log"
+    proc = start_study(_study_args(cifar_dir, storage), log, ATOP_FAULT_INJECT=HOLD)
+    try:
+        wait_for(lambda: _held(folder), 900, "a trial COMPLETE and trial 1 held RUNNING", every_s=2, proc=proc)
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)  # the driver alone, as `kill PID`
+        code = proc.wait(timeout=180)
+        took = time.monotonic() - sent
+        wait_for(lambda: not session_procs(proc.pid), 60, "the stopped driver's processes to be gone")
+    finally:
+        stop_study(proc)
+    out = log.read_text()
+    assert code == 143, out[-5000:]
+    command = _check_stopped(folder, out, storage)
+    assert command[0] == "python"
+    print(f"the driver exited {code} {took:.1f} s after SIGTERM")
+
+    resumed = subprocess.run([sys.executable, str(STUDY_PY), *command[2:]], capture_output=True, text=True,
+                             timeout=900, cwd=tmp_path, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert "interrupted by the last driver" not in resumed.stdout  # the stopped driver settled them itself
+    _check_finished(folder)
+
+
+def test_ray_job_stop_settles_then_the_printed_job_resumes(ray_head, cifar_dir, tmp_path):
+    """The same through a real `ray job submit` and `ray job stop` (SIGTERM to the job's processes, then
+    SIGKILL after the head's RAY_JOB_STOP_WAIT_TIME_S, 60 s in conftest's head); the resume is the
+    printed `ray job submit` command."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    storage = tmp_path / "studies"
+    folder = storage / NAME
+    env = service_env(RAY_AUTH_MODE="disabled")
+    jobs = JobSubmissionClient(ray_head.address)
+
+    def submit(command: list[str], job_id: str) -> None:
+        i = command.index("--")
+        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.address, "--submission-id", job_id,
+               "--no-wait", "--runtime-env-json", json.dumps({"env_vars": {FAULT_ENV: HOLD}}), *command[3:i + 1],
+               *command[i + 1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def ended(job_id: str):
+        status = jobs.get_job_status(job_id)
+        return status if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) else None
+
+    first = f"atop-sigterm-{int(time.time())}"
+    submit(["ray", "job", "submit", "--working-dir", ".", "--", "python", "study/run.py",
+            *_study_args(cifar_dir, storage)], first)
+    try:
+        wait_for(lambda: _held(folder) or ended(first), 900, "a trial COMPLETE and trial 1 held RUNNING", every_s=2)
+        assert ended(first) is None, jobs.get_job_logs(first)[-5000:]
+        sent = time.monotonic()
+        stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", ray_head.address, first],
+                              capture_output=True, text=True, env=env, timeout=300, check=False)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        status = wait_for(lambda: ended(first), 120, "the stopped job to end")
+        took = time.monotonic() - sent
+    finally:
+        if not ended(first):
+            jobs.stop_job(first)
+    out = jobs.get_job_logs(first)
+    assert status == JobStatus.STOPPED, out[-5000:]
+    command = _check_stopped(folder, out, storage)  # printed before the SIGKILL would have come
+    assert command[:5] == ["ray", "job", "submit", "--working-dir", "."], command
+    print(f"`ray job stop` ended the job {took:.1f} s after it was sent")
+
+    second = f"{first}-resume"
+    submit(command, second)
+    try:
+        status = wait_for(lambda: ended(second), 900, "the resumed job to end", every_s=5)
+    finally:
+        if not ended(second):
+            jobs.stop_job(second)
+    assert status == JobStatus.SUCCEEDED, jobs.get_job_logs(second)[-5000:]
+    _check_finished(folder)
