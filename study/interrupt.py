@@ -23,9 +23,13 @@ The next `--resume` finds nothing RUNNING, reruns the interrupted trials first, 
 checkpoint, runs the study to its `--num-trials`, then confirms what is not yet confirmed (a confirm
 trial starts again from its first epoch). A SIGTERM before the search (while the data load or
 pre-training runs) or a second SIGTERM ends the driver at once (the default action): the next
-`--resume` settles what is left, as after a crash. `ray job stop` sends SIGKILL
-`RAY_JOB_STOP_WAIT_TIME_S` seconds after SIGTERM (default 3, read from the environment of the head's
-`ray start`; stopping the trials takes up to about 15 s): docs/CLUSTER.md asks for 60.
+`--resume` settles what is left, as after a crash. So does a SIGTERM to the embedded driver's whole
+process group: it reaches the in-process Ray's own daemons (GCS, raylet), whose loss ends the driver
+at once (Ray's core worker exits the process). `ray job stop` signals only the job's processes (a
+cluster's daemons are not among them) and sends SIGKILL `RAY_JOB_STOP_WAIT_TIME_S` seconds after
+SIGTERM (default 3, read from the environment of the head's `ray start`; Tune gives a busy trial
+about 10 s to stop before it kills it, and a stop took 18-25 s in tests/test_reliability_sigterm.py
+on 2 loaded cores): docs/CLUSTER.md asks for 60.
 """
 from __future__ import annotations
 

@@ -162,6 +162,11 @@ class AskTellSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id not in self.live:
             return
+        if error and self._interrupted():
+            # a SIGTERM to more than the driver (a whole container or job) may have killed the trial's
+            # worker: not the trial's own failure; left RUNNING, the driver settles it as interrupted
+            self.live.pop(trial_id)
+            return
         if result:  # a scheduler's STOP reaches the searcher here, never through on_trial_result
             self._record(trial_id, result)
         self.vectors.pop(trial_id, None)

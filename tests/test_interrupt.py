@@ -49,7 +49,7 @@ def test_the_first_sigterm_sets_the_request_and_the_second_ends_the_process():
     assert EXIT_STOPPED == 143
 
 
-def test_the_searcher_asks_no_trial_once_stopped():
+def test_the_searcher_asks_no_trial_once_stopped_and_tells_no_failure_of_the_stop():
     for max_trials in (None, 12):  # with a scheduler's cap too: "finished", not "ask again later"
         study = optuna.create_study(directions=list(DIRECTIONS))
         request = StopRequest()
@@ -59,6 +59,9 @@ def test_the_searcher_asks_no_trial_once_stopped():
         request.reason = "stop requested (SIGTERM)"
         assert searcher.suggest("b") == Searcher.FINISHED
         assert len(study.trials) == 1 and searcher.stopped is None  # not a --time-budget stop: no report tag
+        # a trial whose worker died with the stop is not told FAIL (counted): the driver settles it as interrupted
+        searcher.on_trial_complete("a", error=True)
+        assert study.trials[0].state.name == "RUNNING" and searcher.counted == 0 and not searcher.live
 
 
 def test_the_resume_command_names_the_study_and_its_storage(monkeypatch):
