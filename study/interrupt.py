@@ -83,8 +83,8 @@ def catch_sigterm(request: StopRequest) -> Iterator[StopRequest]:
         request.reason = "stop requested (SIGTERM)"
         # os.write, not print: a handler that prints while the main thread is inside a print of the
         # same stream raises "reentrant call"; unbuffered, the line survives a SIGKILL that follows
-        _write(f"{request.reason}: no new trials; the running ones end at their last checkpoint, then the "
-               "study is settled (a second SIGTERM stops at once)\n")
+        _write(f"{request.reason}: no new trials; ending the running ones (each keeps its last checkpoint), then "
+               "settling the study (a second SIGTERM stops at once)\n")
 
     signal.signal(signal.SIGTERM, handle)
     try:

@@ -9,7 +9,8 @@ On a cluster (the same command, submitted; `--working-dir .` uploads the reposit
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python study/run.py --preset paper-cifar10 --mlflow-uri http://MLFLOW:5000 --storage-path /shared/studies
 
-Resume a study (after a crash or to extend it):
+Resume a study (after a crash, a stop, or to extend it; SIGTERM stops a study cleanly and prints this
+command: study/interrupt.py):
 
     python study/run.py --study-name NAME --resume [--num-trials N]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -68,10 +67,14 @@ def _trials(db):
         return []
 
 
-def _runs(folder):
+def _client(folder):
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    return MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def _runs(folder):
+    client = _client(folder)
     exp = client.get_experiment_by_name(NAME)
     trials = client.search_runs([exp.experiment_id], role_filter(Role.TRIAL), max_results=1000)
     parent = client.search_runs([exp.experiment_id], role_filter(Role.STUDY))
@@ -117,7 +120,7 @@ def _check_stopped(folder, out: str, storage) -> list[str]:
     command = shlex.split(resume_lines[0].removeprefix("resume: "))
     assert command[command.index("python"):] == ["python", "study/run.py", "--study-name", NAME, "--storage-path",
                                                  str(storage), "--resume"]
-    assert not re.search(r"confirm:|Pareto", out)  # nothing after the search: no confirm stage, no report
+    assert "Pareto-optimal" not in out  # no report
     trials = optuna.load_study(study_name=NAME, storage=f"sqlite:///{folder / 'optuna.db'}").trials
     assert not [t for t in trials if t.state.name == "RUNNING"]
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
@@ -238,3 +241,46 @@ def test_ray_job_stop_settles_then_the_printed_job_resumes(ray_head, cifar_dir, 
             jobs.stop_job(second)
     assert status == JobStatus.SUCCEEDED, jobs.get_job_logs(second)[-5000:]
     _check_finished(folder)
+
+
+def test_sigterm_in_the_confirm_stage_leaves_it_for_resume(cifar_dir, tmp_path):
+    """SIGTERM once the first confirm trial started: the configuration is left unconfirmed (not recorded
+    with failed seeds), its runs end KILLED at once, the search is untouched; `--resume` confirms it."""
+    import optuna
+
+    from tracking.contract import CONFIRM_OF_TAG, STAGE_TAG
+
+    storage, name = tmp_path / "studies", "stopped-confirm"
+    folder = storage / name
+    settings = tmp_path / "confirm.yaml"
+    settings.write_text("confirm: true\nconfirm_top: 1\nconfirm_seeds: 2\n"
+                        "confirm_config: {eval_level: screen, n_eval: 16}\n")
+    log = tmp_path / "driver-1.log"
+    proc = start_study(["--preset", "tiny", "--config", str(settings), "--num-trials", "2", "--data-dir",
+                        str(cifar_dir), "--storage-path", str(storage), "--study-name", name], log)
+    try:  # a confirm trial runs two epochs and its scoring (tens of seconds) after it started
+        wait_for(lambda: " started (1 of 2)" in log.read_text(), 900, "the first confirm trial", every_s=0.5, proc=proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=180)
+    finally:
+        stop_study(proc)
+    out = log.read_text()
+    assert code == 143, out[-5000:]
+    assert "confirm: stopped with 1 configuration(s) unconfirmed, left for --resume (3 run(s) ended KILLED" in out
+    assert not (folder / "confirm.json").exists() and "Confirmed on test" not in out
+    client = _client(folder)
+    experiment = client.get_experiment_by_name(name).experiment_id
+    stage = client.search_runs([experiment], f"tags.`{STAGE_TAG}` = 'confirm'")
+    assert len(stage) == 3 and all(r.info.status == "KILLED" and r.data.tags.get(INTERRUPTED_TAG) == "true"
+                                   for r in stage)
+    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]  # the search is untouched
+
+    resumed = subprocess.run([sys.executable, str(STUDY_PY), "--study-name", name, "--storage-path", str(storage),
+                              "--resume"], capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert "Confirmed on test (2 seeds per config, 16 test images" in resumed.stdout, resumed.stdout[-3000:]
+    stage = client.search_runs([experiment], f"tags.`{STAGE_TAG}` = 'confirm'")
+    assert sorted(r.info.status for r in stage) == ["FINISHED"] * 3 + ["KILLED"] * 3
+    assert len({r.data.tags[CONFIRM_OF_TAG] for r in stage}) == 1
+    print(f"\nconfirm stage stopped: 3 runs KILLED, then resumed: {len(stage)} confirm runs")
