@@ -41,7 +41,7 @@ from atop.cli import OneLineParser, naming_the_file, one_line_errors
 from atop.config import Config
 from study import optuna_storage
 from study.args import STUDY_FILE, check_args, check_gpus, check_mlflow_uri, study_name
-from study.cluster import join_ray
+from study.cluster import join_ray, loopback_ray
 from study.errors import StudyError
 from study.phases import confirm, open_study, report, search, settle, shared_context, where_to_watch
 from study.plan import StudyPlan
@@ -335,6 +335,7 @@ def run(plan: StudyPlan) -> int:
     """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code:
     0, or `study.interrupt.EXIT_STOPPED` when a SIGTERM during the search or the confirm stage stopped it
     (settled, resumable)."""
+    loopback_ray()  # before the first `import ray` (study.interrupt's, below): an embedded Ray binds 127.0.0.1 only
     from study.interrupt import StopRequest, catch_sigterm, settle_stopped
     from study.resume import finished_count
 
