@@ -10,8 +10,10 @@ confirm stage:
 3. ends every running trial through Tune's own `Stopper.stop_all`: Tune stops their actors (the
    epoch in progress is lost, each trial keeps its last per-epoch checkpoint in the study folder)
    and saves its experiment state;
-4. settles the study as `--resume` would (`study.resume.settle_interrupted`): the search trials
-   still RUNNING in Optuna become FAIL (user attr `interrupted`, not counted), their MLflow runs
+4. tells the trials that had reported their last epoch (or a failure) as Tune would have
+   (`AskTellSearcher.tell_ended`: COMPLETE with that epoch's figures; the final artifacts of one
+   stopped while it wrote them are missing), then settles the study as `--resume` would
+   (`study.resume.settle_interrupted`): the search trials still RUNNING in Optuna become FAIL (user attr `interrupted`, not counted), their MLflow runs
    KILLED (`atop.interrupted=true`), their parameters enqueued again with their last checkpoint; in
    the confirm stage, the configurations whose seeds did not all end are left unconfirmed, their
    runs KILLED (`study.confirm.run_confirm`); the study's parent run ends KILLED; spooled MLflow

@@ -204,7 +204,8 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
     """Run `n_trials` more trials with Ray Tune, asked from and told to the Optuna study; returns why
     `--time-budget` (counted from `started`) or `--stop-on-plateau` ended it early, if either did.
     Once `interrupt` is set (SIGTERM, `study.interrupt`) no trial is asked and Tune ends the running
-    ones, left RUNNING in Optuna for the caller to settle."""
+    ones; those that had reported their last epoch are told, the others left RUNNING in Optuna for
+    the caller to settle."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -255,6 +256,8 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt))
     tuner.fit()
+    if interrupt is not None and interrupt.stop_all():
+        searcher.tell_ended()  # Tune stopped them without telling the searcher
     return searcher.stopped
 
 

@@ -202,6 +202,17 @@ class AskTellSearcher(Searcher):
         self.settle(number, state, summary)
         self._check_plateau()
 
+    def tell_ended(self) -> None:
+        """After Tune was stopped (SIGTERM: `study.interrupt`), tell the running trials whose last
+        result ended them, as `on_trial_complete` would have: their last epoch (the trial then only
+        writes its final artifacts and marks its MLflow run FINISHED itself) or a failure they
+        reported. The others stay RUNNING for the driver to settle as interrupted."""
+        for trial_id, (_, epochs) in list(self.live.items()):
+            last = self.last.get(trial_id)
+            summary = TrialSummary.of(last)
+            if last is not None and (summary.failed or summary.epoch >= epochs):
+                self.on_trial_complete(trial_id, result=last)
+
     def _check_plateau(self) -> None:
         if self.stop is not None and not self.stopped:
             self._stop_because(self.stop.plateaued(self.study))

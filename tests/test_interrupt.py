@@ -18,7 +18,7 @@ from study.interrupt import EXIT_STOPPED, StopRequest, resume_command
 from study.searcher import AskTellSearcher
 from study.storage import JOB_ENV
 from tests.conftest import REPO
-from tracking.contract import DIRECTIONS
+from tracking.contract import DIRECTIONS, OBJECTIVES
 
 HANDLER = textwrap.dedent("""
     import os, signal, time
@@ -62,6 +62,26 @@ def test_the_searcher_asks_no_trial_once_stopped_and_tells_no_failure_of_the_sto
         # a trial whose worker died with the stop is not told FAIL (counted): the driver settles it as interrupted
         searcher.on_trial_complete("a", error=True)
         assert study.trials[0].state.name == "RUNNING" and searcher.counted == 0 and not searcher.live
+
+
+def test_after_the_stop_a_trial_that_reported_its_last_epoch_is_told_the_others_stay_running():
+    """Tune stops trials without telling the searcher; one may have reported its last epoch and be
+    writing its final artifacts (its MLflow run then ends FINISHED): it is COMPLETE, not interrupted."""
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    request = StopRequest()
+    settled: list[tuple[int, str]] = []
+    searcher = AskTellSearcher(study, SPACES["tiny"], Config(epochs=2), 4, lambda n: None,
+                               lambda n, state, summary: settled.append((n, state.name)), log=lambda line: None,
+                               interrupt=request)
+    for trial_id, epoch in (("done", 2), ("midway", 1)):
+        assert isinstance(searcher.suggest(trial_id), dict)
+        searcher.on_trial_result(trial_id, {**dict(zip(OBJECTIVES, (0.5, 0.25, 0.125))), "epoch": epoch})
+    assert isinstance(searcher.suggest("silent"), dict)  # no result yet
+    request.reason = "stop requested (SIGTERM)"
+    searcher.tell_ended()
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING", "RUNNING"]
+    assert study.trials[0].values == [0.5, 0.25, 0.125] and settled == [(0, "COMPLETE")]
+    assert set(searcher.live) == {"midway", "silent"}
 
 
 def test_the_resume_command_names_the_study_and_its_storage(monkeypatch):

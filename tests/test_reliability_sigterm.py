@@ -1,14 +1,16 @@
 """A study driver stopped by SIGTERM mid-study (`kill PID`; `ray job stop` sends the same), then
 resumed: the driver settles everything itself, nothing is lost and nothing counted twice.
 
-`python study/run.py` (tiny preset, in-process Ray) runs in its own session; once a trial is COMPLETE
-and trial 1 is RUNNING with its epoch-1 checkpoint (held there by the test-only `ATOP_FAULT_INJECT`
-sleep), the driver alone gets SIGTERM. It must (study/interrupt.py):
+`python study/run.py` (tiny preset, in-process Ray) runs in its own session; once trial 0 has reported
+its last epoch (held before its final artifacts by the test-only `ATOP_FAULT_INJECT` sleep) and trial
+1 is RUNNING with its epoch-1 checkpoint (held there too), the driver alone gets SIGTERM. It must
+(study/interrupt.py):
 
 - print the stop line and, at the end, the exact resume command; exit 143; leave no process behind;
-- leave Optuna and MLflow agreeing: no trial RUNNING, the held trial FAIL + `interrupted` with its
-  parameters enqueued again from its epoch-1 checkpoint, its MLflow run KILLED + `atop.interrupted`,
-  every COMPLETE trial's run FINISHED with Optuna's values, the parent run KILLED;
+- leave Optuna and MLflow agreeing: no trial RUNNING, trial 0 COMPLETE (its last epoch's result kept),
+  trial 1 FAIL + `interrupted` with its parameters enqueued again from its epoch-1 checkpoint, its
+  MLflow run KILLED + `atop.interrupted`, every COMPLETE trial's run FINISHED with Optuna's values,
+  the parent run KILLED;
 
 then the printed command (`--resume`) finishes the study: exactly `--num-trials` trials counted,
 each finished trial's result once (one MLflow run per Optuna trial, one COMPLETE per parameter set),
@@ -30,6 +32,7 @@ import time
 
 import pytest
 
+from study.scheduler import ATTR_EPOCH_OBJECTIVES
 from tests.conftest import (
     REPO,
     STUDY_PY,
@@ -53,7 +56,9 @@ from trainables.faults import FAULT_ENV
 pytestmark = pytest.mark.slow
 NUM_TRIALS = 3
 NAME = "stopped"
-HOLD = "sleep@trial=1,epoch=1,seconds=600"  # trial 1 stays RUNNING after its epoch-1 checkpoint
+# trial 0 stays RUNNING after it reported its last epoch (before its final artifacts), trial 1 after its
+# epoch-1 checkpoint
+HOLD = "sleep@trial=0,epoch=2,seconds=600;sleep@trial=1,epoch=1,seconds=600"
 
 
 def _trials(db):
@@ -103,11 +108,12 @@ def _study_args(cifar_dir, storage) -> list[str]:
 
 
 def _held(folder):
-    """The study's trials once one is COMPLETE and trial 1 is held RUNNING after its epoch-1 checkpoint."""
+    """The study's trials once both are held (`HOLD`): trial 0's last epoch reached the driver, trial 1's
+    epoch-1 checkpoint is written."""
     trials = _trials(folder / "optuna.db")
-    done = sum(t.state.name == "COMPLETE" for t in trials)
+    last_told = any(t.number == 0 and "2" in t.user_attrs.get(ATTR_EPOCH_OBJECTIVES, {}) for t in trials)
     held = list(folder.glob("tune-*/trial-0001-*/checkpoint_000000"))
-    return trials if done >= 1 and held and any(t.number == 1 and t.state.name == "RUNNING" for t in trials) else None
+    return trials if last_told and held and any(t.number == 1 and t.state.name == "RUNNING" for t in trials) else None
 
 
 def _check_stopped(folder, out: str, storage) -> list[str]:
@@ -125,6 +131,7 @@ def _check_stopped(folder, out: str, storage) -> list[str]:
     assert not [t for t in trials if t.state.name == "RUNNING"]
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     assert 1 in {t.number for t in interrupted}
+    assert trials[0].state.name == "COMPLETE"  # its last epoch was reported: its result is kept, not rerun
     waiting = [t for t in trials if t.state.name == "WAITING"]
     assert sorted(t.user_attrs["rerun_of"] for t in waiting) == sorted(t.number for t in interrupted)
     held_rerun = next(t for t in waiting if t.user_attrs["rerun_of"] == 1)
@@ -167,7 +174,7 @@ def test_driver_sigterm_settles_then_resume_finishes(cifar_dir, tmp_path):
     log = tmp_path / "driver-1.log"
     proc = start_study(_study_args(cifar_dir, storage), log, ATOP_FAULT_INJECT=HOLD)
     try:
-        wait_for(lambda: _held(folder), 900, "a trial COMPLETE and trial 1 held RUNNING", every_s=2, proc=proc)
+        wait_for(lambda: _held(folder), 900, "trials 0 and 1 held", every_s=2, proc=proc)
         sent = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)  # the driver alone, as `kill PID`
         code = proc.wait(timeout=180)
@@ -215,7 +222,7 @@ def test_ray_job_stop_settles_then_the_printed_job_resumes(ray_head, cifar_dir, 
     submit(["ray", "job", "submit", "--working-dir", ".", "--", "python", "study/run.py",
             *_study_args(cifar_dir, storage)], first)
     try:
-        wait_for(lambda: _held(folder) or ended(first), 900, "a trial COMPLETE and trial 1 held RUNNING", every_s=2)
+        wait_for(lambda: _held(folder) or ended(first), 900, "trials 0 and 1 held", every_s=2)
         assert ended(first) is None, jobs.get_job_logs(first)[-5000:]
         sent = time.monotonic()
         stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", ray_head.address, first],
