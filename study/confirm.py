@@ -278,7 +278,7 @@ Fit = Callable[[list[dict[str, Any]], Ended], None]
 def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[str, Any], top: int, seeds: int,
                 folder: Path, store: Storage, uri: str, experiment_id: str, parent_id: str,
                 start: Callable[[], tuple[Mapping[str, str], Fit]], note: str,
-                log=print) -> tuple[list[Confirmed], bool]:
+                log=print, interrupted: Callable[[], bool] | None = None) -> tuple[list[Confirmed], bool]:
     """Confirm the study's targets not yet confirmed.
 
     Args:
@@ -293,6 +293,9 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
         start: called only when a target is left to confirm (a resumed driver may have none, and then
             starts no Ray); returns the tags every confirm run gets and the `Fit` that runs the jobs.
         note: how strong the confirm level's attacks are (`tracking.contract.eval_level_note`).
+        interrupted: whether the driver was asked to stop (SIGTERM, `study.interrupt`) while `fit`
+            ran: then the configurations whose seeds did not all end are left for `--resume` (their
+            runs ended KILLED now) instead of being recorded with failed seeds.
 
     Returns:
         (every target's outcome in order, whether any confirm trial ran now).
@@ -349,6 +352,12 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
                 record(t)
 
         fit([{"number": j.number, "seed": j.seed, "run_id": j.run_id, "config": j.config} for j in jobs], ended)
+        left = {t.number for t in todo if t.number not in done}
+        if left and interrupted is not None and interrupted():
+            killed = end_interrupted_runs(client, experiment_id, left)
+            log(f"confirm: stopped with {len(left)} configuration(s) unconfirmed, left for --resume ({killed} "
+                f"run(s) ended KILLED, {INTERRUPTED_TAG}=true)")
+            return [done[t.number] for t in chosen if t.number in done], True
         for t in todo:  # a trial whose end Tune never reported (the stage was interrupted) counts as failed
             if t.number not in done:
                 record(t)

@@ -52,6 +52,7 @@ from tracking.contract import (
 )
 
 if TYPE_CHECKING:
+    from study.interrupt import StopRequest
     from study.plan import StudyPlan
     from study.settings import StudySettings
     from trainables.atop_trainable import StudyContext
@@ -205,9 +206,13 @@ def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
         store=plan.store)
 
 
-def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int, started: float) -> str | None:
+def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int, started: float,
+           interrupt: StopRequest | None = None) -> str | None:
     """Run `n_trials` more trials with Ray Tune, asked from and told to the Optuna study; returns why
-    `--time-budget` (counted from `started`) or `--stop-on-plateau` ended it early, if either did."""
+    `--time-budget` (counted from `started`) or `--stop-on-plateau` ended it early, if either did.
+    Once `interrupt` is set (SIGTERM, `study.interrupt`) no trial is asked and Tune ends the running
+    ones; those that had reported their last epoch are told, the others left RUNNING in Optuna for
+    the caller to settle."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -243,7 +248,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
     scheduler = make_scheduler(settings, plan.cfg.epochs, study)
     searcher = AskTellSearcher(study, space, plan.cfg, n_trials, new_run, settle_run, constraints,
                                max_trials=scheduler.trials_for(n_trials) if scheduler else None,
-                               stop=settings.search_stop(started))
+                               stop=settings.search_stop(started), interrupt=interrupt)
     trainable = tune.with_resources(tune.with_parameters(train_atop, ctx=ctx),
                                     {"cpu": settings.cpus, "gpu": settings.gpus})
     tuner = tune.Tuner(
@@ -256,13 +261,18 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt))
     tuner.fit()
+    if interrupt is not None and interrupt.stop_all():
+        searcher.tell_ended()  # Tune stopped them without telling the searcher
     return searcher.stopped
 
 
-def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tuple[list[Any], bool]:
+def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None,
+            interrupt: StopRequest | None = None) -> tuple[list[Any], bool]:
     """Fine-tune the front's configurations again on new seeds and score them on test (`study.confirm`).
+    Once `interrupt` is set (SIGTERM) Tune ends the running confirm trials and the configurations
+    not yet confirmed are left for `--resume`.
 
     Returns:
         (every confirmed configuration's outcome, whether any confirm trial ran now).
@@ -296,14 +306,14 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None) -> tup
             run_config=tune.RunConfig(
                 name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt,
                 callbacks=[progress_callback(len(jobs), ended, log=lambda line: print(line, flush=True))]))
         tuner.fit()
 
     return run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config,
                        top=s.confirm_top, seeds=s.confirm_seeds, folder=plan.folder, store=plan.store,
                        uri=plan.mlflow_uri, experiment_id=opened.experiment_id, parent_id=opened.parent_id,
-                       start=start, note=level_note(base))
+                       start=start, note=level_note(base), interrupted=interrupt.stop_all if interrupt else None)
 
 
 def settle(plan: StudyPlan) -> None:

@@ -49,6 +49,8 @@ class StudyPlan:
         weights: a resumed study's classifier and purifier files, as study.json recorded them and
             checked (`study.pretrained.recorded_weights`), or, for a study from before that record,
             as its trial runs name them (`weights_named_by_trials`); None: pre-train or reuse the cache.
+        storage_path: `--storage-path` as a later `--resume` must give it (a local path absolute, an
+            object-store URI as given, its options included).
     """
 
     settings: StudySettings
@@ -69,6 +71,7 @@ class StudyPlan:
     verbose: bool = False
     warm_start: WarmStart | None = None
     weights: tuple[Path, Path] | None = None
+    storage_path: str = ""
 
     @property
     def optuna_url(self) -> str:

@@ -9,7 +9,8 @@ On a cluster (the same command, submitted; `--working-dir .` uploads the reposit
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python study/run.py --preset paper-cifar10 --mlflow-uri http://MLFLOW:5000 --storage-path /shared/studies
 
-Resume a study (after a crash or to extend it):
+Resume a study (after a crash, a stop, or to extend it; SIGTERM stops a study cleanly and prints this
+command: study/interrupt.py):
 
     python study/run.py --study-name NAME --resume [--num-trials N]
 
@@ -40,7 +41,7 @@ from atop.cli import OneLineParser, naming_the_file, one_line_errors
 from atop.config import Config
 from study import optuna_storage
 from study.args import STUDY_FILE, check_args, check_gpus, check_mlflow_uri, study_name
-from study.cluster import join_ray
+from study.cluster import join_ray, loopback_ray
 from study.errors import StudyError
 from study.phases import confirm, open_study, report, search, settle, shared_context, where_to_watch
 from study.plan import StudyPlan
@@ -243,7 +244,8 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
                      mlflow_uri=mlflow_uri,
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
                      optuna_storage=optuna_url, references=tuple(references), pretrained=pretrained,
-                     resume=bool(args.resume), verbose=bool(args.verbose), warm_start=warm, weights=weights)
+                     resume=bool(args.resume), verbose=bool(args.verbose), warm_start=warm, weights=weights,
+                     storage_path=args.storage_path if storage.remote else storage.where())
 
 
 def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> list[Reference]:
@@ -343,7 +345,11 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
 
 
 def run(plan: StudyPlan) -> int:
-    """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code."""
+    """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code:
+    0, or `study.interrupt.EXIT_STOPPED` when a SIGTERM during the search or the confirm stage stopped it
+    (settled, resumable)."""
+    loopback_ray()  # before the first `import ray` (study.interrupt's, below): an embedded Ray binds 127.0.0.1 only
+    from study.interrupt import StopRequest, catch_sigterm, settle_stopped
     from study.resume import finished_count
 
     started = time.time()
@@ -362,15 +368,21 @@ def run(plan: StudyPlan) -> int:
               f"({s.space} space, {s.sampler} sampler, {s.max_concurrent} at once)", flush=True)
         for line in where_to_watch(plan, opened):
             print(line, flush=True)
-        ctx, stopped = None, None
+        ctx, stopped, interrupt = None, None, StopRequest()
         if remaining > 0:  # a resume with nothing left to run starts no Ray
             if plan.resume:
                 join_ray(plan)
             ctx = shared_context(plan, opened)
-            stopped = search(plan, opened, ctx, remaining, started)
+            with catch_sigterm(interrupt):
+                stopped = search(plan, opened, ctx, remaining, started, interrupt)
+            if interrupt.reason:
+                return settle_stopped(plan, opened, interrupt)
         confirmed, confirmed_now = None, False
         if s.confirm:
-            confirmed, confirmed_now = confirm(plan, opened, ctx)
+            with catch_sigterm(interrupt):
+                confirmed, confirmed_now = confirm(plan, opened, ctx, interrupt)
+            if interrupt.reason:
+                return settle_stopped(plan, opened, interrupt)
         settle(plan)
         report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now, stopped=stopped)
     finally:

@@ -26,6 +26,7 @@ from ray.tune.search import Searcher
 from atop.config import Config, ConfigError
 from search_spaces import Space
 from study.constraints import Constraint
+from study.interrupt import StopRequest
 from study.resume import COUNTED_STATES
 from study.scheduler import ATTR_EPOCH_OBJECTIVES, objective_vector
 from study.stopping import SearchStop
@@ -75,17 +76,19 @@ class AskTellSearcher(Searcher):
         constraints: `--constraint`s, set on each COMPLETE trial before it is told.
         stop: `--time-budget` / `--stop-on-plateau` (`study.stopping`): once it says so, no new
             trial is asked; `stopped` then holds why, for the driver's report.
+        interrupt: SIGTERM's request (`study.interrupt`): once set, no new trial is asked (Tune
+            ends the running ones; the driver settles them).
     """
 
     def __init__(self, study: optuna.Study, space: Space, base: Config, n_trials: int,
                  new_run: Callable[[int], str | None], settle: Settle, constraints: Sequence[Constraint] = (),
                  max_trials: int | None = None, log: Callable[[str], None] | None = None,
-                 stop: SearchStop | None = None):
+                 stop: SearchStop | None = None, interrupt: StopRequest | None = None):
         super().__init__(metric=None, mode=None)
         self.study, self.space, self.base, self.n_trials = study, space, base.to_dict(), n_trials
         self.new_run, self.settle, self.max_trials, self.log = new_run, settle, max_trials, log or say
         self.constraints = tuple(constraints)
-        self.stop = stop
+        self.stop, self.interrupt = stop, interrupt
         self.stopped: str | None = None  # why `stop` ended the search
         self.counted = 0  # trials asked here that ended COMPLETE or FAIL
         self.pruned = 0
@@ -116,7 +119,8 @@ class AskTellSearcher(Searcher):
             self.live[trial_id] = (trial, cfg.epochs)
             resume = trial.user_attrs.get(ATTR_RESUME_FROM)  # a rerun of an interrupted trial (study.resume)
             return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id, **({RESUME_FROM: resume} if resume else {})}
-        if self.max_trials is not None and self.counted < self.n_trials and not self.capped and not self.stopped:
+        if self.max_trials is not None and self.counted < self.n_trials and not self.capped and not self.stopped \
+                and not self._interrupted():
             if self.live:
                 return None  # a running trial may yet be pruned: ask again when one ends
             self.capped = True
@@ -128,12 +132,15 @@ class AskTellSearcher(Searcher):
         """Whether to ask another trial now."""
         if self.stop is not None and not self.stopped:
             self._stop_because(self.stop.expired())
-        if self.stopped:
+        if self.stopped or self._interrupted():
             return False
         asked = self.counted + len(self.live) + self.pruned
         if self.max_trials is None:
             return asked < self.n_trials
         return self.counted + len(self.live) < self.n_trials and asked < self.max_trials
+
+    def _interrupted(self) -> bool:
+        return self.interrupt is not None and self.interrupt.stop_all()
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self.last[trial_id] = result
@@ -154,6 +161,11 @@ class AskTellSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id not in self.live:
+            return
+        if error and self._interrupted():
+            # a SIGTERM to more than the driver (a whole container or job) may have killed the trial's
+            # worker: not the trial's own failure; left RUNNING, the driver settles it as interrupted
+            self.live.pop(trial_id)
             return
         if result:  # a scheduler's STOP reaches the searcher here, never through on_trial_result
             self._record(trial_id, result)
@@ -189,6 +201,17 @@ class AskTellSearcher(Searcher):
         number = trial.number
         self.settle(number, state, summary)
         self._check_plateau()
+
+    def tell_ended(self) -> None:
+        """After Tune was stopped (SIGTERM: `study.interrupt`), tell the running trials whose last
+        result ended them, as `on_trial_complete` would have: their last epoch (the trial then only
+        writes its final artifacts and marks its MLflow run FINISHED itself) or a failure they
+        reported. The others stay RUNNING for the driver to settle as interrupted."""
+        for trial_id, (_, epochs) in list(self.live.items()):
+            last = self.last.get(trial_id)
+            summary = TrialSummary.of(last)
+            if last is not None and (summary.failed or summary.epoch >= epochs):
+                self.on_trial_complete(trial_id, result=last)
 
     def _check_plateau(self) -> None:
         if self.stop is not None and not self.stopped:

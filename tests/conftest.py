@@ -143,8 +143,10 @@ def start_ray_head(folder: Path, host: str = "127.0.0.1", num_cpus: int = 2, **e
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--temp-dir", str(folder / "r")]
     with open(log, "w") as out:
+        # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` SIGKILLs a job this long after its SIGTERM (default 3 s,
+        # too short for a study to settle: study/interrupt.py); docs/CLUSTER.md starts heads the same way
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
-                                env=service_env(RAY_AUTH_MODE="disabled", **env))
+                                env=service_env(RAY_AUTH_MODE="disabled", RAY_JOB_STOP_WAIT_TIME_S="60", **env))
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", proc, 120, log)
     except BaseException:

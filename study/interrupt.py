@@ -1,0 +1,136 @@
+"""SIGTERM while the study runs (`ray job stop`, `kill PID`): stop it cleanly, resumable.
+
+Without this, SIGTERM would end the driver at once, like a crash: the trials it left RUNNING are
+settled by the next `--resume` only. Here the driver, on the first SIGTERM during the search or the
+confirm stage:
+
+1. prints one line (unbuffered: under `ray job stop` the output goes to a file and SIGKILL follows);
+2. asks no new trial (`AskTellSearcher` checks the request before each one, as it checks
+   `--time-budget`);
+3. ends every running trial through Tune's own `Stopper.stop_all`: Tune stops their actors (the
+   epoch in progress is lost, each trial keeps its last per-epoch checkpoint in the study folder)
+   and saves its experiment state;
+4. tells the trials that had reported their last epoch (or a failure) as Tune would have
+   (`AskTellSearcher.tell_ended`: COMPLETE with that epoch's figures; the final artifacts of one
+   stopped while it wrote them are missing), then settles the study as `--resume` would
+   (`study.resume.settle_interrupted`): the search trials still RUNNING in Optuna become FAIL (user attr `interrupted`, not counted), their MLflow runs
+   KILLED (`atop.interrupted=true`), their parameters enqueued again with their last checkpoint; in
+   the confirm stage, the configurations whose seeds did not all end are left unconfirmed, their
+   runs KILLED (`study.confirm.run_confirm`); the study's parent run ends KILLED; spooled MLflow
+   calls are sent;
+5. skips what is left (the confirm stage, the report), prints the command that resumes the study
+   and exits with `EXIT_STOPPED` (143, as a shell reports a process SIGTERM ended).
+
+The next `--resume` finds nothing RUNNING, reruns the interrupted trials first, each from its
+checkpoint, runs the study to its `--num-trials`, then confirms what is not yet confirmed (a confirm
+trial starts again from its first epoch). A SIGTERM before the search (while the data load or
+pre-training runs) or a second SIGTERM ends the driver at once (the default action): the next
+`--resume` settles what is left, as after a crash. So does a SIGTERM to the embedded driver's whole
+process group: it reaches the in-process Ray's own daemons (GCS, raylet), whose loss ends the driver
+at once (Ray's core worker exits the process). `ray job stop` signals only the job's processes (a
+cluster's daemons are not among them) and sends SIGKILL `RAY_JOB_STOP_WAIT_TIME_S` seconds after
+SIGTERM (default 3, read from the environment of the head's `ray start`; Tune gives a busy trial
+about 10 s to stop before it kills it, and a stop took 18-25 s in tests/test_reliability_sigterm.py
+on 2 loaded cores): docs/CLUSTER.md asks for 60.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Final
+
+from ray import tune
+
+from study import optuna_storage
+from study.storage import job_submission_id
+
+if TYPE_CHECKING:
+    from study.plan import OpenStudy, StudyPlan
+
+#: the driver's exit status after a SIGTERM it settled: 128 + SIGTERM, what a shell reports for a process
+#: SIGTERM ended (a script's `$? -ge 128` test holds; 0 means finished, 1 crashed, 2 refused input)
+EXIT_STOPPED: Final = 128 + int(signal.SIGTERM)
+
+
+class StopRequest(tune.Stopper):
+    """Set by SIGTERM (`catch_sigterm`): the searcher asks no new trial and Tune ends every running
+    trial (`stop_all`). A plain flag: Tune pickles its stopper with the experiment state."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None  # why the study stops, once it does
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False  # no trial stops on its own results
+
+    def stop_all(self) -> bool:
+        return self.reason is not None
+
+
+@contextmanager
+def catch_sigterm(request: StopRequest) -> Iterator[StopRequest]:
+    """Within the block, the first SIGTERM sets `request` and prints one line; a second one ends the
+    process at once (the default action). The previous handler is back after the block. Call it from
+    the main thread (Python runs signal handlers there only)."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handle(signum: int, frame: Any) -> None:
+        if request.reason is not None:  # the second: stop now, as if no handler were there
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        request.reason = "stop requested (SIGTERM)"
+        # os.write, not print: a handler that prints while the main thread is inside a print of the
+        # same stream raises "reentrant call"; unbuffered, the line survives a SIGKILL that follows
+        _write(f"{request.reason}: no new trials; ending the running ones (each keeps its last checkpoint), then "
+               "settling the study (a second SIGTERM stops at once)\n")
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write(text: str) -> None:
+    try:
+        sys.stdout.flush()  # what was printed before comes first
+    except (OSError, RuntimeError, ValueError):  # reentrant or closed: the line itself matters more
+        pass
+    try:
+        os.write(sys.stdout.fileno(), text.encode())
+    except (OSError, ValueError):  # stdout closed or not a file: nothing to tell
+        pass
+
+
+def settle_stopped(plan: StudyPlan, opened: OpenStudy, request: StopRequest) -> int:
+    """Settle a study the driver stopped after `request` (module docstring, steps 4 and 5); returns
+    `EXIT_STOPPED`."""
+    from study.phases import settle
+    from study.resume import settle_interrupted
+    from tracking import mlflow_log
+
+    interrupted = settle_interrupted(opened.study, opened.storage, plan.mlflow_uri, opened.experiment_id,
+                                     opened.parent_id, log=lambda line: None, store=plan.store)  # said below
+    log = mlflow_log.RunLogger(plan.mlflow_uri, opened.parent_id, plan.spool_dir / "driver-study.jsonl")
+    log.set_status("KILLED")
+    log.close()
+    settle(plan)
+    print(f"{request.reason}: the study is settled ({interrupted} search trial(s) FAIL/KILLED as interrupted and "
+          "enqueued again from their last checkpoint); --resume goes on with the rest", flush=True)
+    print(f"resume: {resume_command(plan)}", flush=True)
+    return EXIT_STOPPED
+
+
+def resume_command(plan: StudyPlan) -> str:
+    """The command that continues the study of `plan` (under `ray job submit`, submitted the same way)."""
+    command = f"python study/run.py --study-name {shlex.quote(plan.name)} --storage-path " \
+              f"{shlex.quote(plan.storage_path)} --resume"
+    if job_submission_id():
+        command = f"ray job submit --working-dir . -- {command}"
+    if "***" in optuna_storage.public(plan.optuna_url):  # study.json keeps the URL without its password
+        command += "  (with --optuna-storage or $ATOP_OPTUNA_STORAGE holding the password, as now)"
+    return command

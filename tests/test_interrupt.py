@@ -1,0 +1,148 @@
+"""SIGTERM's stop request (study/interrupt.py): the handler, the searcher that stops asking, the
+resume command. The whole driver under SIGTERM: tests/test_reliability_sigterm.py."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import optuna
+from ray.tune.search import Searcher
+
+from atop.config import Config
+from search_spaces import SPACES
+from study.interrupt import EXIT_STOPPED, StopRequest, resume_command
+from study.searcher import AskTellSearcher
+from study.storage import JOB_ENV
+from tests.conftest import REPO
+from tracking.contract import DIRECTIONS, OBJECTIVES
+
+HANDLER = textwrap.dedent("""
+    import os, signal, time
+    from study.interrupt import StopRequest, catch_sigterm
+
+    with catch_sigterm(StopRequest()):
+        pass
+    print("restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+    request = StopRequest()
+    with catch_sigterm(request):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs in this (the main) thread between two bytecodes
+        print("first:", request.stop_all(), flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        print("survived the second SIGTERM", flush=True)
+""")
+
+
+def test_the_first_sigterm_sets_the_request_and_the_second_ends_the_process():
+    done = subprocess.run([sys.executable, "-c", HANDLER], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, check=False)
+    lines = done.stdout.splitlines()
+    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr[-3000:]
+    assert lines[0] == "restored: True"
+    assert lines[1].startswith("stop requested (SIGTERM): no new trials;") and lines[2] == "first: True", lines
+    assert "survived" not in done.stdout
+    assert EXIT_STOPPED == 143
+
+
+def test_the_searcher_asks_no_trial_once_stopped_and_tells_no_failure_of_the_stop():
+    for max_trials in (None, 12):  # with a scheduler's cap too: "finished", not "ask again later"
+        study = optuna.create_study(directions=list(DIRECTIONS))
+        request = StopRequest()
+        searcher = AskTellSearcher(study, SPACES["tiny"], Config(epochs=1), 4, lambda n: None, lambda *a: None,
+                                   log=lambda line: None, interrupt=request, max_trials=max_trials)
+        assert isinstance(searcher.suggest("a"), dict)
+        request.reason = "stop requested (SIGTERM)"
+        assert searcher.suggest("b") == Searcher.FINISHED
+        assert len(study.trials) == 1 and searcher.stopped is None  # not a --time-budget stop: no report tag
+        # a trial whose worker died with the stop is not told FAIL (counted): the driver settles it as interrupted
+        searcher.on_trial_complete("a", error=True)
+        assert study.trials[0].state.name == "RUNNING" and searcher.counted == 0 and not searcher.live
+
+
+def test_after_the_stop_a_trial_that_reported_its_last_epoch_is_told_the_others_stay_running():
+    """Tune stops trials without telling the searcher; one may have reported its last epoch and be
+    writing its final artifacts (its MLflow run then ends FINISHED): it is COMPLETE, not interrupted."""
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    request = StopRequest()
+    settled: list[tuple[int, str]] = []
+    searcher = AskTellSearcher(study, SPACES["tiny"], Config(epochs=2), 4, lambda n: None,
+                               lambda n, state, summary: settled.append((n, state.name)), log=lambda line: None,
+                               interrupt=request)
+    for trial_id, epoch in (("done", 2), ("midway", 1)):
+        assert isinstance(searcher.suggest(trial_id), dict)
+        searcher.on_trial_result(trial_id, {**dict(zip(OBJECTIVES, (0.5, 0.25, 0.125))), "epoch": epoch})
+    assert isinstance(searcher.suggest("silent"), dict)  # no result yet
+    request.reason = "stop requested (SIGTERM)"
+    searcher.tell_ended()
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING", "RUNNING"]
+    assert study.trials[0].values == [0.5, 0.25, 0.125] and settled == [(0, "COMPLETE")]
+    assert set(searcher.live) == {"midway", "silent"}
+
+
+def test_the_resume_command_names_the_study_and_its_storage(monkeypatch):
+    plan = SimpleNamespace(name="my study", storage_path="/data/studies", optuna_url="sqlite:////data/studies/x.db")
+    monkeypatch.delenv(JOB_ENV, raising=False)
+    assert resume_command(plan) == "python study/run.py --study-name 'my study' --storage-path /data/studies --resume"
+    monkeypatch.setenv(JOB_ENV, json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}}))
+    plan.optuna_url = "postgresql://atop:secret@db:5432/optuna"
+    command = resume_command(plan)
+    assert command.startswith("ray job submit --working-dir . -- python study/run.py --study-name 'my study' ")
+    assert "secret" not in command and "--optuna-storage" in command
+
+
+def test_a_confirm_stage_stopped_by_sigterm_leaves_unfinished_configurations_for_resume(tmp_path):
+    """`fit` (standing in for Ray Tune, as in tests/test_confirm.py) ends the first configuration's
+    seeds, then the stop request comes: the second configuration is neither recorded nor failed, its
+    runs end KILLED at once, and the next stage confirms it. Real Optuna, MLflow (sqlite), study folder."""
+    from mlflow import MlflowClient
+
+    from study.confirm import load_state, run_confirm
+    from study.storage import parse
+    from tracking.contract import CONFIRM_OF_TAG, INTERRUPTED_TAG, OBJECTIVES
+    from trainables.atop_trainable import AUDIT_KEY, PER_IMAGE_KEY
+
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    for i, values in enumerate([(0.9, 0.1, 0.1), (0.1, 0.9, 0.1)]):  # both on the front: both confirmed
+        study.add_trial(optuna.trial.create_trial(
+            values=list(values), params={"rt": "rt1", "lambda_ce": 0.05 + 0.05 * i},
+            distributions={"rt": optuna.distributions.CategoricalDistribution(["rt1", "rt2"]),
+                           "lambda_ce": optuna.distributions.FloatDistribution(0, 1)}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("confirm", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment).info.run_id
+    store = parse(str(tmp_path / "study"))
+    store.fs.create_dir(store.base)
+    figures = {PER_IMAGE_KEY: json.dumps({o: [1.0, 0.0] for o in OBJECTIVES}), AUDIT_KEY: ""}
+    request = StopRequest()
+
+    def stopped_after_the_first(jobs, ended):
+        for job in (j for j in jobs if j["number"] == jobs[0]["number"]):
+            ended(job, figures)
+        request.reason = "stop requested (SIGTERM)"  # Tune then ends the other seeds without a result
+
+    def all_end(jobs, ended):
+        for job in jobs:
+            ended(job, figures)
+
+    def confirm(fit):
+        return run_confirm(study=study, space=SPACES["paper"], base=Config(epochs=1, seed=0), overrides={}, top=2,
+                           seeds=2, folder=tmp_path / "local", store=store, uri=uri, experiment_id=experiment,
+                           parent_id=parent, start=lambda: ({}, fit), note="test", log=lambda line: None,
+                           interrupted=request.stop_all)
+
+    confirmed, ran = confirm(stopped_after_the_first)
+    assert ran and [c.number for c in confirmed] == [0] and list(load_state(store)) == [0]
+    runs_of_1 = [r for r in client.search_runs([experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "1"]
+    assert len(runs_of_1) == 3  # its confirm run and two seed runs, all ended now
+    assert all(r.info.status == "KILLED" and r.data.tags.get(INTERRUPTED_TAG) == "true" for r in runs_of_1)
+
+    request.reason = None  # the resumed driver's stage
+    confirmed, ran = confirm(all_end)
+    assert [c.number for c in confirmed] == [0, 1] and not confirmed[1].failed_seeds
+    assert confirmed[1].figures["clean_acc"].mean == 0.5
