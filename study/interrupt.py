@@ -49,7 +49,7 @@ from study import optuna_storage
 from study.storage import job_submission_id
 
 if TYPE_CHECKING:
-    from study.plan import OpenStudy, StudyPlan
+    from study.plan import StudyPlan
 
 #: the driver's exit status after a SIGTERM it settled: 128 + SIGTERM, what a shell reports for a process
 #: SIGTERM ended (a script's `$? -ge 128` test holds; 0 means finished, 1 crashed, 2 refused input)
@@ -104,25 +104,6 @@ def _write(text: str) -> None:
         os.write(sys.stdout.fileno(), text.encode())
     except (OSError, ValueError):  # stdout closed or not a file: nothing to tell
         pass
-
-
-def settle_stopped(plan: StudyPlan, opened: OpenStudy, request: StopRequest) -> int:
-    """Settle a study the driver stopped after `request` (module docstring, steps 4 and 5); returns
-    `EXIT_STOPPED`."""
-    from study.phases import settle
-    from study.resume import settle_interrupted
-    from tracking import mlflow_log
-
-    interrupted = settle_interrupted(opened.study, opened.storage, plan.mlflow_uri, opened.experiment_id,
-                                     opened.parent_id, log=lambda line: None, store=plan.store)  # said below
-    log = mlflow_log.RunLogger(plan.mlflow_uri, opened.parent_id, plan.spool_dir / "driver-study.jsonl")
-    log.set_status("KILLED")
-    log.close()
-    settle(plan)
-    print(f"{request.reason}: the study is settled ({interrupted} search trial(s) FAIL/KILLED as interrupted and "
-          "enqueued again from their last checkpoint); --resume goes on with the rest", flush=True)
-    print(f"resume: {resume_command(plan)}", flush=True)
-    return EXIT_STOPPED
 
 
 def resume_command(plan: StudyPlan) -> str:

@@ -321,6 +321,24 @@ def settle(plan: StudyPlan) -> None:
     _say_unsent(plan, mlflow_log.flush_spools(plan.spool_dir, plan.mlflow_uri))
 
 
+def settle_stopped(plan: StudyPlan, opened: OpenStudy, request: StopRequest) -> int:
+    """Settle a study the driver stopped after `request` (`study.interrupt`'s docstring, steps 4 and 5);
+    returns `EXIT_STOPPED`."""
+    from study.interrupt import EXIT_STOPPED, resume_command
+    from study.resume import settle_interrupted
+
+    interrupted = settle_interrupted(opened.study, opened.storage, plan.mlflow_uri, opened.experiment_id,
+                                     opened.parent_id, log=lambda line: None, store=plan.store)  # said below
+    log = mlflow_log.RunLogger(plan.mlflow_uri, opened.parent_id, plan.spool_dir / "driver-study.jsonl")
+    log.set_status("KILLED")
+    log.close()
+    settle(plan)
+    print(f"{request.reason}: the study is settled ({interrupted} search trial(s) FAIL/KILLED as interrupted and "
+          "enqueued again from their last checkpoint); --resume goes on with the rest", flush=True)
+    print(f"resume: {resume_command(plan)}", flush=True)
+    return EXIT_STOPPED
+
+
 def _say_unsent(plan: StudyPlan, unsent: int) -> None:
     if unsent:
         print(f"MLflow unreachable: {unsent} call(s) kept in {plan.spool_dir}; send them later with "

@@ -43,7 +43,16 @@ from study import optuna_storage
 from study.args import STUDY_FILE, check_args, check_gpus, check_mlflow_uri, study_name
 from study.cluster import join_ray, loopback_ray
 from study.errors import StudyError
-from study.phases import confirm, open_study, report, search, settle, shared_context, where_to_watch
+from study.phases import (
+    confirm,
+    open_study,
+    report,
+    search,
+    settle,
+    settle_stopped,
+    shared_context,
+    where_to_watch,
+)
 from study.plan import StudyPlan
 from study.storage import Storage, default_cache, leave_job_working_dir, local_folder
 from tracking import mlflow_log
@@ -349,7 +358,7 @@ def run(plan: StudyPlan) -> int:
     0, or `study.interrupt.EXIT_STOPPED` when a SIGTERM during the search or the confirm stage stopped it
     (settled, resumable)."""
     loopback_ray()  # before the first `import ray` (study.interrupt's, below): an embedded Ray binds 127.0.0.1 only
-    from study.interrupt import StopRequest, catch_sigterm, settle_stopped
+    from study.interrupt import StopRequest, catch_sigterm
     from study.resume import finished_count
 
     started = time.time()
