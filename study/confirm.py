@@ -202,51 +202,8 @@ def table(confirmed: Sequence[Confirmed], note: str) -> str:
 
 # --- running the stage ------------------------------------------------------------------------------
 
-def progress_callback(total: int, ended: Ended | None = None, log: Callable[[str], None] = print) -> Any:
-    """A Ray Tune callback printing a line as each confirm trial starts and ends (its time, its
-    test figures), and handing each ended trial's job and last result to `ended` ({} when it
-    failed): a confirm trial takes minutes to hours, and its own progress stays in its worker."""
-    from ray.tune import Callback
-
-    class ConfirmProgress(Callback):
-        def __init__(self) -> None:
-            self.started: dict[str, float] = {}
-            self.ended = 0
-            self.hook = ended
-
-        def __getstate__(self) -> dict[str, Any]:
-            # Tune pickles its run config (this callback) into the experiment; the hook holds the
-            # driver's MLflow client and store, and no restored Tuner needs it
-            return {**self.__dict__, "hook": None}
-
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.started.setdefault(trial.trial_id, time.monotonic())
-            log(f"confirm: {_job_label(trial)} started ({len(self.started)} of {total})")
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            result = dict(trial.last_result or {})
-            self._ended(trial, result, ", ".join(f"{o} {result[o]:.3f}" for o in OBJECTIVES if o in result)
-                        or "no figures")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._ended(trial, {}, "FAILED")
-
-        def _ended(self, trial: Any, result: dict[str, Any], what: str) -> None:
-            self.ended += 1
-            minutes = (time.monotonic() - self.started.get(trial.trial_id, time.monotonic())) / 60
-            log(f"confirm: {_job_label(trial)} ended after {minutes:.1f} min, {self.ended} of {total} done: "
-                f"test {what}")
-            if self.hook is not None:
-                try:
-                    self.hook(trial.config["job"], result)
-                except Exception as exc:  # noqa: BLE001 - never end the other confirm trials for it
-                    log(f"confirm: could not record {_job_label(trial)} yet ({type(exc).__name__}: {exc}); "
-                        "it is recorded when the stage ends")
-
-    return ConfirmProgress()
-
-
-def _job_label(trial: Any) -> str:
+def job_label(trial: Any) -> str:
+    """How the driver's lines name a confirm trial: "trial 3 seed 1"."""
     job = trial.config["job"]
     return f"trial {job['number']} seed {job['seed']}"
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 # Only light modules here: bad input is refused (study.args, then `prepare`) before torch, Optuna,
@@ -24,6 +25,7 @@ from study.cluster import ROOT, join_ray, loopback_ray, ray_cpus
 from study.plan import OpenStudy
 from study.storage import job_submission_id
 from study.tables import pareto_table
+from study.trial_lines import trial_lines
 from tracking import mlflow_log
 from tracking.contract import (
     ATTR_REFERENCE,
@@ -52,6 +54,7 @@ from tracking.contract import (
 )
 
 if TYPE_CHECKING:
+    from search_spaces import Space
     from study.interrupt import StopRequest
     from study.plan import StudyPlan
     from study.settings import StudySettings
@@ -259,9 +262,11 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
                                     reuse_actors=True,  # warm workers: see trainables.atop_trainable
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
-            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt))
+            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(),
+            verbose=tune_verbosity(plan), failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt,
+            callbacks=[trial_lines("search", plan.cfg.epochs, _trial_label, started_label=searched_label(space),
+                                   log=say)]))
     tuner.fit()
     if interrupt is not None and interrupt.stop_all():
         searcher.tell_ended()  # Tune stopped them without telling the searcher
@@ -281,7 +286,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None,
 
     from atop.data import subset
     from search_spaces import SPACES
-    from study.confirm import Ended, Fit, progress_callback, run_confirm
+    from study.confirm import Ended, Fit, job_label, run_confirm
     from trainables.atop_trainable import confirm_atop
 
     s = plan.settings
@@ -304,10 +309,11 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None,
             tune_config=tune.TuneConfig(max_concurrent_trials=s.max_concurrent, reuse_actors=True,
                                         trial_name_creator=_confirm_name, trial_dirname_creator=_confirm_name),
             run_config=tune.RunConfig(
-                name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(), verbose=1,
-                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(),
+                verbose=tune_verbosity(plan), failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt,
-                callbacks=[progress_callback(len(jobs), ended, log=lambda line: print(line, flush=True))]))
+                callbacks=[trial_lines("confirm", base.epochs, job_label, total=len(jobs), prefix="test ",
+                                       ended=lambda config, result: ended(config["job"], result), log=say)]))
         tuner.fit()
 
     return run_confirm(study=opened.study, space=SPACES[s.space], base=plan.cfg, overrides=s.confirm_config,
@@ -411,6 +417,44 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
 def _confirm_name(trial: Any) -> str:
     job = trial.config["job"]
     return f"confirm-{int(job['number']):04d}-seed{int(job['seed'])}-{trial.trial_id}"
+
+
+def tune_verbosity(plan: StudyPlan) -> int:
+    """Ray Tune's `verbose`: its own tables only with `--verbose`; `study.trial_lines` says what runs.
+
+    Without `--verbose` this also selects Tune's older output (`RAY_AIR_NEW_OUTPUT=0`, unless the
+    user set it): at `verbose=0` the newer one still prints an experiment header box, the staging
+    path and a TensorBoard hint for every stage; the older one prints nothing.
+    """
+    if plan.verbose:
+        return 1
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return 0
+
+
+def say(line: str) -> None:
+    print(line, flush=True)  # flushed: under `ray job submit` the driver's output goes to a file
+
+
+def _trial_label(trial: Any) -> str:
+    return f"trial {int(trial.config.get(TRIAL_NUMBER, -1))}"
+
+
+def searched_label(space: Space) -> Callable[[Any], str]:
+    """How a search trial's start line names it: its number and the values the space searched."""
+    from search_spaces import searched_names
+
+    names = sorted(searched_names(space))
+
+    def label(trial: Any) -> str:
+        values = ", ".join(f"{n}={_short(trial.config[n])}" for n in names if n in trial.config)
+        return f"{_trial_label(trial)} ({values})" if values else _trial_label(trial)
+
+    return label
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _trial_name(trial: Any) -> str:
