@@ -3,6 +3,7 @@ and checked (resources for one trial; the MLflow store reachable from every node
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,8 @@ def loopback_ray() -> None:
     """
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if "ray" not in sys.modules:  # read at import: set later, this process and its GCS would disagree
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False) -> None:

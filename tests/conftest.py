@@ -68,8 +68,10 @@ def free_port() -> int:
 
 
 def service_env(**extra: str) -> dict[str, str]:
-    """The environment for services: the venv's bin first on PATH (Ray jobs run its `python`)."""
-    env = dict(os.environ)
+    """The environment for services: the venv's bin first on PATH (Ray jobs run its `python`), without
+    what an in-process `study.cluster.loopback_ray` of an earlier test set for an embedded Ray (with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 a second `ray start --address` node refuses to join)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env

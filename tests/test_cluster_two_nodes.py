@@ -3,8 +3,8 @@
 Real services, each started here and stopped by PID: PostgreSQL (one server, databases `mlflow`
 and `optuna`), moto's S3 server (buckets `atop-studies` and `atop-mlflow`), `mlflow server` on that
 PostgreSQL with its artifacts proxied to S3, a Ray head (1 CPU) and a second Ray node (1 CPU). The
-second node runs in its own network namespace, joined to this one by a veth pair, with its own
-private /tmp (a tmpfs in its own mount namespace): it reaches the head, MLflow and S3 only over the
+second node runs in its own network namespace, joined to this one by a veth pair, and sees an
+empty tmpfs over the test's folder (its own mount namespace): it reaches the head, MLflow and S3 only over the
 veth, and cannot read the test's folders (the head's Ray temp dir, the driver's home, the
 pre-training cache). Where namespaces cannot be made (not root, no `ip`), the second node is a plain
 `ray start --address` with its own temp dir on 127.0.0.1, and the test says so.
@@ -63,7 +63,7 @@ class Link:
     host: str  # this namespace's address on the link: the head and the services listen there
     node: str  # the second node's address
     prefix: tuple[str, ...]  # the command that execs the node's `ray start` (in its namespaces)
-    isolated: bool  # its own network namespace and /tmp (else: 127.0.0.1 and its own Ray temp dir)
+    isolated: bool  # its own network namespace, the test's folder hidden (else: 127.0.0.1 and its own Ray temp dir)
 
 
 def _free_subnet() -> str:
@@ -77,9 +77,9 @@ def _free_subnet() -> str:
 
 
 @contextlib.contextmanager
-def node_link() -> Iterator[Link]:
-    """A network namespace joined to this one by a veth pair (deleted after), or loopback where
-    namespaces cannot be made."""
+def node_link(hidden: Path) -> Iterator[Link]:
+    """A network namespace joined to this one by a veth pair (deleted after), whose node sees an empty
+    folder at `hidden` (the test's own files), or loopback where namespaces cannot be made."""
     if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("unshare")):
         yield Link("127.0.0.1", "127.0.0.1", (), isolated=False)
         return
@@ -99,10 +99,11 @@ def node_link() -> Iterator[Link]:
         print(f"\nno network namespace ({' '.join(exc.cmd)}: {exc.stderr.strip()}); the second node shares 127.0.0.1")
         yield Link("127.0.0.1", "127.0.0.1", (), isolated=False)
         return
-    # each step execs the next, so the process the test starts is the node's `ray start` itself
-    private_tmp = 'mount -t tmpfs -o mode=1777 tmpfs /tmp && exec "$@"'
+    # each step execs the next, so the process the test starts is the node's `ray start` itself. Only
+    # the test's folder is hidden, not all of /tmp: a CI checkout (its venv) and ../shared may live there
+    hide = 'mount -t tmpfs -o mode=1777 tmpfs "$1" && shift && exec "$@"'
     prefix = ("ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "--",
-              "sh", "-c", private_tmp, "sh")
+              "sh", "-c", hide, "sh", str(hidden))
     try:
         yield Link(host, node, prefix, isolated=True)
     finally:
@@ -156,7 +157,7 @@ def test_a_study_on_two_nodes_keeps_its_state_in_the_buckets_and_resumes(cifar_d
     # short, not pytest's tmp_path: Ray's sockets live below the head's temp dir (107 bytes at most)
     tmp = Path(tempfile.mkdtemp(prefix="atop-2n-"))
     with contextlib.ExitStack() as stack:
-        link = stack.enter_context(node_link())
+        link = stack.enter_context(node_link(tmp))
         mlflow_db = stack.enter_context(postgres(tmp, "mlflow"))
         # the recipe's spelling: `postgresql://` (the study picks psycopg 3 itself)
         optuna_url = create_database(mlflow_db, "optuna").replace("postgresql+psycopg://", "postgresql://", 1)
@@ -176,12 +177,12 @@ def test_a_study_on_two_nodes_keeps_its_state_in_the_buckets_and_resumes(cifar_d
         stack.callback(stop_by_pid, head.proc)
         (tmp / "node").mkdir()
         # its own Ray temp dir, named: without --temp-dir a node takes the head's path
-        node_temp = Path("/tmp/ray") if link.isolated else tmp / "node" / "r"
+        node_temp = tmp / "node" / "r"  # isolated: inside its own empty tmpfs over `tmp`
         node = start_ray_node(head, tmp / "node", num_cpus=1, host=link.node, prefix=link.prefix,
                               temp_dir=node_temp, HOME=str(tmp / "node" / "home"), **S3_KEYS)
         stack.callback(kill_session, node.pid)
         stack.callback(stop_by_pid, node)
-        # the node's files as the node sees them (its own /tmp): through its root in /proc
+        # the node's files as the node sees them (the test's folder hidden): through its root in /proc
         node_view = Path(f"/proc/{node.pid}/root") if link.isolated else Path("/")
         nodes = wait_for(lambda: len(n := alive_nodes(head.address)) == 2 and n, 180, "the second Ray node to join",
                          proc=node)
@@ -190,7 +191,7 @@ def test_a_study_on_two_nodes_keeps_its_state_in_the_buckets_and_resumes(cifar_d
         if link.isolated:
             assert {n["node_ip"] for n in nodes} == {link.host, link.node}
             assert not (node_view / str(tmp / "head").lstrip("/")).exists()  # the head's files: out of its sight
-            assert (node_view / "tmp" / "ray").is_dir()
+            assert (node_view / str(node_temp).lstrip("/")).is_dir()
 
         storage = f"s3://atop-studies/studies?endpoint_override={endpoint.removeprefix('http://')}&scheme=http"
         stamp = int(time.time())
@@ -242,7 +243,7 @@ def test_a_study_on_two_nodes_keeps_its_state_in_the_buckets_and_resumes(cifar_d
         assert {"defense.pt", "images.png", "per_example.parquet"} <= saved, (run.info.run_id, mlflow_keys)
     ran_on = {r.data.tags[NODE_TAG].split()[0] for r in runs}
     assert ran_on == {head_id, node_id}
-    kind = ("its own network namespace and /tmp" if link.isolated
+    kind = ("its own network namespace, the test's folder hidden" if link.isolated
             else "127.0.0.1 with its own Ray temp dir (no network namespace here)")
     shutil.rmtree(tmp, ignore_errors=True)  # kept when the test fails: its services' logs are there
     print(f"\ntwo nodes (second node: {kind}): {TOTAL} trials, {len(study_keys)} objects in the study bucket, "
