@@ -1,6 +1,11 @@
 """The confirm stage's planning and aggregation (`study.confirm`): targets, spread, figures over seeds."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import optuna
 import pytest
@@ -13,6 +18,7 @@ from study.confirm import (
     Target,
     aggregate,
     confirm_config,
+    run_confirm,
     spread,
     table,
     targets,
@@ -20,6 +26,7 @@ from study.confirm import (
 )
 from study.errors import StudyError
 from study.settings import StudySettings
+from study.storage import Storage, parse
 from tracking.contract import (
     ATTR_INTERVALS,
     ATTR_REFERENCE,
@@ -32,6 +39,44 @@ from tracking.contract import (
     Role,
 )
 
+
+@dataclass(frozen=True)
+class StageBed:
+    """What `run_confirm` needs, real: an Optuna study with two configurations on its front (both
+    confirmed with `top=2`), an MLflow sqlite store with an experiment and parent run, a study folder.
+    A test's `fit` stands in for Ray Tune (tests/test_confirm_study.py runs the stage under Ray)."""
+
+    study: optuna.Study
+    client: Any
+    uri: str
+    experiment: str
+    parent: str
+    store: Storage
+    folder: Path
+
+    def confirm(self, fit: Callable, **more: Any) -> tuple[list[Confirmed], bool]:
+        """Run the stage (2 seeds per configuration) with `fit` as Ray Tune; `more`: `run_confirm`'s other arguments."""
+        return run_confirm(study=self.study, space=SPACES["paper"], base=Config(epochs=1, seed=0), overrides={},
+                           top=2, seeds=2, folder=self.folder / "local", store=self.store, uri=self.uri,
+                           experiment_id=self.experiment, parent_id=self.parent, start=lambda: ({}, fit),
+                           note="test", log=lambda line: None, **more)
+
+
+def stage_bed(tmp_path: Path) -> StageBed:
+    from mlflow import MlflowClient
+
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    for i, values in enumerate([(0.9, 0.1, 0.1), (0.1, 0.9, 0.1)]):  # both on the front: both confirmed
+        study.add_trial(optuna.trial.create_trial(
+            values=list(values), params={"rt": "rt1", "lambda_ce": 0.05 + 0.05 * i},
+            distributions={"rt": optuna.distributions.CategoricalDistribution(["rt1", "rt2"]),
+                           "lambda_ce": optuna.distributions.FloatDistribution(0, 1)}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("confirm", artifact_location=(tmp_path / "artifacts").as_uri())
+    store = parse(str(tmp_path / "study"))
+    store.fs.create_dir(store.base)
+    return StageBed(study, client, uri, experiment, client.create_run(experiment).info.run_id, store, tmp_path)
 
 def _study(points: list[tuple[float, float, float]], refs: dict[int, str] | None = None) -> optuna.Study:
     study = optuna.create_study(directions=list(DIRECTIONS))
@@ -138,24 +183,10 @@ def test_each_configuration_is_kept_as_soon_as_its_seeds_end_and_a_resumed_stage
     Ray Tune (tests/test_confirm_study.py runs the stage under Ray)."""
     import json
 
-    from mlflow import MlflowClient
-
-    from study.confirm import load_state, run_confirm
-    from study.storage import parse
+    from study.confirm import load_state
     from trainables.atop_trainable import AUDIT_KEY, PER_IMAGE_KEY
 
-    study = optuna.create_study(directions=list(DIRECTIONS))
-    for i, values in enumerate([(0.9, 0.1, 0.1), (0.1, 0.9, 0.1)]):  # both on the front: both confirmed
-        study.add_trial(optuna.trial.create_trial(
-            values=list(values), params={"rt": "rt1", "lambda_ce": 0.05 + 0.05 * i},
-            distributions={"rt": optuna.distributions.CategoricalDistribution(["rt1", "rt2"]),
-                           "lambda_ce": optuna.distributions.FloatDistribution(0, 1)}))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("confirm", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = client.create_run(experiment).info.run_id
-    store = parse(str(tmp_path / "study"))
-    store.fs.create_dir(store.base)
+    bed = stage_bed(tmp_path)
     rates = {o: [1.0, 0.0, 1.0, 1.0] for o in OBJECTIVES}
     kept_when_first_ended: list[dict] = []
 
@@ -163,18 +194,13 @@ def test_each_configuration_is_kept_as_soon_as_its_seeds_end_and_a_resumed_stage
         first = [j for j in jobs if j["number"] == jobs[0]["number"]]
         for job in first:
             ended(job, {PER_IMAGE_KEY: json.dumps(rates), AUDIT_KEY: ""})
-        kept_when_first_ended.append(load_state(store))
+        kept_when_first_ended.append(load_state(bed.store))
         raise KeyboardInterrupt  # the driver is stopped with the second configuration's seeds running
 
-    def confirm(fit):
-        return run_confirm(study=study, space=SPACES["paper"], base=Config(epochs=1, seed=0), overrides={}, top=2, seeds=2,
-                           folder=tmp_path / "local", store=store, uri=uri, experiment_id=experiment,
-                           parent_id=parent, start=lambda: ({}, fit), note="test", log=lambda line: None)
-
     with pytest.raises(KeyboardInterrupt):
-        confirm(stopped_after_the_first)
-    assert list(kept_when_first_ended[0]) == [0] and list(load_state(store)) == [0]
-    assert load_state(store)[0].figures["clean_acc"].mean == pytest.approx(0.75)
+        bed.confirm(stopped_after_the_first)
+    assert list(kept_when_first_ended[0]) == [0] and list(load_state(bed.store)) == [0]
+    assert load_state(bed.store)[0].figures["clean_acc"].mean == pytest.approx(0.75)
 
     asked: list[dict] = []
 
@@ -183,14 +209,14 @@ def test_each_configuration_is_kept_as_soon_as_its_seeds_end_and_a_resumed_stage
         for job in jobs:
             ended(job, {})
 
-    confirmed, ran = confirm(all_fail)
+    confirmed, ran = bed.confirm(all_fail)
     assert ran and {j["number"] for j in asked} == {1} and len(asked) == 2  # trial 0 is not confirmed again
     assert [c.number for c in confirmed] == [0, 1] and confirmed[1].failed_seeds == [1, 2]
-    runs_of_1 = [r for r in client.search_runs([experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "1"]
+    runs_of_1 = [r for r in bed.client.search_runs([bed.experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "1"]
     # the stopped driver's runs of trial 1 (a confirm run and two seed runs) ended KILLED, the new ones ran
     assert sorted(r.info.status for r in runs_of_1) == ["FAILED"] * 3 + ["KILLED"] * 3
     assert all(r.data.tags.get(INTERRUPTED_TAG) == "true" for r in runs_of_1 if r.info.status == "KILLED")
     # trial 0's confirm run was ended when its seeds ended, and nothing of it was killed on resume (its seed
     # runs are ended by the trainable, which this test's `fit` does not run)
-    assert [r.info.status for r in client.search_runs([experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "0"
+    assert [r.info.status for r in bed.client.search_runs([bed.experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "0"
             and r.data.tags.get(ROLE_TAG) == Role.CONFIRM.value] == ["FINISHED"]

@@ -99,25 +99,12 @@ def test_a_confirm_stage_stopped_by_sigterm_leaves_unfinished_configurations_for
     """`fit` (standing in for Ray Tune, as in tests/test_confirm.py) ends the first configuration's
     seeds, then the stop request comes: the second configuration is neither recorded nor failed, its
     runs end KILLED at once, and the next stage confirms it. Real Optuna, MLflow (sqlite), study folder."""
-    from mlflow import MlflowClient
-
-    from study.confirm import load_state, run_confirm
-    from study.storage import parse
-    from tracking.contract import CONFIRM_OF_TAG, INTERRUPTED_TAG, OBJECTIVES
+    from study.confirm import load_state
+    from tests.test_confirm import stage_bed
+    from tracking.contract import CONFIRM_OF_TAG, INTERRUPTED_TAG
     from trainables.atop_trainable import AUDIT_KEY, PER_IMAGE_KEY
 
-    study = optuna.create_study(directions=list(DIRECTIONS))
-    for i, values in enumerate([(0.9, 0.1, 0.1), (0.1, 0.9, 0.1)]):  # both on the front: both confirmed
-        study.add_trial(optuna.trial.create_trial(
-            values=list(values), params={"rt": "rt1", "lambda_ce": 0.05 + 0.05 * i},
-            distributions={"rt": optuna.distributions.CategoricalDistribution(["rt1", "rt2"]),
-                           "lambda_ce": optuna.distributions.FloatDistribution(0, 1)}))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("confirm", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = client.create_run(experiment).info.run_id
-    store = parse(str(tmp_path / "study"))
-    store.fs.create_dir(store.base)
+    bed = stage_bed(tmp_path)
     figures = {PER_IMAGE_KEY: json.dumps({o: [1.0, 0.0] for o in OBJECTIVES}), AUDIT_KEY: ""}
     request = StopRequest()
 
@@ -131,14 +118,11 @@ def test_a_confirm_stage_stopped_by_sigterm_leaves_unfinished_configurations_for
             ended(job, figures)
 
     def confirm(fit):
-        return run_confirm(study=study, space=SPACES["paper"], base=Config(epochs=1, seed=0), overrides={}, top=2,
-                           seeds=2, folder=tmp_path / "local", store=store, uri=uri, experiment_id=experiment,
-                           parent_id=parent, start=lambda: ({}, fit), note="test", log=lambda line: None,
-                           interrupted=request.stop_all)
+        return bed.confirm(fit, interrupted=request.stop_all)
 
     confirmed, ran = confirm(stopped_after_the_first)
-    assert ran and [c.number for c in confirmed] == [0] and list(load_state(store)) == [0]
-    runs_of_1 = [r for r in client.search_runs([experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "1"]
+    assert ran and [c.number for c in confirmed] == [0] and list(load_state(bed.store)) == [0]
+    runs_of_1 = [r for r in bed.client.search_runs([bed.experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "1"]
     assert len(runs_of_1) == 3  # its confirm run and two seed runs, all ended now
     assert all(r.info.status == "KILLED" and r.data.tags.get(INTERRUPTED_TAG) == "true" for r in runs_of_1)
 
