@@ -25,7 +25,7 @@ from study.cluster import ROOT, join_ray, loopback_ray, ray_cpus
 from study.plan import OpenStudy
 from study.storage import job_submission_id
 from study.tables import pareto_table
-from study.trial_lines import trial_lines
+from study.trial_lines import say, trial_lines
 from tracking import mlflow_log
 from tracking.contract import (
     ATTR_REFERENCE,
@@ -430,10 +430,6 @@ def tune_verbosity(plan: StudyPlan) -> int:
         return 1
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     return 0
-
-
-def say(line: str) -> None:
-    print(line, flush=True)  # flushed: under `ray job submit` the driver's output goes to a file
 
 
 def _trial_label(trial: Any) -> str:

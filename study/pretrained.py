@@ -262,7 +262,6 @@ def recorded_weights(folder: Path, record: dict[str, dict[str, str]]) -> tuple[P
     return paths[0], paths[1]
 
 
-
 def weights_named_by_trials(folder: Path, named: list[str], log: Callable[[str], None] = print) -> tuple[Path, Path] | None:
     """The weights of a resumed study whose study.json has no `weights_record` (a study started before
     the record existed): the files its trial runs' `PRETRAINED_TAG`s name, from the cache `folder`.

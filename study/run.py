@@ -227,10 +227,11 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
     )
 
     # a file that is no torch file is refused before torch is imported
+    pretrain = settings.pretrain_settings()
     if pretrained:
-        check_pretrained(pretrained, cfg, settings.pretrain_settings())
-    elif settings.pretrain_settings().classifier_checkpoint:
-        check_classifier_checkpoint(settings.pretrain_settings().classifier_checkpoint, cfg)
+        check_pretrained(pretrained, cfg, pretrain)
+    elif pretrain.classifier_checkpoint:
+        check_classifier_checkpoint(pretrain.classifier_checkpoint, cfg)
     from atop.data import DataError, carve_validation
 
     cache = Path(args.pretrained_cache).expanduser().resolve() if args.pretrained_cache else default_cache(storage)

@@ -30,6 +30,7 @@ from study.interrupt import StopRequest
 from study.resume import COUNTED_STATES
 from study.scheduler import ATTR_EPOCH_OBJECTIVES, objective_vector
 from study.stopping import SearchStop
+from study.trial_lines import say
 from tracking.contract import (
     ATTR_ERROR,
     ATTR_INTERVALS,
@@ -48,11 +49,6 @@ from tracking.contract import (
 #: (trial number, state, summary) -> None: settles the trial's MLflow run
 Settle = Callable[[int, TrialState, TrialSummary], None]
 
-
-
-def say(line: str) -> None:
-    """Print one line to the driver's output (a module function: it pickles by name)."""
-    print(line, flush=True)
 
 
 class AskTellSearcher(Searcher):

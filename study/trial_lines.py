@@ -18,6 +18,12 @@ from tracking.contract import EPOCH, OBJECTIVES
 OnEnded = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
+def say(line: str) -> None:
+    """Print one line to the driver's output, flushed: under `ray job submit` it goes to a file (a
+    module function: it pickles by name)."""
+    print(line, flush=True)
+
+
 def figures(result: dict[str, Any], prefix: str = "") -> str:
     """The objectives in `result` with their intervals, e.g. `clean_acc 0.297 [0.199, 0.418], ...`
     ("" when it holds none, as a confirm trial's epochs before its last)."""
