@@ -250,7 +250,7 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
         start: called only when a target is left to confirm (a resumed driver may have none, and then
             starts no Ray); returns the tags every confirm run gets and the `Fit` that runs the jobs.
         note: how strong the confirm level's attacks are (`tracking.contract.eval_level_note`).
-        interrupted: whether the driver was asked to stop (SIGTERM, `study.interrupt`) while `fit`
+        interrupted: whether the driver was asked to stop (SIGTERM or Ctrl+C, `study.interrupt`) while `fit`
             ran: then the configurations whose seeds did not all end are left for `--resume` (their
             runs ended KILLED now) instead of being recorded with failed seeds.
 

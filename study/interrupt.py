@@ -1,8 +1,10 @@
-"""SIGTERM while the study runs (`ray job stop`, `kill PID`): stop it cleanly, resumable.
+"""SIGTERM (`ray job stop`, `kill PID`) or SIGINT (Ctrl+C) while the study runs: stop it cleanly, resumable.
 
 Without this, SIGTERM would end the driver at once, like a crash: the trials it left RUNNING are
-settled by the next `--resume` only. Here the driver, on the first SIGTERM during the search or the
-confirm stage:
+settled by the next `--resume` only; and Ctrl+C would reach Tune's own SIGINT handler, which ends the
+search its own way and lets the driver go on to the confirm stage with trials still RUNNING. Here the
+driver, on the first of either signal during the search or the confirm stage (Tune is told to leave
+SIGINT alone):
 
 1. prints one line (unbuffered: under `ray job stop` the output goes to a file and SIGKILL follows);
 2. asks no new trial (`AskTellSearcher` checks the request before each one, as it checks
@@ -19,12 +21,13 @@ confirm stage:
    runs KILLED (`study.confirm.run_confirm`); the study's parent run ends KILLED; spooled MLflow
    calls are sent;
 5. skips what is left (the confirm stage, the report), prints the command that resumes the study
-   and exits with `EXIT_STOPPED` (143, as a shell reports a process SIGTERM ended).
+   and exits with 128 + the signal's number, as a shell reports a process that signal ended: 143
+   after SIGTERM, 130 after Ctrl+C (`StopRequest.exit_status`).
 
 The next `--resume` finds nothing RUNNING, reruns the interrupted trials first, each from its
 checkpoint, runs the study to its `--num-trials`, then confirms what is not yet confirmed (a confirm
-trial starts again from its first epoch). A SIGTERM before the search (while the data load or
-pre-training runs) or a second SIGTERM ends the driver at once (the default action): the next
+trial starts again from its first epoch). A signal before the search (while the data load or
+pre-training runs) or a second signal ends the driver at once (the default action): the next
 `--resume` settles what is left, as after a crash. So does a SIGTERM to the embedded driver's whole
 process group: it reaches the in-process Ray's own daemons (GCS, raylet), whose loss ends the driver
 at once (Ray's core worker exits the process). `ray job stop` signals only the job's processes (a
@@ -51,17 +54,26 @@ from study.storage import job_submission_id
 if TYPE_CHECKING:
     from study.plan import StudyPlan
 
-#: the driver's exit status after a SIGTERM it settled: 128 + SIGTERM, what a shell reports for a process
-#: SIGTERM ended (a script's `$? -ge 128` test holds; 0 means finished, 1 crashed, 2 refused input)
-EXIT_STOPPED: Final = 128 + int(signal.SIGTERM)
+#: the signals that stop a study cleanly -> how the stop line names them
+STOP_SIGNALS: Final[dict[int, str]] = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT, Ctrl+C"}
+#: read by Tune at each `fit`: set, Tune installs no SIGINT handler of its own over `catch_stop_signals`'
+TUNE_SIGINT_ENV: Final = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 class StopRequest(tune.Stopper):
-    """Set by SIGTERM (`catch_sigterm`): the searcher asks no new trial and Tune ends every running
-    trial (`stop_all`). A plain flag: Tune pickles its stopper with the experiment state."""
+    """Set by SIGTERM or SIGINT (`catch_stop_signals`): the searcher asks no new trial and Tune ends every
+    running trial (`stop_all`). Plain fields: Tune pickles its stopper with the experiment state."""
 
     def __init__(self) -> None:
         self.reason: str | None = None  # why the study stops, once it does
+        self.signum = int(signal.SIGTERM)  # the signal that stopped it
+
+    @property
+    def exit_status(self) -> int:
+        """The driver's exit status once settled: 128 + the signal's number (143 SIGTERM, 130 Ctrl+C), what a
+        shell reports for a process that signal ended (a script's `$? -ge 128` test holds; 0 means
+        finished, 1 crashed, 2 refused input)."""
+        return 128 + self.signum
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         return False  # no trial stops on its own results
@@ -71,28 +83,38 @@ class StopRequest(tune.Stopper):
 
 
 @contextmanager
-def catch_sigterm(request: StopRequest) -> Iterator[StopRequest]:
-    """Within the block, the first SIGTERM sets `request` and prints one line; a second one ends the
-    process at once (the default action). The previous handler is back after the block. Call it from
-    the main thread (Python runs signal handlers there only)."""
-    previous = signal.getsignal(signal.SIGTERM)
+def catch_stop_signals(request: StopRequest) -> Iterator[StopRequest]:
+    """Within the block, the first SIGTERM or SIGINT sets `request` and prints one line; a second one
+    ends the process at once (the signal's default action). The previous handlers (and Tune's own
+    SIGINT handling) are back after the block. Call it from the main thread (Python runs signal
+    handlers there only)."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    tune_sigint = os.environ.get(TUNE_SIGINT_ENV)
 
     def handle(signum: int, frame: Any) -> None:
         if request.reason is not None:  # the second: stop now, as if no handler were there
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
             return
-        request.reason = "stop requested (SIGTERM)"
+        request.signum, request.reason = signum, f"stop requested ({STOP_SIGNALS[signum]})"
         # os.write, not print: a handler that prints while the main thread is inside a print of the
         # same stream raises "reentrant call"; unbuffered, the line survives a SIGKILL that follows
         _write(f"{request.reason}: no new trials; ending the running ones (each keeps its last checkpoint), then "
-               "settling the study (a second SIGTERM stops at once)\n")
+               "settling the study (a second signal stops at once)\n")
 
-    signal.signal(signal.SIGTERM, handle)
+    os.environ[TUNE_SIGINT_ENV] = "1"
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handle)
     try:
         yield request
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which Python cannot put back
+                signal.signal(signum, handler)
+        if tune_sigint is None:
+            os.environ.pop(TUNE_SIGINT_ENV, None)
+        else:
+            os.environ[TUNE_SIGINT_ENV] = tune_sigint
 
 
 def _write(text: str) -> None:

@@ -213,7 +213,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
            interrupt: StopRequest | None = None) -> str | None:
     """Run `n_trials` more trials with Ray Tune, asked from and told to the Optuna study; returns why
     `--time-budget` (counted from `started`) or `--stop-on-plateau` ended it early, if either did.
-    Once `interrupt` is set (SIGTERM, `study.interrupt`) no trial is asked and Tune ends the running
+    Once `interrupt` is set (SIGTERM or Ctrl+C, `study.interrupt`) no trial is asked and Tune ends the running
     ones; those that had reported their last epoch are told, the others left RUNNING in Optuna for
     the caller to settle."""
     from ray import tune
@@ -276,7 +276,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
 def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None,
             interrupt: StopRequest | None = None) -> tuple[list[Any], bool]:
     """Fine-tune the front's configurations again on new seeds and score them on test (`study.confirm`).
-    Once `interrupt` is set (SIGTERM) Tune ends the running confirm trials and the configurations
+    Once `interrupt` is set (SIGTERM or Ctrl+C) Tune ends the running confirm trials and the configurations
     not yet confirmed are left for `--resume`.
 
     Returns:
@@ -329,8 +329,8 @@ def settle(plan: StudyPlan) -> None:
 
 def settle_stopped(plan: StudyPlan, opened: OpenStudy, request: StopRequest) -> int:
     """Settle a study the driver stopped after `request` (`study.interrupt`'s docstring, steps 4 and 5);
-    returns `EXIT_STOPPED`."""
-    from study.interrupt import EXIT_STOPPED, resume_command
+    returns the driver's exit status (`StopRequest.exit_status`)."""
+    from study.interrupt import resume_command
     from study.resume import settle_interrupted
 
     interrupted = settle_interrupted(opened.study, opened.storage, plan.mlflow_uri, opened.experiment_id,
@@ -342,7 +342,7 @@ def settle_stopped(plan: StudyPlan, opened: OpenStudy, request: StopRequest) -> 
     print(f"{request.reason}: the study is settled ({interrupted} search trial(s) FAIL/KILLED as interrupted and "
           "enqueued again from their last checkpoint); --resume goes on with the rest", flush=True)
     print(f"resume: {resume_command(plan)}", flush=True)
-    return EXIT_STOPPED
+    return request.exit_status
 
 
 def _say_unsent(plan: StudyPlan, unsent: int) -> None:

@@ -9,7 +9,7 @@ On a cluster (the same command, submitted; `--working-dir .` uploads the reposit
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python study/run.py --preset paper-cifar10 --mlflow-uri http://MLFLOW:5000 --storage-path /shared/studies
 
-Resume a study (after a crash, a stop, or to extend it; SIGTERM stops a study cleanly and prints this
+Resume a study (after a crash, a stop, or to extend it; SIGTERM or Ctrl+C stops a study cleanly and prints this
 command: study/interrupt.py):
 
     python study/run.py --study-name NAME --resume [--num-trials N]
@@ -356,10 +356,10 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
 
 def run(plan: StudyPlan) -> int:
     """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code:
-    0, or `study.interrupt.EXIT_STOPPED` when a SIGTERM during the search or the confirm stage stopped it
-    (settled, resumable)."""
+    0, or 128 + the signal's number when a SIGTERM (143) or Ctrl+C (130) during the search or the confirm
+    stage stopped it (settled, resumable: `study.interrupt`)."""
     loopback_ray()  # before the first `import ray` (study.interrupt's, below): an embedded Ray binds 127.0.0.1 only
-    from study.interrupt import StopRequest, catch_sigterm
+    from study.interrupt import StopRequest, catch_stop_signals
     from study.resume import finished_count
 
     started = time.time()
@@ -383,13 +383,13 @@ def run(plan: StudyPlan) -> int:
             if plan.resume:
                 join_ray(plan)
             ctx = shared_context(plan, opened)
-            with catch_sigterm(interrupt):
+            with catch_stop_signals(interrupt):
                 stopped = search(plan, opened, ctx, remaining, started, interrupt)
             if interrupt.reason:
                 return settle_stopped(plan, opened, interrupt)
         confirmed, confirmed_now = None, False
         if s.confirm:
-            with catch_sigterm(interrupt):
+            with catch_stop_signals(interrupt):
                 confirmed, confirmed_now = confirm(plan, opened, ctx, interrupt)
             if interrupt.reason:
                 return settle_stopped(plan, opened, interrupt)

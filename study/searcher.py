@@ -72,7 +72,7 @@ class AskTellSearcher(Searcher):
         constraints: `--constraint`s, set on each COMPLETE trial before it is told.
         stop: `--time-budget` / `--stop-on-plateau` (`study.stopping`): once it says so, no new
             trial is asked; `stopped` then holds why, for the driver's report.
-        interrupt: SIGTERM's request (`study.interrupt`): once set, no new trial is asked (Tune
+        interrupt: the stop request of SIGTERM or Ctrl+C (`study.interrupt`): once set, no new trial is asked (Tune
             ends the running ones; the driver settles them).
     """
 
@@ -199,7 +199,7 @@ class AskTellSearcher(Searcher):
         self._check_plateau()
 
     def tell_ended(self) -> None:
-        """After Tune was stopped (SIGTERM: `study.interrupt`), tell the running trials whose last
+        """After Tune was stopped (SIGTERM or Ctrl+C: `study.interrupt`), tell the running trials whose last
         result ended them, as `on_trial_complete` would have: their last epoch (the trial then only
         writes its final artifacts and marks its MLflow run FINISHED itself) or a failure they
         reported. The others stay RUNNING for the driver to settle as interrupted."""

@@ -1,5 +1,5 @@
-"""SIGTERM's stop request (study/interrupt.py): the handler, the searcher that stops asking, the
-resume command. The whole driver under SIGTERM: tests/test_reliability_sigterm.py."""
+"""The stop request of SIGTERM or Ctrl+C (study/interrupt.py): the handler, the searcher that stops
+asking, the resume command. The whole driver under SIGTERM: tests/test_reliability_sigterm.py."""
 from __future__ import annotations
 
 import json
@@ -10,43 +10,47 @@ import textwrap
 from types import SimpleNamespace
 
 import optuna
+import pytest
 from ray.tune.search import Searcher
 
 from atop.config import Config
 from search_spaces import SPACES
-from study.interrupt import EXIT_STOPPED, StopRequest, resume_command
+from study.interrupt import StopRequest, resume_command
 from study.searcher import AskTellSearcher
 from study.storage import JOB_ENV
 from tests.conftest import REPO
 from tracking.contract import DIRECTIONS, OBJECTIVES
 
 HANDLER = textwrap.dedent("""
-    import os, signal, time
-    from study.interrupt import StopRequest, catch_sigterm
+    import os, signal, sys, time
+    from study.interrupt import TUNE_SIGINT_ENV, StopRequest, catch_stop_signals
 
-    with catch_sigterm(StopRequest()):
-        pass
-    print("restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+    signum = getattr(signal, sys.argv[1])
+    with catch_stop_signals(StopRequest()):
+        print("tune leaves SIGINT alone:", os.environ.get(TUNE_SIGINT_ENV), flush=True)
+    print("restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
+          signal.getsignal(signal.SIGINT) is signal.default_int_handler, TUNE_SIGINT_ENV not in os.environ, flush=True)
     request = StopRequest()
-    with catch_sigterm(request):
-        os.kill(os.getpid(), signal.SIGTERM)
+    with catch_stop_signals(request):
+        os.kill(os.getpid(), signum)
         time.sleep(0.2)  # the handler runs in this (the main) thread between two bytecodes
-        print("first:", request.stop_all(), flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
+        print("first:", request.stop_all(), request.exit_status, flush=True)
+        os.kill(os.getpid(), signum)
         time.sleep(30)
-        print("survived the second SIGTERM", flush=True)
+        print("survived the second signal", flush=True)
 """)
 
 
-def test_the_first_sigterm_sets_the_request_and_the_second_ends_the_process():
-    done = subprocess.run([sys.executable, "-c", HANDLER], capture_output=True, text=True, timeout=120,
+@pytest.mark.parametrize(("name", "said", "status"), [("SIGTERM", "SIGTERM", 143), ("SIGINT", "SIGINT, Ctrl+C", 130)])
+def test_the_first_signal_sets_the_request_and_the_second_ends_the_process(name, said, status):
+    done = subprocess.run([sys.executable, "-c", HANDLER, name], capture_output=True, text=True, timeout=120,
                           cwd=REPO, check=False)
     lines = done.stdout.splitlines()
-    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr[-3000:]
-    assert lines[0] == "restored: True"
-    assert lines[1].startswith("stop requested (SIGTERM): no new trials;") and lines[2] == "first: True", lines
+    assert done.returncode == -getattr(signal, name), done.stdout + done.stderr[-3000:]
+    assert lines[:2] == ["tune leaves SIGINT alone: 1", "restored: True True True"], lines
+    assert lines[2].startswith(f"stop requested ({said}): no new trials;"), lines
+    assert lines[3] == f"first: True {status}", lines
     assert "survived" not in done.stdout
-    assert EXIT_STOPPED == 143
 
 
 def test_the_searcher_asks_no_trial_once_stopped_and_tells_no_failure_of_the_stop():

@@ -17,7 +17,8 @@ each finished trial's result once (one MLflow run per Optuna trial, one COMPLETE
 the rerun continuing from the checkpoint (it logs epoch 2 only).
 
 The second test does the same through a real `ray job submit` to conftest's Ray head and a real
-`ray job stop`, then resumes with the `ray job submit` command the stopped job printed.
+`ray job stop`, then resumes with the `ray job submit` command the stopped job printed. The third
+sends Ctrl+C's SIGINT to the driver's process group during the confirm stage.
 """
 from __future__ import annotations
 
@@ -250,9 +251,11 @@ def test_ray_job_stop_settles_then_the_printed_job_resumes(ray_head, cifar_dir, 
     _check_finished(folder)
 
 
-def test_sigterm_in_the_confirm_stage_leaves_it_for_resume(cifar_dir, tmp_path):
-    """SIGTERM once the first confirm trial started: the configuration is left unconfirmed (not recorded
-    with failed seeds), its runs end KILLED at once, the search is untouched; `--resume` confirms it."""
+def test_ctrl_c_in_the_confirm_stage_leaves_it_for_resume(cifar_dir, tmp_path):
+    """SIGINT (Ctrl+C) once the first confirm trial started takes SIGTERM's path, not Tune's own SIGINT
+    handler (which would end the stage and let the driver report): the configuration is left
+    unconfirmed (not recorded with failed seeds), its runs end KILLED at once, the search is untouched,
+    exit 130; `--resume` confirms it."""
     import optuna
 
     from tracking.contract import CONFIRM_OF_TAG, STAGE_TAG
@@ -267,12 +270,13 @@ def test_sigterm_in_the_confirm_stage_leaves_it_for_resume(cifar_dir, tmp_path):
                         str(cifar_dir), "--storage-path", str(storage), "--study-name", name], log)
     try:  # a confirm trial runs two epochs and its scoring (tens of seconds) after it started
         wait_for(lambda: " started (1 of 2)" in log.read_text(), 900, "the first confirm trial", every_s=0.5, proc=proc)
-        os.kill(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl+C: a terminal signals its whole foreground process group
         code = proc.wait(timeout=180)
     finally:
         stop_study(proc)
     out = log.read_text()
-    assert code == 143, out[-5000:]
+    assert code == 130, out[-5000:]
+    assert "stop requested (SIGINT, Ctrl+C): no new trials;" in out, out[-5000:]
     assert "confirm: stopped with 1 configuration(s) unconfirmed, left for --resume (3 run(s) ended KILLED" in out
     assert not (folder / "confirm.json").exists() and "Confirmed on test" not in out
     client = _client(folder)
