@@ -43,6 +43,8 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
     import ray
 
     level = logging.INFO if verbose else logging.WARNING
+    if not sys.stdout.isatty():  # a log file or `ray job logs`: the workers' line prefixes without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray as it prints each forwarded line
 
     from trainables.faults import FAULT_ENV
 

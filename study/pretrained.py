@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,11 @@ def _pretrain_task(cfg: dict[str, Any], settings: PretrainSettings, train: Split
 
     torch.set_num_threads(threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    # the cache folder itself: a classifier already there is reused when only the purifier is missing
+    # the cache folder itself: a classifier already there is reused when only the purifier is missing.
+    # Said on stderr, where each epoch's progress line goes: Ray forwards a worker's stdout and stderr
+    # separately, so lines split over both reach the driver out of order.
     clf_path, pur_path = ensure_pretrained(Config.from_dict(cfg), settings, folder, train=train, device=device,
-                                           log=lambda m: print(m, flush=True))
+                                           log=lambda m: print(m, file=sys.stderr, flush=True))
     return Path(clf_path).read_bytes(), Path(pur_path).read_bytes()
 
 

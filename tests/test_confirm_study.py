@@ -58,6 +58,11 @@ def test_search_scores_on_validation_and_confirm_on_test(cifar_dir, tmp_path):
     noise = ("ExperimentalWarning", "Token authentication is enabled", "Creating initial MLflow database tables",
              "Checkpoint successfully created at")
     assert not [n for n in noise if n in done.stdout + done.stderr], done.stdout[-3000:] + done.stderr[-3000:]
+    # output that is no terminal gets no colour codes in Ray's prefixes of the workers' lines, and the
+    # pre-training task's lines arrive in the order it said them (Ray forwards stdout and stderr apart)
+    assert "\x1b[" not in done.stdout + done.stderr, done.stderr[-3000:]
+    assert (done.stderr.index("pretrain classifier epoch 1/1:")
+            < done.stderr.index("pretrain purifier: 1 epoch(s)")), done.stderr[-3000:]
 
     folder = storage / name
     record = json.loads((folder / "study.json").read_text())["validation"]
