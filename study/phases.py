@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import time
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 # Only light modules here: bad input is refused (study.args, then `prepare`) before torch, Optuna,
@@ -46,6 +45,7 @@ from tracking.contract import (
     STUDY_TAG,
     TEST_PREFIX,
     TRIAL_COUNT_METRIC,
+    TRIAL_LABEL,
     TRIAL_NUMBER,
     EvalSplit,
     Stage,
@@ -54,7 +54,6 @@ from tracking.contract import (
 )
 
 if TYPE_CHECKING:
-    from search_spaces import Space
     from study.interrupt import StopRequest
     from study.plan import StudyPlan
     from study.settings import StudySettings
@@ -265,8 +264,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(),
             verbose=tune_verbosity(plan), failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt,
-            callbacks=[trial_lines("search", plan.cfg.epochs, _trial_label, started_label=searched_label(space),
-                                   log=say)]))
+            callbacks=[trial_lines("search", _epochs, _trial_label, started_label=_started_label, log=say)]))
     tuner.fit()
     if interrupt is not None and interrupt.stop_all():
         searcher.tell_ended()  # Tune stopped them without telling the searcher
@@ -312,7 +310,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None,
                 name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(),
                 verbose=tune_verbosity(plan), failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt,
-                callbacks=[trial_lines("confirm", base.epochs, job_label, total=len(jobs), prefix="test ",
+                callbacks=[trial_lines("confirm", _job_epochs, job_label, total=len(jobs), prefix="test ",
                                        ended=lambda config, result: ended(config["job"], result), log=say)]))
         tuner.fit()
 
@@ -436,21 +434,19 @@ def _trial_label(trial: Any) -> str:
     return f"trial {int(trial.config.get(TRIAL_NUMBER, -1))}"
 
 
-def searched_label(space: Space) -> Callable[[Any], str]:
-    """How a search trial's start line names it: its number and the values the space searched."""
-    from search_spaces import searched_names
-
-    names = sorted(searched_names(space))
-
-    def label(trial: Any) -> str:
-        values = ", ".join(f"{n}={_short(trial.config[n])}" for n in names if n in trial.config)
-        return f"{_trial_label(trial)} ({values})" if values else _trial_label(trial)
-
-    return label
+def _started_label(trial: Any) -> str:
+    """A search trial's start line: its number, reference name and searched values (`study.searcher.trial_label`)."""
+    return str(trial.config.get(TRIAL_LABEL) or _trial_label(trial))
 
 
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _epochs(trial: Any) -> int:
+    """A search trial's own last epoch (a reference may fine-tune for none)."""
+    return int(trial.config.get("epochs", 0))
+
+
+def _job_epochs(trial: Any) -> int:
+    """A confirm trial's own last epoch."""
+    return int(trial.config["job"]["config"].get("epochs", 0))
 
 
 def _trial_name(trial: Any) -> str:

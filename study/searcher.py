@@ -34,6 +34,7 @@ from study.trial_lines import say
 from tracking.contract import (
     ATTR_ERROR,
     ATTR_INTERVALS,
+    ATTR_REFERENCE,
     ATTR_RESUME_FROM,
     ATTR_RUN_ID,
     ATTR_STOPPED_AT,
@@ -42,12 +43,24 @@ from tracking.contract import (
     IMAGES_PER_S,
     RESUME_FROM,
     RUN_ID,
+    TRIAL_LABEL,
     TRIAL_NUMBER,
     TrialSummary,
 )
 
 #: (trial number, state, summary) -> None: settles the trial's MLflow run
 Settle = Callable[[int, TrialState, TrialSummary], None]
+
+
+def trial_label(trial: optuna.trial.BaseTrial) -> str:
+    """How the driver's lines name `trial`: `trial 3 (lambda_ce=0.09459, rt=rt2)`, with an enqueued
+    reference's name first (`trial 0 (rt2-atop-fgsm: arm=rt2-atop-fgsm)`). Only the parameters the
+    space suggested: a conditional one it skipped (RT3's `num_masks` for RT2) is not shown."""
+    values = ", ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+                       for name, value in sorted(trial.params.items()))
+    reference = trial.user_attrs.get(ATTR_REFERENCE)
+    inside = f"{reference}: {values}" if reference and values else reference or values
+    return f"trial {trial.number} ({inside})" if inside else f"trial {trial.number}"
 
 
 
@@ -114,7 +127,8 @@ class AskTellSearcher(Searcher):
                 trial.set_user_attr(ATTR_RUN_ID, run_id)
             self.live[trial_id] = (trial, cfg.epochs)
             resume = trial.user_attrs.get(ATTR_RESUME_FROM)  # a rerun of an interrupted trial (study.resume)
-            return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id, **({RESUME_FROM: resume} if resume else {})}
+            return {**cfg.to_dict(), TRIAL_NUMBER: trial.number, RUN_ID: run_id, TRIAL_LABEL: trial_label(trial),
+                    **({RESUME_FROM: resume} if resume else {})}
         if self.max_trials is not None and self.counted < self.n_trials and not self.capped and not self.stopped \
                 and not self._interrupted():
             if self.live:

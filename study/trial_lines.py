@@ -36,14 +36,14 @@ def figures(result: dict[str, Any], prefix: str = "") -> str:
     return ", ".join(parts)
 
 
-def trial_lines(stage: str, epochs: int, label: Callable[[Any], str], *, total: int | None = None,
+def trial_lines(stage: str, epochs: Callable[[Any], int], label: Callable[[Any], str], *, total: int | None = None,
                 started_label: Callable[[Any], str] | None = None, prefix: str = "",
                 ended: OnEnded | None = None, log: Callable[[str], None] = print) -> Any:
     """A Ray Tune callback printing one line per trial event.
 
     Args:
         stage: the line's first word ("search", "confirm").
-        epochs: a trial's last epoch, for "epoch k/n".
+        epochs: a Tune trial's last epoch, for "epoch k/n" (its own config's: a reference may have none).
         label: how a line names a Tune trial (e.g. "trial 3 seed 1").
         total: how many trials the stage runs, where it is known in advance ("3 of 4 done").
         started_label: how the start line names it (e.g. with its searched values); default `label`.
@@ -73,13 +73,14 @@ def trial_lines(stage: str, epochs: int, label: Callable[[Any], str], *, total: 
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             scored = figures(result, prefix)
-            log(f"{stage}: {label(trial)} epoch {int(result.get(EPOCH, 0))}/{epochs} in "
+            log(f"{stage}: {label(trial)} epoch {int(result.get(EPOCH, 0))}/{epochs(trial)} in "
                 f"{float(result.get('epoch_s', 0.0)):.0f} s{': ' + scored if scored else ''}")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = dict(trial.last_result or {})
-            epoch = int(result.get(EPOCH, epochs))
-            stopped = f" (stopped early at epoch {epoch}/{epochs})" if epoch < epochs else ""
+            last = epochs(trial)
+            epoch = int(result.get(EPOCH, last))
+            stopped = f" (stopped early at epoch {epoch}/{last})" if epoch < last else ""
             self._ended(trial, result, (figures(result, prefix) or "no figures") + stopped)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

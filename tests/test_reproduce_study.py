@@ -33,6 +33,12 @@ def test_reproduce_arms_are_searched_confirmed_and_tabled(cifar_dir, tmp_path):
            "--data-dir", str(cifar_dir), "--storage-path", str(storage), "--study-name", name]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the driver's lines name each reference and count epochs by the arm's own config: an arm that
+    # fine-tunes for none is not "stopped early" at epoch 0 of the preset's 2
+    for number, arm in enumerate(ARMS):
+        assert f"search: trial {number} ({arm}: arm={arm}) started" in done.stdout, done.stdout[-3000:]
+    assert "search: trial 1 epoch 0/0 in " in done.stdout and "stopped early" not in done.stdout, done.stdout[-3000:]
+    assert "search: trial 2 epoch 2/2 in " in done.stdout
 
     uri = f"sqlite:///{storage / name / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -34,7 +34,7 @@ def test_stored_names_are_frozen():
     assert DIRECTIONS == ("maximize",) * 3
     assert (ROLE_TAG, TRIAL_TAG, Role.STUDY.value, Role.TRIAL.value) == (
         "atop.role", "optuna.trial_number", "study", "trial")
-    assert TRIAL_KEYS == ("optuna_trial_number", "mlflow_run_id", "atop_resume_from")
+    assert TRIAL_KEYS == ("optuna_trial_number", "mlflow_run_id", "atop_resume_from", "atop_trial_label")
     # a rerun's user attr names the checkpoint it starts from, in the files a trial checkpoints
     assert (ATTR_RESUME_FROM, CHECKPOINT_FILES) == ("resume_from", ("defense.pt", "trainer_state.pt"))
 

@@ -23,14 +23,17 @@ from study.settings import (
 from study.tables import pareto_table
 from tracking import mlflow_log
 from tracking.contract import (
+    ATTR_REFERENCE,
     DIRECTIONS,
     INTERRUPTED_TAG,
     OBJECTIVES,
     ROLE_TAG,
     RUN_ID,
+    TRIAL_LABEL,
     TRIAL_NUMBER,
     Role,
 )
+from trainables.atop_trainable import split_config
 
 OBJ = dict(zip(OBJECTIVES, (0.8, 0.3, 0.2)))
 
@@ -63,6 +66,17 @@ def test_searcher_asks_tells_complete_pruned_fail_and_finishes():
     assert study.trials[0].values == [0.8, 0.3, 0.2] and study.trials[0].user_attrs["compute_s"] == 3.0
     assert "NaN" in study.trials[3].user_attrs["error"]
     assert [n for n, _ in settled] == [0, 1, 2, 3]
+
+
+def test_a_search_trial_is_named_by_its_reference_and_the_values_its_space_suggested():
+    study, s, _, _ = _searcher(n_trials=8)
+    study.enqueue_trial({"rt": "rt2", "lambda_ce": 0.0912345}, user_attrs={ATTR_REFERENCE: "paper-default"})
+    configs = [s.suggest(f"t{i}") for i in range(8)]
+    assert configs[0][TRIAL_LABEL] == "trial 0 (paper-default: lambda_ce=0.09123, rt=rt2)"
+    for c in configs[1:]:  # num_masks is a config field of every trial, but only RT3's searched it
+        shown = "num_masks=" in c[TRIAL_LABEL]
+        assert c[TRIAL_LABEL].startswith(f"trial {c[TRIAL_NUMBER]} (lambda_ce=") and shown == (c["rt"] == "rt3")
+    assert split_config(configs[0])[0].lambda_ce == pytest.approx(0.0912345)  # the label is no config field
 
 
 def test_searcher_uses_the_last_reported_result_when_complete_has_none():

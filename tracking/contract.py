@@ -171,7 +171,9 @@ TRIAL_NUMBER: Final = "optuna_trial_number"
 RUN_ID: Final = "mlflow_run_id"
 #: a rerun of an interrupted trial: its checkpoint (`CHECKPOINT_FILES`), relative to the study folder
 RESUME_FROM: Final = "atop_resume_from"
-TRIAL_KEYS: Final = (TRIAL_NUMBER, RUN_ID, RESUME_FROM)
+#: how the driver's lines name a search trial: its reference's name (`--enqueue`) and the values it searched
+TRIAL_LABEL: Final = "atop_trial_label"
+TRIAL_KEYS: Final = (TRIAL_NUMBER, RUN_ID, RESUME_FROM, TRIAL_LABEL)
 #: the files of a trial's Tune checkpoint (`checkpoint_<k>/` in its trial folder): the defense, the trainer's state
 CHECKPOINT_FILES: Final = ("defense.pt", "trainer_state.pt")
 #: a result with FAILED_KEY=1 ends a trial that a retry cannot fix; ERROR_KEY says why
