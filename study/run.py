@@ -119,7 +119,8 @@ def build_parser(listing: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--stop-on-plateau", metavar="K,EPS", help="no new trial starts once the last K finished trials "
                    "grew the front's hypervolume (reference point 0, in [0, 1]) by EPS or less, e.g. 8,0.002")
     p.add_argument("--confirm-top", type=int, help="after the search, confirm up to K Pareto-optimal configurations "
-                   "(spread over the front) on test images (default 3)")
+                   "(spread over the front) on test images (default 3); with --resume, also confirms a study "
+                   "that ran with --no-confirm")
     p.add_argument("--confirm-seeds", type=int, help="new fine-tuning seeds per confirmed configuration (default 2; "
                    "one for a configuration that fine-tunes nothing, epochs 0)")
     p.add_argument("--no-confirm", action="store_true", help="skip the confirm stage (the search's figures are "
@@ -344,6 +345,8 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
             raise StudyError(f"--resume cannot change {key!r} of study {name!r}; drop --preset/--config")
     override: dict[str, Any] = {k: getattr(args, k) for k in ("num_trials", "max_concurrent", "cpus", "gpus",
                                                               "max_failures", *SCHEDULING) if getattr(args, k) is not None}
+    if args.confirm_top is not None or args.confirm_seeds is not None:
+        override["confirm"] = True  # a study searched with --no-confirm is confirmed later this way
     if args.no_confirm:
         override["confirm"] = False
     for flag in ("space", "sampler", "dataset", "epochs", "seed", "constraint", "warm_start"):

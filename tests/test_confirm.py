@@ -220,3 +220,18 @@ def test_each_configuration_is_kept_as_soon_as_its_seeds_end_and_a_resumed_stage
     # runs are ended by the trainable, which this test's `fit` does not run)
     assert [r.info.status for r in bed.client.search_runs([bed.experiment]) if r.data.tags.get(CONFIRM_OF_TAG) == "0"
             and r.data.tags.get(ROLE_TAG) == Role.CONFIRM.value] == ["FINISHED"]
+
+
+def test_a_study_searched_without_confirm_is_confirmed_by_a_resume_with_confirm_flags():
+    from study.run import _resumed_settings, build_parser
+    from study.settings import StudySettings
+
+    saved = {"settings": StudySettings(confirm=False).to_dict(), "mlflow_uri": "sqlite:////tmp/none.db"}
+
+    def confirm(*flags: str) -> bool:
+        args = build_parser().parse_args(["--study-name", "s", "--resume", *flags])
+        return _resumed_settings(args, "s", saved)[0].confirm
+
+    assert not confirm() and not confirm("--num-trials", "9")
+    assert confirm("--confirm-top", "2") and confirm("--confirm-seeds", "1")
+    assert not confirm("--confirm-top", "2", "--no-confirm")
