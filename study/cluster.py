@@ -3,6 +3,7 @@ and checked (resources for one trial; the MLflow store reachable from every node
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +49,9 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
 
     from trainables.faults import FAULT_ENV
 
+    # ray.init puts Ray's own SIGTERM handler (a stack dump, then death) over the driver's: the driver's
+    # (`study.interrupt.catch_stop_signals`, which stops a study cleanly) is put back below
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
         # A cluster's workers get the raylet's environment, not this driver's: the test-only fault
         # hook (trainables.faults.FAULT_ENV) must travel in a runtime env. A submitted job's own
@@ -62,6 +66,9 @@ def init_ray(cpus_per_trial: float, gpus_per_trial: float, verbose: bool = False
         env = {"PYTHONPATH": path, **({} if verbose else {"RAY_LOGGER_LEVEL": "warning"})}
         context = ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=level,
                            runtime_env={"env_vars": env}, log_to_driver=True)
+    for signum, handler in handlers.items():
+        if callable(handler):  # set from Python (SIG_DFL, SIG_IGN and C handlers are left to Ray)
+            signal.signal(signum, handler)
     if getattr(context, "dashboard_url", None):
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     total = ray.cluster_resources()

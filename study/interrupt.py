@@ -3,10 +3,13 @@
 Without this, SIGTERM would end the driver at once, like a crash: the trials it left RUNNING are
 settled by the next `--resume` only; and Ctrl+C would reach Tune's own SIGINT handler, which ends the
 search its own way and lets the driver go on to the confirm stage with trials still RUNNING. Here the
-driver, on the first of either signal during the search or the confirm stage (Tune is told to leave
-SIGINT alone):
+driver, on the first of either signal once its input is checked (from Ray's start to the report; Tune
+is told to leave SIGINT alone):
 
 1. prints one line (unbuffered: under `ray job stop` the output goes to a file and SIGKILL follows);
+   before the study is created, it stops there (nothing written); during pre-training, it cancels the
+   pre-training task, whose last finished epoch stays in the cache (`study.pretrained.pretrain_once`),
+   and goes to step 4;
 2. asks no new trial (`AskTellSearcher` checks the request before each one, as it checks
    `--time-budget`);
 3. ends every running trial through Tune's own `Stopper.stop_all`: Tune stops their actors (the
@@ -26,9 +29,10 @@ SIGINT alone):
 
 The next `--resume` finds nothing RUNNING, reruns the interrupted trials first, each from its
 checkpoint, runs the study to its `--num-trials`, then confirms what is not yet confirmed (a confirm
-trial starts again from its first epoch). A signal before the search (while the data load or
-pre-training runs) or a second signal ends the driver at once (the default action): the next
-`--resume` settles what is left, as after a crash. So does a SIGTERM to the embedded driver's whole
+trial starts again from its first epoch; pre-training goes on after its last finished epoch). Ctrl+C
+while the input is checked (before Ray starts, with the data load) ends the driver with one line and
+130, nothing created; SIGTERM then, or a second signal later, ends it at once (the default action):
+the next `--resume` settles what is left, as after a crash. So does a SIGTERM to the embedded driver's whole
 process group: it reaches the in-process Ray's own daemons (GCS, raylet), whose loss ends the driver
 at once (Ray's core worker exits the process). `ray job stop` signals only the job's processes (a
 cluster's daemons are not among them) and sends SIGKILL `RAY_JOB_STOP_WAIT_TIME_S` seconds after
@@ -49,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ray import tune
 
 from study import optuna_storage
-from study.storage import job_submission_id
+from study.storage import default_cache, job_submission_id, parse
 
 if TYPE_CHECKING:
     from study.plan import StudyPlan
@@ -99,8 +103,8 @@ def catch_stop_signals(request: StopRequest) -> Iterator[StopRequest]:
         request.signum, request.reason = signum, f"stop requested ({STOP_SIGNALS[signum]})"
         # os.write, not print: a handler that prints while the main thread is inside a print of the
         # same stream raises "reentrant call"; unbuffered, the line survives a SIGKILL that follows
-        _write(f"{request.reason}: no new trials; ending the running ones (each keeps its last checkpoint), then "
-               "settling the study (a second signal stops at once)\n")
+        _write(f"{request.reason}: no new trials; ending what runs (trials and pre-training each keep their last "
+               "per-epoch checkpoint), then settling the study (a second signal stops at once)\n")
 
     os.environ[TUNE_SIGINT_ENV] = "1"
     for signum in STOP_SIGNALS:
@@ -130,8 +134,10 @@ def _write(text: str) -> None:
 
 def resume_command(plan: StudyPlan) -> str:
     """The command that continues the study of `plan` (under `ray job submit`, submitted the same way)."""
-    command = f"python study/run.py --study-name {shlex.quote(plan.name)} --storage-path " \
-              f"{shlex.quote(plan.storage_path)} --resume"
+    command = f"python study/run.py --study-name {shlex.quote(plan.name)} --storage-path {shlex.quote(plan.storage_path)}"
+    if plan.pretrained_cache != default_cache(parse(plan.storage_path)):  # its weights (or pre-training's last epoch) are there
+        command += f" --pretrained-cache {shlex.quote(str(plan.pretrained_cache))}"
+    command += " --resume"
     if job_submission_id():
         command = f"ray job submit --working-dir . -- {command}"
     if "***" in optuna_storage.public(plan.optuna_url):  # study.json keeps the URL without its password

@@ -54,6 +54,8 @@ from tracking.contract import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from study.interrupt import StopRequest
     from study.plan import StudyPlan
     from study.settings import StudySettings
@@ -182,8 +184,12 @@ def open_study(plan: StudyPlan) -> OpenStudy:
     return OpenStudy(study, storage, experiment_id, parent_id, tags, held)
 
 
-def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
-    """Data and weights every trial shares: the data subsets and the pre-trained models (made once)."""
+def shared_context(plan: StudyPlan, opened: OpenStudy, stop: Callable[[], bool] | None = None) -> StudyContext:
+    """Data and weights every trial shares: the data subsets and the pre-trained models (made once).
+
+    Raises:
+        study.pretrained.PretrainingStopped: `stop()` became true while pre-training ran (`pretrain_once`).
+    """
     from atop.data import subset
     from study.pretrained import pretrain_once, weights_record
     from trainables.atop_trainable import StudyContext
@@ -197,7 +203,7 @@ def shared_context(plan: StudyPlan, opened: OpenStudy) -> StudyContext:
         clf_path, pur_path = pretrain_once(
             cfg, pretrain_settings, subset(plan.pool, pretrain_settings.n_train, seed=cfg.seed),
             plan.pretrained_cache, cpus=min(settings.cpus * settings.max_concurrent, ray_cpus()),
-            gpus=settings.gpus, pretrained=plan.pretrained)
+            gpus=settings.gpus, pretrained=plan.pretrained, stop=stop)
         saved = plan.store.read_json(STUDY_FILE)
         plan.store.write_json(STUDY_FILE, {**saved, "weights": weights_record(clf_path, pur_path)})
     return StudyContext(

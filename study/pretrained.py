@@ -194,17 +194,26 @@ def _with_classifier(settings: PretrainSettings, given: GivenWeights) -> Pretrai
     return dataclasses.replace(settings, classifier_checkpoint=str(given.classifier))
 
 
+class PretrainingStopped(Exception):
+    """`pretrain_once` was asked to stop (SIGTERM or Ctrl+C, `study.interrupt`) and ended its task."""
+
+
 def pretrain_once(cfg: Config, settings: PretrainSettings, train: Split, folder: Path, *, cpus: float,
-                  gpus: float, log=print, pretrained: str | os.PathLike | None = None) -> tuple[Path, Path]:
+                  gpus: float, log=print, pretrained: str | os.PathLike | None = None,
+                  stop: Callable[[], bool] | None = None) -> tuple[Path, Path]:
     """Reuse or make the pre-trained classifier and purifier; returns their paths in the cache `folder`.
 
     Args:
         pretrained: `--pretrained DIR`: its files are used instead of pre-training (a purifier is
             pre-trained against its classifier only where DIR holds no `purifier.pt`).
+        stop: asked every second while the task runs; once true, the task is cancelled (its last
+            finished epoch stays in the cache, `atop.pretrain.EpochCheckpoint`, where the next
+            pre-training with these settings goes on) and `PretrainingStopped` is raised.
 
     Raises:
         CheckpointError: a cached entry is corrupt (the message says to delete it to rebuild).
         StudyError: a file of `pretrained` is missing, corrupt, foreign or of another model.
+        PretrainingStopped: `stop` became true.
     """
     from atop.pretrained_cache import cache_paths, check_entry
 
@@ -226,13 +235,30 @@ def pretrain_once(cfg: Config, settings: PretrainSettings, train: Split, folder:
     task = ray.remote(num_cpus=cpus, num_gpus=min(1.0, gpus) if gpus > 0 else 0)(_pretrain_task)
     log(f"pre-training the classifier and purifier once for the study ({threads} CPU threads"
         f"{', 1 GPU' if gpus > 0 else ''})")
-    files = ray.get(task.remote(cfg.to_dict(), settings, train, gpus > 0, threads, str(folder)))
+    files = _result_unless_stopped(task.remote(cfg.to_dict(), settings, train, gpus > 0, threads, str(folder)), stop)
     # the task may have run on another node, whose copy of `folder` is not this driver's (a local
     # cache, as with an object-store --storage-path): keep the files here too
     for path, data in zip((clf_path, pur_path), files):
         if not path.is_file():
             atomic_write_bytes(path, data)
     return clf_path, pur_path
+
+
+def _result_unless_stopped(ref: Any, stop: Callable[[], bool] | None) -> Any:
+    """The result of the Ray task `ref`; `PretrainingStopped` once `stop()` is true, the task cancelled."""
+    import ray
+
+    if stop is None:
+        return ray.get(ref)
+    while True:
+        ready, _ = ray.wait([ref], timeout=1.0)
+        # the stop first: a Ctrl+C reaches the task's worker too (the terminal signals the whole
+        # process group), and its task then fails with KeyboardInterrupt, which is no failure here
+        if stop():
+            ray.cancel(ref, force=True)  # ends its worker: the epoch in progress is lost, the last saved one stays
+            raise PretrainingStopped
+        if ready:
+            return ray.get(ref)
 
 
 def weights_record(classifier: Path, purifier: Path) -> dict[str, dict[str, str]]:

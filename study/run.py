@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -53,13 +54,14 @@ from study.phases import (
     shared_context,
     where_to_watch,
 )
-from study.plan import StudyPlan
+from study.plan import OpenStudy, StudyPlan
 from study.storage import Storage, default_cache, leave_job_working_dir, local_folder
 from tracking import mlflow_log
 from tracking.mlflow_log import quiet_http, quiet_logs
 
 if TYPE_CHECKING:
     from study.enqueue import Reference
+    from study.interrupt import StopRequest
     from study.settings import StudySettings
 
 #: flags that shape the study itself; on --resume they must match what the study was started with
@@ -359,47 +361,63 @@ def _resumed_settings(args: argparse.Namespace, name: str, saved: dict[str, Any]
 
 def run(plan: StudyPlan) -> int:
     """Run (or resume) the study of `plan` to its `num_trials` finished trials; returns the exit code:
-    0, or 128 + the signal's number when a SIGTERM (143) or Ctrl+C (130) during the search or the confirm
-    stage stopped it (settled, resumable: `study.interrupt`)."""
+    0, or 128 + the signal's number when a SIGTERM (143) or Ctrl+C (130) stopped it (settled, resumable:
+    `study.interrupt`)."""
     loopback_ray()  # before the first `import ray` (study.interrupt's, below): an embedded Ray binds 127.0.0.1 only
     from study.interrupt import StopRequest, catch_stop_signals
-    from study.resume import finished_count
 
     started = time.time()
     leave_job_working_dir()
     quiet_http(max_retries=2, timeout_s=30)
     # a study checkpoints every trial every epoch by design; Tune's sync warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if not plan.resume:  # a cluster too small for one trial, or a node that cannot log, fails before the study exists
-        join_ray(plan)
-    opened = open_study(plan)
-    try:
-        finished = finished_count(opened.study)
-        remaining = plan.settings.num_trials - finished
-        s = plan.settings
-        print(f"study {plan.name}: {finished} finished, {max(remaining, 0)} to run "
-              f"({s.space} space, {s.sampler} sampler, {s.max_concurrent} at once)", flush=True)
-        for line in where_to_watch(plan, opened):
-            print(line, flush=True)
-        ctx, stopped, interrupt = None, None, StopRequest()
-        if remaining > 0:  # a resume with nothing left to run starts no Ray
-            if plan.resume:
-                join_ray(plan)
-            ctx = shared_context(plan, opened)
-            with catch_stop_signals(interrupt):
-                stopped = search(plan, opened, ctx, remaining, started, interrupt)
-            if interrupt.reason:
-                return settle_stopped(plan, opened, interrupt)
-        confirmed, confirmed_now = None, False
-        if s.confirm:
-            with catch_stop_signals(interrupt):
-                confirmed, confirmed_now = confirm(plan, opened, ctx, interrupt)
-            if interrupt.reason:
-                return settle_stopped(plan, opened, interrupt)
-        settle(plan)
-        report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now, stopped=stopped)
-    finally:
-        opened.lease.release()  # (ending the process would too)
+    interrupt = StopRequest()
+    with catch_stop_signals(interrupt):
+        if not plan.resume:  # a cluster too small for one trial, or a node that cannot log, fails before the study exists
+            join_ray(plan)
+        if interrupt.reason:
+            print(f"{interrupt.reason}: stopped before study {plan.name} was created; nothing was written", flush=True)
+            return interrupt.exit_status
+        opened = open_study(plan)
+        try:
+            return _run_open(plan, opened, started, interrupt)
+        finally:
+            opened.lease.release()  # (ending the process would too)
+
+
+def _run_open(plan: StudyPlan, opened: OpenStudy, started: float, interrupt: StopRequest) -> int:
+    """`run`'s work once the study is open: search, confirm, report; each phase is skipped once `interrupt`
+    is set, and the study settled (`study.phases.settle_stopped`)."""
+    from study.pretrained import PretrainingStopped
+    from study.resume import finished_count
+
+    finished = finished_count(opened.study)
+    remaining = plan.settings.num_trials - finished
+    s = plan.settings
+    print(f"study {plan.name}: {finished} finished, {max(remaining, 0)} to run "
+          f"({s.space} space, {s.sampler} sampler, {s.max_concurrent} at once)", flush=True)
+    for line in where_to_watch(plan, opened):
+        print(line, flush=True)
+    ctx, stopped = None, None
+    if remaining > 0 and not interrupt.reason:  # a resume with nothing left to run starts no Ray
+        if plan.resume:
+            join_ray(plan)
+        try:
+            ctx = shared_context(plan, opened, stop=interrupt.stop_all)
+        except PretrainingStopped:
+            print(f"{interrupt.reason}: pre-training stopped; --resume goes on after its last finished epoch "
+                  f"(kept in {plan.pretrained_cache})", flush=True)
+        else:
+            stopped = search(plan, opened, ctx, remaining, started, interrupt)
+    if interrupt.reason:
+        return settle_stopped(plan, opened, interrupt)
+    confirmed, confirmed_now = None, False
+    if s.confirm:
+        confirmed, confirmed_now = confirm(plan, opened, ctx, interrupt)
+        if interrupt.reason:
+            return settle_stopped(plan, opened, interrupt)
+    settle(plan)
+    report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now, stopped=stopped)
     return 0
 
 
@@ -408,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     asks_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
     args = build_parser(listing=asks_help).parse_args(argv)
     quiet_logs(args.verbose)
-    return one_line_errors(lambda: run(prepare(args)), (StudyError,))
+    try:
+        return one_line_errors(lambda: run(prepare(args)), (StudyError,))
+    except KeyboardInterrupt:  # Ctrl+C while the input is checked (`run` catches it from Ray's start on)
+        print("stopped (SIGINT, Ctrl+C) while checking the input; nothing was created", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

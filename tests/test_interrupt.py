@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -89,9 +90,13 @@ def test_after_the_stop_a_trial_that_reported_its_last_epoch_is_told_the_others_
 
 
 def test_the_resume_command_names_the_study_and_its_storage(monkeypatch):
-    plan = SimpleNamespace(name="my study", storage_path="/data/studies", optuna_url="sqlite:////data/studies/x.db")
+    plan = SimpleNamespace(name="my study", storage_path="/data/studies", optuna_url="sqlite:////data/studies/x.db",
+                           pretrained_cache=Path("/data/studies/.pretrained-cache"))  # the default
     monkeypatch.delenv(JOB_ENV, raising=False)
     assert resume_command(plan) == "python study/run.py --study-name 'my study' --storage-path /data/studies --resume"
+    plan.pretrained_cache = Path("/data/my cache")  # not the default: the resumed study needs it
+    assert resume_command(plan) == "python study/run.py --study-name 'my study' --storage-path /data/studies " \
+                                   "--pretrained-cache '/data/my cache' --resume"
     monkeypatch.setenv(JOB_ENV, json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}}))
     plan.optuna_url = "postgresql://atop:secret@db:5432/optuna"
     command = resume_command(plan)

@@ -18,7 +18,7 @@ the rerun continuing from the checkpoint (it logs epoch 2 only).
 
 The second test does the same through a real `ray job submit` to conftest's Ray head and a real
 `ray job stop`, then resumes with the `ray job submit` command the stopped job printed. The third
-sends Ctrl+C's SIGINT to the driver's process group during the confirm stage.
+sends Ctrl+C's SIGINT to the driver's process group during the confirm stage; the last ones stop pre-training.
 """
 from __future__ import annotations
 
@@ -295,3 +295,47 @@ def test_ctrl_c_in_the_confirm_stage_leaves_it_for_resume(cifar_dir, tmp_path):
     assert sorted(r.info.status for r in stage) == ["FINISHED"] * 3 + ["KILLED"] * 3
     assert len({r.data.tags[CONFIRM_OF_TAG] for r in stage}) == 1
     print(f"\nconfirm stage stopped: 3 runs KILLED, then resumed: {len(stage)} confirm runs")
+
+
+@pytest.mark.parametrize(("signum", "group", "said", "status"), [
+    (signal.SIGINT, True, "SIGINT, Ctrl+C", 130),  # a terminal signals its whole foreground process group
+    (signal.SIGTERM, False, "SIGTERM", 143),  # `kill PID`; `ray job stop` signals the job's driver alone too
+], ids=["ctrl-c", "sigterm"])
+def test_a_stop_in_pre_training_goes_on_from_its_last_epoch_on_resume(cifar_dir, tmp_path, signum, group, said,
+                                                                      status):
+    """A stop once pre-training saved an epoch: the task is cancelled, the study settled (nothing ran),
+    one resume command, exit 128 + the signal and no traceback (before, a KeyboardInterrupt or Ray's
+    SIGTERM handler ended the driver); `--resume` goes on after the saved epoch and runs the study."""
+    storage, cache, name = tmp_path / "studies", tmp_path / "cache", "stopped-pretraining"
+    settings = tmp_path / "pretrain.yaml"
+    settings.write_text("pretrain: {classifier_epochs: 40}\n")  # ~0.2 s each: a wide window after the first
+    log = tmp_path / "driver-1.log"
+    proc = start_study(["--preset", "tiny", "--config", str(settings), "--num-trials", "1", "--data-dir",
+                        str(cifar_dir), "--storage-path", str(storage), "--pretrained-cache", str(cache),
+                        "--study-name", name], log)
+    try:
+        partial = wait_for(lambda: next(cache.glob("*.partial"), None), 600, "pre-training's first saved epoch",
+                           every_s=0.2, proc=proc)
+        (os.killpg if group else os.kill)(proc.pid, signum)
+        code = proc.wait(timeout=120)
+        assert not session_procs(proc.pid), "the stopped driver left processes behind"
+    finally:
+        stop_study(proc)
+    out = log.read_text()
+    assert code == status, out[-5000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out and "received" not in out, out[-5000:]
+    assert f"stop requested ({said}): pre-training stopped; --resume goes on after its last finished epoch" in out, \
+        out[-5000:]
+    resume_lines = [line for line in out.splitlines() if line.startswith("resume: ")]
+    assert len(resume_lines) == 1, out[-5000:]
+    command = shlex.split(resume_lines[0].removeprefix("resume: "))
+    assert command[-3:] == ["--pretrained-cache", str(cache), "--resume"], command  # not the default cache
+    assert partial.is_file() and not [p for p in cache.glob("*.pt")], sorted(cache.iterdir())  # no entry yet
+
+    resumed = subprocess.run([sys.executable, str(STUDY_PY), *command[2:]],  # the printed command
+                             capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    said = resumed.stdout + resumed.stderr
+    assert "pretrain classifier: resuming after epoch " in said, said[-5000:]
+    assert not list(cache.glob("*.partial")) and len(list(cache.glob("*.pt"))) == 2, sorted(cache.iterdir())
+    assert "Pareto-optimal" in resumed.stdout, resumed.stdout[-3000:]
