@@ -16,8 +16,8 @@ is told to leave SIGINT alone):
    epoch in progress is lost, each trial keeps its last per-epoch checkpoint in the study folder)
    and saves its experiment state;
 4. tells the trials that had reported their last epoch (or a failure) as Tune would have
-   (`AskTellSearcher.tell_ended`: COMPLETE with that epoch's figures; the final artifacts of one
-   stopped while it wrote them are missing), then settles the study as `--resume` would
+   (`AskTellSearcher.tell_ended`: COMPLETE with that epoch's figures; a trial writes its final
+   artifacts before that report, so they are there), then settles the study as `--resume` would
    (`study.resume.settle_interrupted`): the search trials still RUNNING in Optuna become FAIL (user attr `interrupted`, not counted), their MLflow runs
    KILLED (`atop.interrupted=true`), their parameters enqueued again with their last checkpoint; in
    the confirm stage, the configurations whose seeds did not all end are left unconfirmed, their

@@ -214,8 +214,8 @@ class AskTellSearcher(Searcher):
 
     def tell_ended(self) -> None:
         """After Tune was stopped (SIGTERM or Ctrl+C: `study.interrupt`), tell the running trials whose last
-        result ended them, as `on_trial_complete` would have: their last epoch (the trial then only
-        writes its final artifacts and marks its MLflow run FINISHED itself) or a failure they
+        result ended them, as `on_trial_complete` would have: their last epoch (the trial wrote its
+        final artifacts before it; it then only marks its MLflow run FINISHED itself) or a failure they
         reported. The others stay RUNNING for the driver to settle as interrupted."""
         for trial_id, (_, epochs) in list(self.live.items()):
             last = self.last.get(trial_id)

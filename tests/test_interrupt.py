@@ -70,8 +70,8 @@ def test_the_searcher_asks_no_trial_once_stopped_and_tells_no_failure_of_the_sto
 
 
 def test_after_the_stop_a_trial_that_reported_its_last_epoch_is_told_the_others_stay_running():
-    """Tune stops trials without telling the searcher; one may have reported its last epoch and be
-    writing its final artifacts (its MLflow run then ends FINISHED): it is COMPLETE, not interrupted."""
+    """Tune stops trials without telling the searcher; one may have reported its last epoch (its final
+    artifacts were written before; its MLflow run then ends FINISHED): it is COMPLETE, not interrupted."""
     study = optuna.create_study(directions=list(DIRECTIONS))
     request = StopRequest()
     settled: list[tuple[int, str]] = []

@@ -2,15 +2,15 @@
 resumed: the driver settles everything itself, nothing is lost and nothing counted twice.
 
 `python study/run.py` (tiny preset, in-process Ray) runs in its own session; once trial 0 has reported
-its last epoch (held before its final artifacts by the test-only `ATOP_FAULT_INJECT` sleep) and trial
-1 is RUNNING with its epoch-1 checkpoint (held there too), the driver alone gets SIGTERM. It must
-(study/interrupt.py):
+its last epoch (held after it by the test-only `ATOP_FAULT_INJECT` sleep; its final artifacts come
+before that report) and trial 1 is RUNNING with its epoch-1 checkpoint (held there too), the driver
+alone gets SIGTERM. It must (study/interrupt.py):
 
 - print the stop line and, at the end, the exact resume command; exit 143; leave no process behind;
-- leave Optuna and MLflow agreeing: no trial RUNNING, trial 0 COMPLETE (its last epoch's result kept),
-  trial 1 FAIL + `interrupted` with its parameters enqueued again from its epoch-1 checkpoint, its
-  MLflow run KILLED + `atop.interrupted`, every COMPLETE trial's run FINISHED with Optuna's values,
-  the parent run KILLED;
+- leave Optuna and MLflow agreeing: no trial RUNNING, trial 0 COMPLETE (its last epoch's result and
+  its final artifacts kept), trial 1 FAIL + `interrupted` with its parameters enqueued again from its
+  epoch-1 checkpoint, its MLflow run KILLED + `atop.interrupted`, every COMPLETE trial's run FINISHED
+  with Optuna's values, the parent run KILLED;
 
 then the printed command (`--resume`) finishes the study: exactly `--num-trials` trials counted,
 each finished trial's result once (one MLflow run per Optuna trial, one COMPLETE per parameter set),
@@ -57,7 +57,7 @@ from trainables.faults import FAULT_ENV
 pytestmark = pytest.mark.slow
 NUM_TRIALS = 3
 NAME = "stopped"
-# trial 0 stays RUNNING after it reported its last epoch (before its final artifacts), trial 1 after its
+# trial 0 stays RUNNING after it reported its last epoch (its final artifacts written before), trial 1 after its
 # epoch-1 checkpoint
 HOLD = "sleep@trial=0,epoch=2,seconds=600;sleep@trial=1,epoch=1,seconds=600"
 
@@ -138,9 +138,11 @@ def _check_stopped(folder, out: str, storage) -> list[str]:
     held_rerun = next(t for t in waiting if t.user_attrs["rerun_of"] == 1)
     assert "/trial-0001-" in held_rerun.user_attrs["resume_from"]
     assert held_rerun.user_attrs["resume_from"].endswith("checkpoint_000000")
-    _, runs, n_runs, parent = _runs(folder)
+    client, runs, n_runs, parent = _runs(folder)
     assert n_runs == len(runs)
     _agree(trials, runs)
+    kept = {a.path for a in client.list_artifacts(runs[0].info.run_id)}  # written before its last report
+    assert {"defense.pt", "images.png", "per_example.parquet"} <= kept, kept
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
     print(f"\nSIGTERM: {len(interrupted)} interrupted, {sum(t.state.name == 'COMPLETE' for t in trials)} COMPLETE, "
           f"{len(waiting)} re-enqueued, none RUNNING")

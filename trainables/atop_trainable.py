@@ -181,6 +181,10 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
                 log.log_metrics({ctx.metric_prefix + k: v for k, v in metrics.items()}, step=report.epoch)
             last = {PER_IMAGE_KEY: per_image_payload(report), AUDIT_KEY: audit_flags(report.audit)} \
                 if ctx.stage == Stage.CONFIRM.value and report.epoch == cfg.epochs else {}
+            if log and report.epoch == cfg.epochs:  # before the report that ends the trial: a trial stopped
+                # after it (SIGTERM, Ctrl+C: the driver tells it COMPLETE from that report) has them
+                _final_artifacts(log, number, cfg, ctx, classifier, classifier_ref, purifier, discriminator, report,
+                                 trial_dir, device)
             with tempfile.TemporaryDirectory(prefix="atop-ckpt-") as d:
                 save_state(Path(d), cfg, report, classifier_ref, purifier, discriminator, metrics[COMPUTE_S])
                 tune.report({**metrics, **last, EPOCH: report.epoch, TRIAL_NUMBER: number},
@@ -188,8 +192,9 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             faults.at(report.epoch, purifier)
             final = report
         if log:
-            _final_artifacts(log, number, cfg, ctx, classifier, classifier_ref, purifier, discriminator, final,
-                             trial_dir, device)
+            if final is None:  # resumed after its last epoch: nothing ran here, the restored purifier's
+                _final_artifacts(log, number, cfg, ctx, classifier, classifier_ref, purifier, discriminator, None,
+                                 trial_dir, device)
             log.set_status("FINISHED")
             if left := log.close(timeout_s=10):  # bounded: the driver replays what is left after the trial
                 print(f"MLflow unreachable ({log.last_error}); {left} unsent call(s) kept in {log.spool}", flush=True)
