@@ -216,6 +216,7 @@ class Job:
     seed: int
     run_id: str | None
     config: dict[str, Any]
+    resume_from: str | None = None  # the newest checkpoint a stopped driver's trial of this job left
 
 
 def load_state(store: Storage) -> dict[int, Confirmed]:
@@ -257,6 +258,7 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
     Returns:
         (every target's outcome in order, whether any confirm trial ran now).
     """
+    from study.resume import latest_checkpoint
     from tracking import mlflow_log
 
     chosen = targets(study, top)
@@ -291,7 +293,7 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
                                         tags={**tags, **link, PARENT_TAG: parent.info.run_id,
                                               ROLE_TAG: Role.CONFIRM_SEED.value, CONFIRM_SEED_TAG: str(seed)})
                 cfg = confirm_config(base, space, t, overrides, seed)
-                jobs.append(Job(t.number, seed, run.info.run_id, cfg.to_dict()))
+                jobs.append(Job(t.number, seed, run.info.run_id, cfg.to_dict(), latest_checkpoint(store, t.number, seed)))
         results: dict[str | None, dict[str, Any]] = {}
 
         def record(t: Target) -> None:
@@ -308,7 +310,11 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
             if t.number not in done and all(j.run_id in results for j in jobs if j.number == t.number):
                 record(t)
 
-        fit([{"number": j.number, "seed": j.seed, "run_id": j.run_id, "config": j.config} for j in jobs], ended)
+        if carried := [j for j in jobs if j.resume_from]:
+            log(f"confirm: {len(carried)} trial(s) go on from the last checkpoint a stopped driver's trial left: "
+                f"{', '.join(f'trial {j.number} seed {j.seed}' for j in carried)}")
+        fit([{"number": j.number, "seed": j.seed, "run_id": j.run_id, "config": j.config, "resume_from": j.resume_from}
+             for j in jobs], ended)
         left = {t.number for t in todo if t.number not in done}
         if left and interrupted is not None and interrupted():
             killed = end_interrupted_runs(client, experiment_id, left)

@@ -29,7 +29,9 @@ is told to leave SIGINT alone):
 
 The next `--resume` finds nothing RUNNING, reruns the interrupted trials first, each from its
 checkpoint, runs the study to its `--num-trials`, then confirms what is not yet confirmed (a confirm
-trial starts again from its first epoch; pre-training goes on after its last finished epoch). Ctrl+C
+trial from its own newest checkpoint, `study.confirm.run_confirm`; one that had trained its last epoch
+starts again, as its test scoring comes with that epoch; pre-training goes on after its last finished
+epoch). Ctrl+C
 while the input is checked (before Ray starts, with the data load) ends the driver with one line and
 130, nothing created; SIGTERM then, or a second signal later, ends it at once (the default action):
 the next `--resume` settles what is left, as after a crash. So does a SIGTERM to the embedded driver's whole

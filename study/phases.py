@@ -10,7 +10,6 @@ import os
 import platform
 import shutil
 import subprocess
-import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from atop.io import atomic_write_text
 from study import lease, optuna_storage
 from study.args import STUDY_FILE
 from study.cluster import ROOT, join_ray, loopback_ray, ray_cpus
+from study.layout import CONFIRM_EXPERIMENT, SEARCH_EXPERIMENT, experiment_name, trial_folder
 from study.plan import OpenStudy
 from study.storage import job_submission_id
 from study.tables import pareto_table
@@ -267,7 +267,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
                                     reuse_actors=True,  # warm workers: see trainables.atop_trainable
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(),
+            name=experiment_name(SEARCH_EXPERIMENT), **plan.store.tune_location(),
             verbose=tune_verbosity(plan), failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt,
             callbacks=[trial_lines("search", _epochs, _trial_label, started_label=_started_label, log=say)]))
@@ -313,7 +313,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None,
             tune_config=tune.TuneConfig(max_concurrent_trials=s.max_concurrent, reuse_actors=True,
                                         trial_name_creator=_confirm_name, trial_dirname_creator=_confirm_name),
             run_config=tune.RunConfig(
-                name=f"confirm-{time.strftime('%Y%m%d-%H%M%S')}", **plan.store.tune_location(),
+                name=experiment_name(CONFIRM_EXPERIMENT), **plan.store.tune_location(),
                 verbose=tune_verbosity(plan), failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=interrupt,
                 callbacks=[trial_lines("confirm", _job_epochs, job_label, total=len(jobs), prefix="test ",
@@ -420,7 +420,7 @@ def report(plan: StudyPlan, opened: OpenStudy, wall_s: float, confirmed: list[An
 
 def _confirm_name(trial: Any) -> str:
     job = trial.config["job"]
-    return f"confirm-{int(job['number']):04d}-seed{int(job['seed'])}-{trial.trial_id}"
+    return trial_folder(int(job["number"]), int(job["seed"]), trial.trial_id)
 
 
 def tune_verbosity(plan: StudyPlan) -> int:
@@ -457,4 +457,4 @@ def _job_epochs(trial: Any) -> int:
 
 def _trial_name(trial: Any) -> str:
     """Short trial folder names (Tune's default spells out the whole config)."""
-    return f"trial-{int(trial.config.get(TRIAL_NUMBER, -1)):04d}-{trial.trial_id}"
+    return trial_folder(int(trial.config.get(TRIAL_NUMBER, -1)), None, trial.trial_id)

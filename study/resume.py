@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from study.layout import CONFIRM_EXPERIMENT, SEARCH_EXPERIMENT, trial_folder
 from study.storage import Storage
 from study.warmstart import own
 from tracking import mlflow_log
@@ -74,14 +75,16 @@ def settle_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage
     return interrupted
 
 
-def latest_checkpoint(store: Storage, number: int) -> str | None:
-    """The newest complete Tune checkpoint trial `number` left in the study folder `store`, as a path
-    relative to it (None: none). Tune's layout there: `tune-<time>/trial-<NNNN>-<id>/checkpoint_<k>/`
-    (`study.phases._trial_name`); a checkpoint counts only with every file of `CHECKPOINT_FILES` (a
-    driver killed while Tune copied one leaves it incomplete)."""
+def latest_checkpoint(store: Storage, number: int, seed: int | None = None) -> str | None:
+    """The newest complete Tune checkpoint that search trial `number` (or, with `seed`, its confirm
+    trial of that seed) left in the study folder `store`, in any experiment, as a path relative to it
+    (None: none). Tune's layout there: `<experiment_name(...)>/<trial_folder(...)>/checkpoint_<k>/`; a
+    checkpoint counts only with every file of `CHECKPOINT_FILES` (a driver killed while Tune copied
+    one leaves it incomplete)."""
     found: list[tuple[int, str]] = []
-    for experiment in (e for e in store.listdir() if e.startswith("tune-")):
-        for trial in (t for t in store.listdir(experiment) if t.startswith(f"trial-{number:04d}-")):
+    experiments, trials = SEARCH_EXPERIMENT if seed is None else CONFIRM_EXPERIMENT, trial_folder(number, seed, "")
+    for experiment in (e for e in store.listdir() if e.startswith(experiments)):
+        for trial in (t for t in store.listdir(experiment) if t.startswith(trials)):
             for name in (c for c in store.listdir(experiment, trial) if c.startswith("checkpoint_")):
                 folder = posixpath.join(experiment, trial, name)
                 if all(store.exists(folder, f) for f in CHECKPOINT_FILES) and name.split("_")[-1].isdigit():

@@ -110,7 +110,7 @@ def test_a_confirm_stage_stopped_by_sigterm_leaves_unfinished_configurations_for
     runs end KILLED at once, and the next stage confirms it. Real Optuna, MLflow (sqlite), study folder."""
     from study.confirm import load_state
     from tests.test_confirm import stage_bed
-    from tracking.contract import CONFIRM_OF_TAG, INTERRUPTED_TAG
+    from tracking.contract import CHECKPOINT_FILES, CONFIRM_OF_TAG, INTERRUPTED_TAG
     from trainables.atop_trainable import AUDIT_KEY, PER_IMAGE_KEY
 
     bed = stage_bed(tmp_path)
@@ -120,9 +120,17 @@ def test_a_confirm_stage_stopped_by_sigterm_leaves_unfinished_configurations_for
     def stopped_after_the_first(jobs, ended):
         for job in (j for j in jobs if j["number"] == jobs[0]["number"]):
             ended(job, figures)
+        # trial 1 seed 1 checkpointed an epoch in the stopped stage's experiment, as Tune does
+        checkpoint = bed.folder / "study" / "confirm-20261201-120000" / "confirm-0001-seed1-ab12" / "checkpoint_000000"
+        checkpoint.mkdir(parents=True)
+        for name in CHECKPOINT_FILES:
+            (checkpoint / name).write_bytes(b"x")
         request.reason = "stop requested (SIGTERM)"  # Tune then ends the other seeds without a result
 
+    resumed_jobs = []
+
     def all_end(jobs, ended):
+        resumed_jobs.extend(jobs)
         for job in jobs:
             ended(job, figures)
 
@@ -138,4 +146,7 @@ def test_a_confirm_stage_stopped_by_sigterm_leaves_unfinished_configurations_for
     request.reason = None  # the resumed driver's stage
     confirmed, ran = confirm(all_end)
     assert [c.number for c in confirmed] == [0, 1] and not confirmed[1].failed_seeds
+    # the seed that left a checkpoint goes on from it (`trainables.atop_trainable.confirm_atop`), the other anew
+    assert {(j["number"], j["seed"]): j["resume_from"] for j in resumed_jobs} == {
+        (1, 1): "confirm-20261201-120000/confirm-0001-seed1-ab12/checkpoint_000000", (1, 2): None}
     assert confirmed[1].figures["clean_acc"].mean == 0.5

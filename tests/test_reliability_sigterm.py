@@ -254,13 +254,17 @@ def test_ray_job_stop_settles_then_the_printed_job_resumes(ray_head, cifar_dir, 
 
 
 def test_ctrl_c_in_the_confirm_stage_leaves_it_for_resume(cifar_dir, tmp_path):
-    """SIGINT (Ctrl+C) once the first confirm trial started takes SIGTERM's path, not Tune's own SIGINT
-    handler (which would end the stage and let the driver report): the configuration is left
-    unconfirmed (not recorded with failed seeds), its runs end KILLED at once, the search is untouched,
-    exit 130; `--resume` confirms it."""
+    """SIGINT (Ctrl+C) once a confirm trial checkpointed its first epoch (held there) takes SIGTERM's
+    path, not Tune's own SIGINT handler (which would end the stage and let the driver report): the
+    configuration is left unconfirmed (not recorded with failed seeds), its runs end KILLED at once,
+    the search is untouched, exit 130; `--resume` confirms it, that seed going on from its checkpoint."""
     import optuna
 
-    from tracking.contract import CONFIRM_OF_TAG, STAGE_TAG
+    from tracking.contract import CHECKPOINT_FILES, CONFIRM_OF_TAG, CONFIRM_SEED_TAG, STAGE_TAG
+
+    def checkpointed():
+        return next((c for c in folder.glob("confirm-*/confirm-*/checkpoint_*")
+                     if all((c / name).is_file() for name in CHECKPOINT_FILES)), None)
 
     storage, name = tmp_path / "studies", "stopped-confirm"
     folder = storage / name
@@ -269,9 +273,10 @@ def test_ctrl_c_in_the_confirm_stage_leaves_it_for_resume(cifar_dir, tmp_path):
                         "confirm_config: {eval_level: screen, n_eval: 16}\n")
     log = tmp_path / "driver-1.log"
     proc = start_study(["--preset", "tiny", "--config", str(settings), "--num-trials", "2", "--data-dir",
-                        str(cifar_dir), "--storage-path", str(storage), "--study-name", name], log)
-    try:  # a confirm trial runs two epochs and its scoring (tens of seconds) after it started
-        wait_for(lambda: " started (1 of 2)" in log.read_text(), 900, "the first confirm trial", every_s=0.5, proc=proc)
+                        str(cifar_dir), "--storage-path", str(storage), "--study-name", name], log,
+                       **{FAULT_ENV: "sleep@trial=*,stage=confirm,epoch=1,seconds=600"})
+    try:
+        held = wait_for(checkpointed, 900, "a confirm trial's epoch-1 checkpoint", every_s=0.5, proc=proc)
         os.killpg(proc.pid, signal.SIGINT)  # as Ctrl+C: a terminal signals its whole foreground process group
         code = proc.wait(timeout=180)
     finally:
@@ -293,9 +298,13 @@ def test_ctrl_c_in_the_confirm_stage_leaves_it_for_resume(cifar_dir, tmp_path):
                               "--resume"], capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert "Confirmed on test (2 seeds per config, 16 test images" in resumed.stdout, resumed.stdout[-3000:]
+    assert "go on from the last checkpoint a stopped driver's trial left" in resumed.stdout, resumed.stdout[-3000:]
     stage = client.search_runs([experiment], f"tags.`{STAGE_TAG}` = 'confirm'")
     assert sorted(r.info.status for r in stage) == ["FINISHED"] * 3 + ["KILLED"] * 3
     assert len({r.data.tags[CONFIRM_OF_TAG] for r in stage}) == 1
+    seed = held.parent.name.split("-seed")[1].split("-")[0]  # confirm-<NNNN>-seed<S>-<id>
+    went_on = [r for r in stage if r.info.status == "FINISHED" and r.data.tags.get(CONFIRM_SEED_TAG) == seed]
+    assert len(went_on) == 1 and went_on[0].data.tags.get(RESTORED_TAG) == "1", [r.data.tags for r in went_on]
     print(f"\nconfirm stage stopped: 3 runs KILLED, then resumed: {len(stage)} confirm runs")
 
 

@@ -88,3 +88,5 @@ def test_fault_plan_parses_only_what_it_documents(tmp_path, monkeypatch):
     assert (tmp_path / "t-5").is_file() and torch.isfinite(net.weight).all()
     FaultPlan.from_env(3).at(0, net)
     assert torch.isnan(net.weight).all()
+    monkeypatch.setenv(FAULT_ENV, "raise@trial=*,stage=confirm")  # a confirm trial's only
+    assert FaultPlan.from_env(2).specs == [] and len(FaultPlan.from_env(2, "confirm").specs) == 1

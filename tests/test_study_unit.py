@@ -228,6 +228,7 @@ def test_the_searcher_pickles_after_ray_replaces_print(monkeypatch):
 
 
 def test_an_interrupted_trial_is_rerun_from_its_newest_complete_checkpoint(tmp_path):
+    """Search trials' checkpoints in `tune-*` folders, confirm trials' in `confirm-*` ones (study/layout.py)."""
     from study.resume import latest_checkpoint
     from study.storage import parse
     from tracking.contract import CHECKPOINT_FILES
@@ -239,10 +240,17 @@ def test_an_interrupted_trial_is_rerun_from_its_newest_complete_checkpoint(tmp_p
         for f in files:
             (trial / name / f).write_bytes(b"x")
     (tmp_path / "study" / "tune-20261130-120000" / "trial-0013-cd34" / "checkpoint_000004").mkdir(parents=True)
+    confirm = tmp_path / "study" / "confirm-20261201-120000" / "confirm-0003-seed2-ef56" / "checkpoint_000002"
+    confirm.mkdir(parents=True)
+    for f in CHECKPOINT_FILES:
+        (confirm / f).write_bytes(b"x")
     # checkpoint_000001 lacks a file (a driver killed while Tune copied it): the one before counts
     assert latest_checkpoint(store, 3) == "tune-20261130-120000/trial-0003-ab12/checkpoint_000000"
     assert latest_checkpoint(store, 13) is None  # a folder without the files is no checkpoint
     assert latest_checkpoint(store, 4) is None
+    # a confirm trial's, by its search trial's number and its seed; never taken for the search trial's
+    assert latest_checkpoint(store, 3, seed=2) == "confirm-20261201-120000/confirm-0003-seed2-ef56/checkpoint_000002"
+    assert latest_checkpoint(store, 3, seed=1) is None
     assert latest_checkpoint(parse(str(tmp_path / "nothing"), job=False), 3) is None
 
 

@@ -168,7 +168,7 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             else:
                 log.set_tags({RESTORED_TAG: start_epoch, NODE_TAG: node_name()})
         _check_sizes(cfg, ctx)
-        faults = FaultPlan.from_env(number)
+        faults = FaultPlan.from_env(number, ctx.stage)
         faults.at(start_epoch, purifier)
 
         started = time.perf_counter()
@@ -233,9 +233,10 @@ def spool_file(stage: str, number: int, seed: int) -> str:
 
 def confirm_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     """A confirm trial (`study.confirm`): `train_atop` on the job in `config["job"]` (Tune grid entry:
-    number, seed, run_id, config), named by its search trial's number."""
+    number, seed, run_id, config, resume_from), named by its search trial's number."""
     job = config["job"]
-    train_atop({**job["config"], TRIAL_NUMBER: job["number"], RUN_ID: job["run_id"]}, ctx)
+    carried = {RESUME_FROM: job["resume_from"]} if job.get("resume_from") else {}
+    train_atop({**job["config"], TRIAL_NUMBER: job["number"], RUN_ID: job["run_id"], **carried}, ctx)
 
 
 def _check_sizes(cfg: Config, ctx: StudyContext) -> None:

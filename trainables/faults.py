@@ -1,8 +1,9 @@
 """Test-only fault injection into a running trial (`ATOP_FAULT_INJECT`); unset, it does nothing.
 
 The reliability tests cause real faults through it without mocking Ray, MLflow or Optuna. The
-variable holds `;`-separated specs `KIND@trial=N[,epoch=E][,once=FILE][,seconds=S]`, each acting
-on Optuna trial N (`*`: every trial) when it has finished E epochs (E=0: before the first epoch;
+variable holds `;`-separated specs `KIND@trial=N[,stage=S][,epoch=E][,once=FILE][,seconds=S]`, each
+acting on Optuna trial N (`*`: every trial; a confirm trial has its search trial's number) of stage
+S (`search` or `confirm`; default both) when it has finished E epochs (E=0: before the first epoch;
 default 1):
 
 - `raise`: raise `RuntimeError` (Tune retries it from the last checkpoint, then FAIL);
@@ -35,8 +36,8 @@ class FaultPlan:
         self.specs = specs
 
     @classmethod
-    def from_env(cls, number: int) -> FaultPlan:
-        """The specs of `FAULT_ENV` that act on trial `number`; a bad spec raises `ValueError`."""
+    def from_env(cls, number: int, stage: str = "search") -> FaultPlan:
+        """The specs of `FAULT_ENV` that act on trial `number` of `stage`; a bad spec raises `ValueError`."""
         text = os.environ.get(FAULT_ENV, "").strip()
         specs = []
         for item in filter(None, (p.strip() for p in text.split(";"))):
@@ -44,8 +45,8 @@ class FaultPlan:
             spec = dict(kv.split("=", 1) for kv in args.split(",") if "=" in kv)
             if kind not in cls.KINDS or "trial" not in spec:
                 raise ValueError(f"{FAULT_ENV}={text!r}: bad spec {item!r}; accepted: "
-                                 f"{'|'.join(cls.KINDS)}@trial=N[,epoch=E][,once=FILE][,seconds=S]")
-            if spec["trial"] in ("*", str(number)):
+                                 f"{'|'.join(cls.KINDS)}@trial=N[,stage=S][,epoch=E][,once=FILE][,seconds=S]")
+            if spec["trial"] in ("*", str(number)) and spec.get("stage", stage) == stage:
                 if "once" in spec:
                     spec["once"] = spec["once"].replace("{trial}", str(number))
                 specs.append({"kind": kind, **spec})
