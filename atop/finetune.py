@@ -53,15 +53,17 @@ class PurifierTrainer:
     `precision=bf16` (autocast), `channels_last` (NHWC memory format) and `compile` (torch.compile).
     """
 
-    def __init__(self, cfg: Config, purifier: nn.Module, discriminator: nn.Module, classifier: nn.Module,
+    def __init__(self, cfg: Config, purifier: nn.Module, discriminator: nn.Module, classifier: nn.Module | None,
                  device: torch.device):
+        """`classifier`: the frozen classifier of the CE term; None where no step has one (a purifier
+        pre-trained at `purifier_ce_weight` 0 needs no classifier, so it can train beside it)."""
         self.cfg, self.device = cfg, device
         # NHWC: oneDNN (CPU) and cuDNN (GPU) run 3x3 convolutions faster on it than on NCHW
         # (on the project's CPU: 470 against 200 GFLOP/s in fp32, 880 in bf16).
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.purifier = purifier.to(device).to(memory_format=self.memory_format).train()
         self.discriminator = discriminator.to(device).to(memory_format=self.memory_format).train()
-        self.classifier = freeze(classifier.to(device).to(memory_format=self.memory_format))
+        self.classifier = None if classifier is None else freeze(classifier.to(device).to(memory_format=self.memory_format))
         betas = (cfg.beta1, cfg.beta2)
         self._g_params = [p for p in self.purifier.parameters() if p.requires_grad]
         self._d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
@@ -73,8 +75,8 @@ class PurifierTrainer:
         # Compilation fuses the elementwise tails (GroupNorm + SiLU, LeakyReLU, the losses) that
         # eager runs as separate memory-bound kernels; its first calls are slow (warm-up).
         wrap = _compiled if cfg.compile else (lambda module: module)
-        self._purifier, self._discriminator, self._classifier = (
-            wrap(self.purifier), wrap(self.discriminator), wrap(self.classifier))
+        self._purifier, self._discriminator = wrap(self.purifier), wrap(self.discriminator)
+        self._classifier = None if self.classifier is None else wrap(self.classifier)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast where the config asks for it (a real lever on this CPU and on GPUs)."""
@@ -105,7 +107,10 @@ class PurifierTrainer:
         with self.autocast():
             g_gan = g_hinge_loss(self._discriminator(x_hat, holes0))
             l1 = l1_loss(x_hat, target)
-            ce = F.cross_entropy(self._classifier(x_hat), y) if ce_weight > 0 else x_hat.new_zeros(())
+            if ce_weight > 0 and self._classifier is None:
+                raise ValueError(f"ce_weight={ce_weight} needs the classifier, and this trainer has none")
+            ce = F.cross_entropy(self._classifier(x_hat), y) if self._classifier is not None and ce_weight > 0 \
+                else x_hat.new_zeros(())
             total = cfg.gan_weight * g_gan + cfg.l1_weight * l1 + ce_weight * ce
         self.opt_g.zero_grad(set_to_none=True)
         # G's parameters only: D's weight gradients, which a plain `total.backward()` computes and
@@ -173,8 +178,9 @@ def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discrimina
     if state is not None:
         trainer.load_state_dict(state)
     transform = RandomTransform.from_config(cfg)
-    defense = Defense.from_config(cfg, trainer.purifier, trainer.classifier, transform)
-    attack = training_attack(cfg, trainer.classifier, defense)
+    # the trainer froze `classifier` and moved it to the device in place (`nn.Module.to` returns the module)
+    defense = Defense.from_config(cfg, trainer.purifier, classifier, transform)
+    attack = training_attack(cfg, classifier, defense)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     if cfg.epochs == 0 and start_epoch == 0:  # no fine-tuning: the pre-trained defense, scored once (a control)
         defense.eval()

@@ -134,13 +134,14 @@ def train_classifier(model: nn.Module, train: Split, settings: PretrainSettings,
         yield report
 
 
-def train_purifier(cfg: Config, purifier: nn.Module, discriminator: nn.Module, classifier: nn.Module, train: Split,
+def train_purifier(cfg: Config, purifier: nn.Module, discriminator: nn.Module, classifier: nn.Module | None, train: Split,
                    settings: PretrainSettings, *, device: str | torch.device = "cpu",
                    resume: dict[str, Any] | None = None,
                    save: Callable[[dict[str, Any]], None] | None = None) -> Iterator[dict[str, float]]:
     """L_gen (+ CE of the frozen classifier) on transformed clean images, RT type drawn per batch.
 
     Args:
+        classifier: the frozen classifier of the CE term; None where `purifier_ce_weight` is 0.
         resume, save: as `train_classifier`'s.
 
     Yields:
@@ -221,7 +222,8 @@ def _resume(parts: dict[str, Any], gen: torch.Generator, state: dict[str, Any] |
 def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Path | None = None, *,
                       data_dir: str | None = None, device: str | torch.device = "cpu",
                       log: Callable[[str], None] = print, train: Split | None = None) -> tuple[Path, Path]:
-    """Reuse the cached classifier and purifier for these settings, data and code, or make them.
+    """Reuse the cached classifier and purifier for these settings, data and code, or make them
+    (`ensure_classifier`, then `ensure_purifier`).
 
     Args:
         folder: the cache folder; None = `atop.checkpoint.default_cache_dir()`.
@@ -235,14 +237,26 @@ def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Pat
     """
     if train is None:
         train = subset(load_split(cfg.dataset, "train", data_dir), settings.n_train, seed=cfg.seed)
-    clf_path, pur_path = cache_paths(cfg, settings, train, folder)
+    return (ensure_classifier(cfg, settings, train, folder, device=device, log=log),
+            ensure_purifier(cfg, settings, train, folder, device=device, log=log))
+
+
+def purifier_needs_classifier(settings: PretrainSettings) -> bool:
+    """Whether the purifier's pre-training runs the classifier (its CE term): if not, the two can
+    pre-train at once (`study.pretrained.pretrain_once`)."""
+    return settings.purifier_ce_weight > 0
+
+
+def ensure_classifier(cfg: Config, settings: PretrainSettings, train: Split, folder: str | Path | None = None, *,
+                      device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> Path:
+    """The classifier's cache entry (`ensure_pretrained`'s arguments): reused, imported from
+    `settings.classifier_checkpoint`, or trained, going on after the last epoch a stopped run saved."""
+    clf_path = cache_paths(cfg, settings, train, folder)[0]
     if clf_path.is_file():
         check_entry(clf_path, "classifier")
-        classifier = build_classifier(load_checkpoint(clf_path, kind="classifier"))
         log(f"reusing pre-trained {clf_path}")
     elif settings.classifier_checkpoint:
         import_classifier(settings.classifier_checkpoint, cfg, clf_path)
-        classifier = build_classifier(load_checkpoint(clf_path, kind="classifier"))
         log(f"checked {settings.classifier_checkpoint} and cached it as {clf_path}")
     else:
         torch.manual_seed(cfg.seed)
@@ -254,10 +268,29 @@ def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Pat
             pass  # each epoch shows its own progress (atop.progress)
         save_checkpoint(clf_path, kind="classifier", cfg=cfg, classifier=classifier)
         partial.remove()
+    return clf_path
+
+
+def ensure_purifier(cfg: Config, settings: PretrainSettings, train: Split, folder: str | Path | None = None, *,
+                    device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> Path:
+    """The purifier's cache entry (`ensure_pretrained`'s arguments): reused, or trained, going on after
+    the last epoch a stopped run saved. Where its CE term needs the classifier
+    (`purifier_needs_classifier`), the classifier's entry must be in the cache already.
+
+    Raises:
+        CheckpointError: as `ensure_pretrained`'s; also the classifier's entry is missing where needed.
+    """
+    clf_path, pur_path = cache_paths(cfg, settings, train, folder)
     if pur_path.is_file():
         check_entry(pur_path, "purifier")
         log(f"reusing pre-trained {pur_path}")
-        return clf_path, pur_path
+        return pur_path
+    classifier = None
+    if purifier_needs_classifier(settings):
+        if not clf_path.is_file():
+            raise CheckpointError(f"the purifier's CE term needs the pre-trained classifier {str(clf_path)!r}, "
+                                  "which is not in the cache; pre-train the classifier first (ensure_pretrained)")
+        classifier = build_classifier(load_checkpoint(clf_path, kind="classifier"))
     torch.manual_seed(cfg.seed)
     purifier, disc = PURIFIERS[cfg.purifier](cfg.purifier_width), PatchDiscriminator()
     images = min(settings.purifier_n_train or len(train), len(train))
@@ -268,7 +301,7 @@ def ensure_pretrained(cfg: Config, settings: PretrainSettings, folder: str | Pat
         pass  # each epoch shows its own progress (atop.progress)
     save_checkpoint(pur_path, kind="purifier", cfg=cfg, purifier=purifier, discriminator=disc)
     partial.remove()
-    return clf_path, pur_path
+    return pur_path
 
 
 def _announce(partial: EpochCheckpoint, what: str, epochs: int, data: str,

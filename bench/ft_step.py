@@ -81,8 +81,9 @@ class OursStep:
         classifier, purifier, discriminator = (copy.deepcopy(m) for m in models)
         self.trainer = PurifierTrainer(cfg, purifier, discriminator, classifier, device)
         self.transform = RandomTransform.from_config(cfg)
-        defense = Defense.from_config(cfg, self.trainer.purifier, self.trainer.classifier, self.transform)
-        self.attack = training_attack(cfg, self.trainer.classifier, defense)
+        # the trainer froze `classifier` and moved it to the device in place
+        defense = Defense.from_config(cfg, self.trainer.purifier, classifier, self.transform)
+        self.attack = training_attack(cfg, classifier, defense)
         self.channels_last, self.ce_weight = cfg.channels_last, cfg.lambda_ce
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

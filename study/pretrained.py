@@ -1,4 +1,6 @@
-"""Pre-training once, before any trial, as one Ray task (it gets a GPU where trials do).
+"""Pre-training once, before any trial, as one Ray task (it gets a GPU where trials do), or as two at
+once (classifier, purifier) where the purifier does not train against the classifier and the cluster
+has room for both.
 
 The files land in the pre-training cache (`--pretrained-cache`, default
 `<storage-path>/.pretrained-cache/`), named by a hash of their settings, training data and code
@@ -58,21 +60,26 @@ class GivenWeights:
     purifier: Path | None
 
 
+#: what one pre-training task makes, in this order (`_pretrain_task`)
+STAGES = ("classifier", "purifier")
+
+
 def _pretrain_task(cfg: dict[str, Any], settings: PretrainSettings, train: Split, use_gpu: bool,
-                   threads: int, folder: str) -> tuple[bytes, bytes]:
-    """Pre-train what the cache `folder` lacks; returns the classifier's and purifier's files."""
+                   threads: int, folder: str, stages: tuple[str, ...] = STAGES) -> tuple[bytes, ...]:
+    """Make (or reuse) the cache entries of `stages` in the cache `folder`; returns their files, in order."""
     import torch
 
-    from atop.pretrain import ensure_pretrained
+    from atop.pretrain import ensure_classifier, ensure_purifier
 
     torch.set_num_threads(threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    ensure = {"classifier": ensure_classifier, "purifier": ensure_purifier}
     # the cache folder itself: a classifier already there is reused when only the purifier is missing.
     # Said on stderr, where each epoch's progress line goes: Ray forwards a worker's stdout and stderr
     # separately, so lines split over both reach the driver out of order.
-    clf_path, pur_path = ensure_pretrained(Config.from_dict(cfg), settings, folder, train=train, device=device,
-                                           log=lambda m: print(m, file=sys.stderr, flush=True))
-    return Path(clf_path).read_bytes(), Path(pur_path).read_bytes()
+    return tuple(ensure[stage](Config.from_dict(cfg), settings, train, folder, device=device,
+                               log=lambda m: print(m, file=sys.stderr, flush=True)).read_bytes()
+                 for stage in stages)
 
 
 def given_weights(folder: str | os.PathLike, settings: PretrainSettings) -> GivenWeights:
@@ -231,11 +238,20 @@ def pretrain_once(cfg: Config, settings: PretrainSettings, train: Split, folder:
         return clf_path, pur_path
     import ray
 
-    threads = max(1, int(cpus))
-    task = ray.remote(num_cpus=cpus, num_gpus=min(1.0, gpus) if gpus > 0 else 0)(_pretrain_task)
+    from atop.pretrain import purifier_needs_classifier
+
+    threads, task_gpus = max(1, int(cpus)), min(1.0, gpus) if gpus > 0 else 0
+    task = ray.remote(num_cpus=cpus, num_gpus=task_gpus)(_pretrain_task)
+    # Two tasks at once where the purifier does not train against the classifier and the cluster has
+    # room for both; otherwise one task, classifier then purifier, on one node (whose cache then
+    # holds the classifier the purifier's CE term needs).
+    apart = not clf_path.is_file() and not pur_path.is_file() and not purifier_needs_classifier(settings) \
+        and _room_for_two(cpus, task_gpus)
+    groups = [(stage,) for stage in STAGES] if apart else [STAGES]
     log(f"pre-training the classifier and purifier once for the study ({threads} CPU threads"
-        f"{', 1 GPU' if gpus > 0 else ''})")
-    files = _result_unless_stopped(task.remote(cfg.to_dict(), settings, train, gpus > 0, threads, str(folder)), stop)
+        f"{', 1 GPU' if gpus > 0 else ''}{' each, as two tasks at once' if apart else ''})")
+    refs = [task.remote(cfg.to_dict(), settings, train, gpus > 0, threads, str(folder), group) for group in groups]
+    files = [data for group in _results_unless_stopped(refs, stop) for data in group]
     # the task may have run on another node, whose copy of `folder` is not this driver's (a local
     # cache, as with an object-store --storage-path): keep the files here too
     for path, data in zip((clf_path, pur_path), files):
@@ -244,21 +260,31 @@ def pretrain_once(cfg: Config, settings: PretrainSettings, train: Split, folder:
     return clf_path, pur_path
 
 
-def _result_unless_stopped(ref: Any, stop: Callable[[], bool] | None) -> Any:
-    """The result of the Ray task `ref`; `PretrainingStopped` once `stop()` is true, the task cancelled."""
+def _room_for_two(cpus: float, gpus: float) -> bool:
+    """Whether the Ray cluster has the resources of two pre-training tasks at once (in total: Ray
+    places each on a node that fits it, or queues the second, which then runs after the first)."""
+    import ray
+
+    total = ray.cluster_resources()
+    return total.get("CPU", 0.0) >= 2 * cpus and total.get("GPU", 0.0) >= 2 * gpus
+
+
+def _results_unless_stopped(refs: list[Any], stop: Callable[[], bool] | None) -> list[Any]:
+    """The results of the Ray tasks `refs`; `PretrainingStopped` once `stop()` is true, the tasks cancelled."""
     import ray
 
     if stop is None:
-        return ray.get(ref)
+        return ray.get(refs)
     while True:
-        ready, _ = ray.wait([ref], timeout=1.0)
-        # the stop first: a Ctrl+C reaches the task's worker too (the terminal signals the whole
-        # process group), and its task then fails with KeyboardInterrupt, which is no failure here
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        # the stop first: a Ctrl+C reaches the tasks' workers too (the terminal signals the whole
+        # process group), and a task then fails with KeyboardInterrupt, which is no failure here
         if stop():
-            ray.cancel(ref, force=True)  # ends its worker: the epoch in progress is lost, the last saved one stays
+            for ref in refs:  # ends their workers: the epoch in progress is lost, the last saved one stays
+                ray.cancel(ref, force=True)
             raise PretrainingStopped
-        if ready:
-            return ray.get(ref)
+        if not waiting:
+            return ray.get(refs)
 
 
 def weights_record(classifier: Path, purifier: Path) -> dict[str, dict[str, str]]:
