@@ -107,10 +107,12 @@ class PurifierTrainer:
         with self.autocast():
             g_gan = g_hinge_loss(self._discriminator(x_hat, holes0))
             l1 = l1_loss(x_hat, target)
-            if ce_weight > 0 and self._classifier is None:
+            if ce_weight <= 0:
+                ce = x_hat.new_zeros(())
+            elif self._classifier is None:
                 raise ValueError(f"ce_weight={ce_weight} needs the classifier, and this trainer has none")
-            ce = F.cross_entropy(self._classifier(x_hat), y) if self._classifier is not None and ce_weight > 0 \
-                else x_hat.new_zeros(())
+            else:
+                ce = F.cross_entropy(self._classifier(x_hat), y)
             total = cfg.gan_weight * g_gan + cfg.l1_weight * l1 + ce_weight * ce
         self.opt_g.zero_grad(set_to_none=True)
         # G's parameters only: D's weight gradients, which a plain `total.backward()` computes and

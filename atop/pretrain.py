@@ -249,8 +249,16 @@ def purifier_needs_classifier(settings: PretrainSettings) -> bool:
 
 def ensure_classifier(cfg: Config, settings: PretrainSettings, train: Split, folder: str | Path | None = None, *,
                       device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> Path:
-    """The classifier's cache entry (`ensure_pretrained`'s arguments): reused, imported from
-    `settings.classifier_checkpoint`, or trained, going on after the last epoch a stopped run saved."""
+    """The classifier's cache entry: reused, imported from `settings.classifier_checkpoint`, or trained,
+    going on after the last epoch a stopped run saved.
+
+    Args:
+        train: the pre-training subset (its fingerprint names the entry).
+        folder: the cache folder; None = `atop.checkpoint.default_cache_dir()`.
+
+    Raises:
+        CheckpointError: the entry or `settings.classifier_checkpoint` is corrupt or foreign.
+    """
     clf_path = cache_paths(cfg, settings, train, folder)[0]
     if clf_path.is_file():
         check_entry(clf_path, "classifier")
@@ -273,12 +281,16 @@ def ensure_classifier(cfg: Config, settings: PretrainSettings, train: Split, fol
 
 def ensure_purifier(cfg: Config, settings: PretrainSettings, train: Split, folder: str | Path | None = None, *,
                     device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> Path:
-    """The purifier's cache entry (`ensure_pretrained`'s arguments): reused, or trained, going on after
-    the last epoch a stopped run saved. Where its CE term needs the classifier
-    (`purifier_needs_classifier`), the classifier's entry must be in the cache already.
+    """The purifier's cache entry: reused, or trained, going on after the last epoch a stopped run
+    saved. Where its CE term needs the classifier (`purifier_needs_classifier`), the classifier's
+    entry must be in the cache already.
+
+    Args:
+        train: the pre-training subset (its fingerprint names the entry).
+        folder: the cache folder; None = `atop.checkpoint.default_cache_dir()`.
 
     Raises:
-        CheckpointError: as `ensure_pretrained`'s; also the classifier's entry is missing where needed.
+        CheckpointError: an entry is corrupt or foreign, or the classifier's is missing where needed.
     """
     clf_path, pur_path = cache_paths(cfg, settings, train, folder)
     if pur_path.is_file():

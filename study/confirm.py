@@ -311,8 +311,8 @@ def run_confirm(*, study: Any, space: Space, base: Config, overrides: Mapping[st
                 record(t)
 
         if carried := [j for j in jobs if j.resume_from]:
-            log(f"confirm: {len(carried)} trial(s) go on from the last checkpoint a stopped driver's trial left: "
-                f"{', '.join(f'trial {j.number} seed {j.seed}' for j in carried)}")
+            log(f"confirm: {len(carried)} trial(s) go on from the checkpoint a stopped driver's trial left (one that "
+                f"had trained its last epoch starts again): {', '.join(f'trial {j.number} seed {j.seed}' for j in carried)}")
         fit([{"number": j.number, "seed": j.seed, "run_id": j.run_id, "config": j.config, "resume_from": j.resume_from}
              for j in jobs], ended)
         left = {t.number for t in todo if t.number not in done}

@@ -31,11 +31,11 @@ The next `--resume` finds nothing RUNNING, reruns the interrupted trials first, 
 checkpoint, runs the study to its `--num-trials`, then confirms what is not yet confirmed (a confirm
 trial from its own newest checkpoint, `study.confirm.run_confirm`; one that had trained its last epoch
 starts again, as its test scoring comes with that epoch; pre-training goes on after its last finished
-epoch). Ctrl+C
-while the input is checked (before Ray starts, with the data load) ends the driver with one line and
-130, nothing created; SIGTERM then, or a second signal later, ends it at once (the default action):
-the next `--resume` settles what is left, as after a crash. So does a SIGTERM to the embedded driver's whole
-process group: it reaches the in-process Ray's own daemons (GCS, raylet), whose loss ends the driver
+epoch). A signal while the finished study is settled and reported stops nothing; the driver says so
+and exits with the same status. Ctrl+C while the input is checked (before Ray starts, with the data
+load) ends the driver with one line and 130, nothing created; SIGTERM then, or a second signal later,
+ends it at once (the default action): the next `--resume` settles what is left, as after a crash. So
+does a SIGTERM to the embedded driver's whole process group: it reaches the in-process Ray's own daemons (GCS, raylet), whose loss ends the driver
 at once (Ray's core worker exits the process). `ray job stop` signals only the job's processes (a
 cluster's daemons are not among them) and sends SIGKILL `RAY_JOB_STOP_WAIT_TIME_S` seconds after
 SIGTERM (default 3, read from the environment of the head's `ray start`; Tune gives a busy trial
@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ray import tune
 
 from study import optuna_storage
-from study.storage import default_cache, job_submission_id, parse
+from study.storage import job_submission_id
 
 if TYPE_CHECKING:
     from study.plan import StudyPlan
@@ -115,8 +115,9 @@ def catch_stop_signals(request: StopRequest) -> Iterator[StopRequest]:
         yield request
     finally:
         for signum, handler in previous.items():
-            if handler is not None:  # None: a handler not set from Python, which Python cannot put back
-                signal.signal(signum, handler)
+            # None: a handler not set from Python (Ray's C one), which Python cannot put back; the
+            # default action then, rather than this block's handler answering a request nobody reads
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         if tune_sigint is None:
             os.environ.pop(TUNE_SIGINT_ENV, None)
         else:
@@ -137,7 +138,7 @@ def _write(text: str) -> None:
 def resume_command(plan: StudyPlan) -> str:
     """The command that continues the study of `plan` (under `ray job submit`, submitted the same way)."""
     command = f"python study/run.py --study-name {shlex.quote(plan.name)} --storage-path {shlex.quote(plan.storage_path)}"
-    if plan.pretrained_cache != default_cache(parse(plan.storage_path)):  # its weights (or pre-training's last epoch) are there
+    if plan.cache_given:  # its weights (or pre-training's last epoch) are there, not in the default cache
         command += f" --pretrained-cache {shlex.quote(str(plan.pretrained_cache))}"
     command += " --resume"
     if job_submission_id():

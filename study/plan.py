@@ -51,6 +51,7 @@ class StudyPlan:
             as its trial runs name them (`weights_named_by_trials`); None: pre-train or reuse the cache.
         storage_path: `--storage-path` as a later `--resume` must give it (a local path absolute, an
             object-store URI as given, its options included).
+        cache_given: `--pretrained-cache` was given (a later `--resume` must give it too).
     """
 
     settings: StudySettings
@@ -72,6 +73,7 @@ class StudyPlan:
     warm_start: WarmStart | None = None
     weights: tuple[Path, Path] | None = None
     storage_path: str = ""
+    cache_given: bool = False
 
     @property
     def optuna_url(self) -> str:

@@ -270,24 +270,27 @@ def _room_for_two(cpus: float, gpus: float) -> bool:
 
 
 def _results_unless_stopped(refs: list[Any], stop: Callable[[], bool] | None) -> list[Any]:
-    """The results of the Ray tasks `refs` (the first failure raises at once); `PretrainingStopped` once
-    `stop()` is true, the tasks cancelled."""
+    """The results of the Ray tasks `refs`: the first failure raises at once, and `PretrainingStopped`
+    once `stop()` is true; either way every task still running is cancelled."""
     import ray
 
     checked: set[Any] = set()
-    while True:
-        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=1.0)
-        # the stop first: a Ctrl+C reaches the tasks' workers too (the terminal signals the whole
-        # process group), and a task then fails with KeyboardInterrupt, which is no failure here
-        if stop is not None and stop():
-            for ref in refs:  # ends their workers: the epoch in progress is lost, the last saved one stays
-                ray.cancel(ref, force=True)
-            raise PretrainingStopped
-        if not waiting:
-            return ray.get(refs)
-        for ref in set(ready) - checked:  # a task that failed raises now, not once the other one ends
-            checked.add(ref)
-            ray.get(ref)
+    try:
+        while True:
+            ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+            # the stop first: a Ctrl+C reaches the tasks' workers too (the terminal signals the whole
+            # process group), and a task then fails with KeyboardInterrupt, which is no failure here
+            if stop is not None and stop():
+                raise PretrainingStopped
+            if not waiting:
+                return ray.get(refs)
+            for ref in set(ready) - checked:  # a task that failed raises now, not once the other one ends
+                checked.add(ref)
+                ray.get(ref)
+    except BaseException:
+        for ref in refs:  # ends their workers (a no-op for an ended task): the epoch in progress is lost,
+            ray.cancel(ref, force=True)  # the last saved one stays
+        raise
 
 
 def weights_record(classifier: Path, purifier: Path) -> dict[str, dict[str, str]]:

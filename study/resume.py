@@ -81,15 +81,17 @@ def latest_checkpoint(store: Storage, number: int, seed: int | None = None) -> s
     (None: none). Tune's layout there: `<experiment_name(...)>/<trial_folder(...)>/checkpoint_<k>/`; a
     checkpoint counts only with every file of `CHECKPOINT_FILES` (a driver killed while Tune copied
     one leaves it incomplete)."""
-    found: list[tuple[int, str]] = []
+    found: list[tuple[str, int, str]] = []
     experiments, trials = SEARCH_EXPERIMENT if seed is None else CONFIRM_EXPERIMENT, trial_folder(number, seed, "")
     for experiment in (e for e in store.listdir() if e.startswith(experiments)):
         for trial in (t for t in store.listdir(experiment) if t.startswith(trials)):
             for name in (c for c in store.listdir(experiment, trial) if c.startswith("checkpoint_")):
                 folder = posixpath.join(experiment, trial, name)
                 if all(store.exists(folder, f) for f in CHECKPOINT_FILES) and name.split("_")[-1].isdigit():
-                    found.append((int(name.split("_")[-1]), folder))
-    return max(found)[1] if found else None
+                    found.append((experiment, int(name.split("_")[-1]), folder))
+    # the newest experiment first (its name ends in its start time), then the last checkpoint in it:
+    # Tune counts a trial's checkpoints from 0 again in each experiment
+    return max(found)[2] if found else None
 
 
 def finished_count(study: optuna.Study) -> int:

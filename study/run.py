@@ -258,7 +258,8 @@ def prepare(args: argparse.Namespace) -> StudyPlan:
                      data_dir=data_dir, cfg=cfg, pool=holdout.pool, val=holdout.val, test=test,
                      optuna_storage=optuna_url, references=tuple(references), pretrained=pretrained,
                      resume=bool(args.resume), verbose=bool(args.verbose), warm_start=warm, weights=weights,
-                     storage_path=args.storage_path if storage.remote else storage.where())
+                     storage_path=args.storage_path if storage.remote else storage.where(),
+                     cache_given=bool(args.pretrained_cache))
 
 
 def _references(settings: StudySettings, cfg: Config, enqueue: str | None) -> list[Reference]:
@@ -418,6 +419,9 @@ def _run_open(plan: StudyPlan, opened: OpenStudy, started: float, interrupt: Sto
             return settle_stopped(plan, opened, interrupt)
     settle(plan)
     report(plan, opened, time.time() - started, confirmed, ran=remaining > 0 or confirmed_now, stopped=stopped)
+    if interrupt.reason:  # it came while the finished study was settled and reported: nothing to stop
+        print(f"{interrupt.reason}: it came after the study had finished; nothing was stopped", flush=True)
+        return interrupt.exit_status
     return 0
 
 
@@ -430,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         return one_line_errors(lambda: run(prepare(args)), (StudyError,))
     except KeyboardInterrupt:  # Ctrl+C while the input is checked (`run` catches it from Ray's start on)
         print("stopped (SIGINT, Ctrl+C) while checking the input; nothing was created", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return 128 + signal.SIGINT  # as `study.interrupt.StopRequest.exit_status` (which imports Ray)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,6 @@ def trial_label(trial: optuna.trial.BaseTrial) -> str:
     return f"trial {trial.number} ({inside})" if inside else f"trial {trial.number}"
 
 
-
 class AskTellSearcher(Searcher):
     """Asks `study` for trials until `n_trials` of them end COMPLETE or FAIL; suggests from `space`
     over `base`, tells results.

@@ -91,10 +91,10 @@ def test_after_the_stop_a_trial_that_reported_its_last_epoch_is_told_the_others_
 
 def test_the_resume_command_names_the_study_and_its_storage(monkeypatch):
     plan = SimpleNamespace(name="my study", storage_path="/data/studies", optuna_url="sqlite:////data/studies/x.db",
-                           pretrained_cache=Path("/data/studies/.pretrained-cache"))  # the default
+                           pretrained_cache=Path("/data/studies/.pretrained-cache"), cache_given=False)
     monkeypatch.delenv(JOB_ENV, raising=False)
     assert resume_command(plan) == "python study/run.py --study-name 'my study' --storage-path /data/studies --resume"
-    plan.pretrained_cache = Path("/data/my cache")  # not the default: the resumed study needs it
+    plan.pretrained_cache, plan.cache_given = Path("/data/my cache"), True  # the resumed study needs it
     assert resume_command(plan) == "python study/run.py --study-name 'my study' --storage-path /data/studies " \
                                    "--pretrained-cache '/data/my cache' --resume"
     monkeypatch.setenv(JOB_ENV, json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}}))

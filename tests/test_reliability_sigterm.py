@@ -298,7 +298,7 @@ def test_ctrl_c_in_the_confirm_stage_leaves_it_for_resume(cifar_dir, tmp_path):
                               "--resume"], capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert "Confirmed on test (2 seeds per config, 16 test images" in resumed.stdout, resumed.stdout[-3000:]
-    assert "go on from the last checkpoint a stopped driver's trial left" in resumed.stdout, resumed.stdout[-3000:]
+    assert "go on from the checkpoint a stopped driver's trial left" in resumed.stdout, resumed.stdout[-3000:]
     stage = client.search_runs([experiment], f"tags.`{STAGE_TAG}` = 'confirm'")
     assert sorted(r.info.status for r in stage) == ["FINISHED"] * 3 + ["KILLED"] * 3
     assert len({r.data.tags[CONFIRM_OF_TAG] for r in stage}) == 1

@@ -240,16 +240,19 @@ def test_an_interrupted_trial_is_rerun_from_its_newest_complete_checkpoint(tmp_p
         for f in files:
             (trial / name / f).write_bytes(b"x")
     (tmp_path / "study" / "tune-20261130-120000" / "trial-0013-cd34" / "checkpoint_000004").mkdir(parents=True)
-    confirm = tmp_path / "study" / "confirm-20261201-120000" / "confirm-0003-seed2-ef56" / "checkpoint_000002"
-    confirm.mkdir(parents=True)
-    for f in CHECKPOINT_FILES:
-        (confirm / f).write_bytes(b"x")
+    # a confirm trial stopped twice: at its third checkpoint, then, resumed, at its second
+    for confirm in (tmp_path / "study" / "confirm-20261201-120000" / "confirm-0003-seed2-ef56" / "checkpoint_000002",
+                    tmp_path / "study" / "confirm-20261201-130000" / "confirm-0003-seed2-gh78" / "checkpoint_000001"):
+        confirm.mkdir(parents=True)
+        for f in CHECKPOINT_FILES:
+            (confirm / f).write_bytes(b"x")
     # checkpoint_000001 lacks a file (a driver killed while Tune copied it): the one before counts
     assert latest_checkpoint(store, 3) == "tune-20261130-120000/trial-0003-ab12/checkpoint_000000"
     assert latest_checkpoint(store, 13) is None  # a folder without the files is no checkpoint
     assert latest_checkpoint(store, 4) is None
     # a confirm trial's, by its search trial's number and its seed; never taken for the search trial's
-    assert latest_checkpoint(store, 3, seed=2) == "confirm-20261201-120000/confirm-0003-seed2-ef56/checkpoint_000002"
+    # the newest experiment's (Tune numbers a trial's checkpoints from 0 in each)
+    assert latest_checkpoint(store, 3, seed=2) == "confirm-20261201-130000/confirm-0003-seed2-gh78/checkpoint_000001"
     assert latest_checkpoint(store, 3, seed=1) is None
     assert latest_checkpoint(parse(str(tmp_path / "nothing"), job=False), 3) is None
 

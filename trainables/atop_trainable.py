@@ -192,7 +192,9 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
             faults.at(report.epoch, purifier)
             final = report
         if log:
-            if final is None:  # resumed after its last epoch: nothing ran here, the restored purifier's
+            # retried by Tune from its last epoch's checkpoint (it failed after that report): nothing ran
+            # here, and the artifacts, made in the failed attempt's trial folder, are made again
+            if final is None:
                 _final_artifacts(log, number, cfg, ctx, classifier, classifier_ref, purifier, discriminator, None,
                                  trial_dir, device)
             log.set_status("FINISHED")
@@ -207,8 +209,10 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
         tune.report({FAILED_KEY: 1, ERROR_KEY: message, TRIAL_NUMBER: number})
     except BaseException as exc:
         # Tune ends a trial it stops (a scheduler's prune) by raising SystemExit(0) in the trial's
-        # thread: that is not an error to record
-        if log and not (isinstance(exc, SystemExit) and not exc.code):
+        # thread, and Ctrl+C reaches the trial's worker too (the terminal's whole process group; the
+        # driver settles the stop): neither is an error to record
+        stopped = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and not exc.code)
+        if log and not stopped:
             # Tune may retry it from the last checkpoint; the driver settles the final status
             log.set_tags({LAST_ERROR_TAG: f"{type(exc).__name__}: {exc}"})
             log.flush()
