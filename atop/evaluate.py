@@ -200,6 +200,8 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
 
     A draw counts as robust on an image only if that same draw also classified the clean image
     correctly (as reference AutoAttack counts robust accuracy): per draw r, clean[r] & attacked[r].
+    So an image that every clean draw misclassifies is not attacked (`atop.scoring.measure`): its
+    figures are the same without the attack's cost.
 
     Args:
         defense: the whole defense (`atop.defense.Defense`), called on images in [0,1].
@@ -228,7 +230,14 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     from atop.attacks import ATTACKS
     from atop.audit import run_audit
     from atop.data import subset
-    from atop.scoring import attack_batches, attack_eps, measure, measure_attack, seen_attack
+    from atop.scoring import (
+        attack_batches,
+        attack_eps,
+        attacked_count,
+        measure,
+        measure_attack,
+        seen_attack,
+    )
 
     level = EvalLevel(level or cfg.eval_level)
     budget = {**level_budget(level, steps=steps, eot=eot, queries=queries, repeats=repeats),
@@ -249,8 +258,8 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
         for name in names:
             spec = ATTACKS[name]
             attack = spec.build(defense, eps=attack_eps(cfg, name), seed=cfg.seed, **spec.budget(**attack_budget))
-            with step(f"{what} {name}", total=attack_batches(attack, data, opts["batch_size"]),
-                      unit="batch") as progress:
+            total = attack_batches(attack, attacked_count(data, per["clean"]), opts["batch_size"])
+            with step(f"{what} {name}", total=total, unit="batch") as progress:
                 per[name] = measure_attack(defense, data, attack, clean=per["clean"], on_batch=progress.advance, **opts)
                 progress.finish(f"robust acc {per[name].mean():.3f}")
             settings[name] = {**attack.settings(), "level": level.value, "repeats": budget["repeats"]}

@@ -13,7 +13,7 @@ from torch import nn
 
 from atop.attacks import ATTACKS, Attack, AutoAttack, Seedable
 from atop.config import Config, Norm
-from atop.data import Split
+from atop.data import Split, to_float
 
 
 def seen_attack(cfg: Config) -> str:
@@ -41,57 +41,85 @@ def measure(model: nn.Module, data: Split, attack: Attack | None, *, clean: np.n
     the same draws: differences between attacks are paired, not draw noise.
 
     Args:
-        clean: the (repeats, N) result of `measure(..., attack=None)` with the same seed. Given, a
-            draw counts as robust only if that same draw also classified the clean image correctly
-            (`clean[r] & attacked[r]`), as reference AutoAttack counts robust accuracy.
+        clean: the (repeats, N) result of `measure(..., attack=None)` with the same seed (or any
+            (repeats, N) gate). Given, a draw counts as robust only if that same draw also classified
+            the clean image correctly (`clean[r] & attacked[r]`), as reference AutoAttack counts
+            robust accuracy; an image that no draw of `clean` got right is therefore not attacked,
+            its answer being False on every draw whatever the attack does (`attacked_count`).
         on_batch: called after each batch is attacked (progress of long attacks).
 
     Returns:
         Bool array (repeats, N): whether draw r classified (attacked) image i correctly.
     """
+    if clean is not None and clean.shape != (repeats, len(data)):
+        raise ValueError(f"clean correctness has shape {clean.shape}, expected {(repeats, len(data))}")
     _reseed(model, seed)
     batches = list(data.batches(batch_size, device=device))
-    attacked = []
-    for x, y in batches:
-        attacked.append(x if attack is None else attack(x, y))
-        if on_batch is not None:
-            on_batch()
+    inputs = [x for x, _ in batches]
+    if attack is not None:
+        alive = None if clean is None else np.asarray(clean.any(axis=0))
+        inputs = _attacked(data, attack, alive=alive, batch_size=batch_size, device=device, on_batch=on_batch)
     out = np.zeros((repeats, len(data)), dtype=bool)
     for r in range(repeats):
+        # every draw classifies the images in the same batches as the clean draw, so image i meets the
+        # same randomness of the defense in draw r of every attack
         _reseed(model, seed + 1 + r)
         start = 0
         with torch.no_grad():
-            for x_adv, (_, y) in zip(attacked, batches):
-                out[r, start:start + len(y)] = (model(x_adv).argmax(dim=1) == y).cpu().numpy()
+            for x_in, (_, y) in zip(inputs, batches):
+                out[r, start:start + len(y)] = (model(x_in).argmax(dim=1) == y).cpu().numpy()
                 start += len(y)
     if clean is not None:
-        if clean.shape != out.shape:
-            raise ValueError(f"clean correctness has shape {clean.shape}, expected {out.shape}")
         out &= clean
     return out
+
+
+def attacked_count(data: Split, clean: np.ndarray | None) -> int:
+    """How many of `data`'s images `measure` attacks under the gate `clean` (None: all of them)."""
+    return len(data) if clean is None else int(clean.any(axis=0).sum())
+
+
+def _attacked(data: Split, attack: Attack, *, alive: np.ndarray | None, batch_size: int,
+              device: str | torch.device, on_batch: Callable[[], None] | None) -> list[torch.Tensor]:
+    """`data`'s images in batches of `batch_size`, those marked `alive` (None: all) replaced by their
+    attacked version; the attack sees the alive images only, in batches of `batch_size`."""
+    rows = torch.arange(len(data)) if alive is None else torch.from_numpy(np.flatnonzero(alive))
+    images = to_float(data.x).to(device)
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start:start + batch_size]
+        images[idx.to(images.device)] = attack(images[idx.to(images.device)], data.y[idx].to(device))
+        if on_batch is not None:
+            on_batch()
+    return list(images.split(batch_size))
 
 
 def measure_attack(model: nn.Module, data: Split, attack: Attack, *, clean: np.ndarray, repeats: int = 1,
                    seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu",
                    on_batch: Callable[[], None] | None = None) -> np.ndarray:
     """`measure`, except that an ensemble (`AutoAttack`) is scored as the per-image, per-draw worst case
-    of its components: each component attacks every image, each output is classified by the same
-    fresh draws, and a draw counts as robust only if the image survives every component on it. The
-    ensemble's figure is therefore never above any component's, and equals their per-draw AND.
+    of its components: each output is classified by the same fresh draws, and a draw counts as robust
+    only if the image survives every component on it. The ensemble's figure is therefore never above
+    any component's, and equals their per-draw AND. Each component is gated by the AND so far (the
+    images that some draw still classifies correctly): an image every draw already misclassifies is
+    not attacked again, as it would count as not robust whatever a later component did.
 
     Returns:
         Bool array (repeats, N), gated by `clean` as in `measure`.
     """
-    def score(part: Attack) -> np.ndarray:
-        return measure(model, data, part, clean=clean, repeats=repeats, seed=seed, batch_size=batch_size,
+    def score(part: Attack, gate: np.ndarray) -> np.ndarray:
+        return measure(model, data, part, clean=gate, repeats=repeats, seed=seed, batch_size=batch_size,
                        device=device, on_batch=on_batch)
 
     if isinstance(attack, AutoAttack):
-        return np.logical_and.reduce([score(part) for part in attack.attacks])
-    return score(attack)
+        standing = clean
+        for part in attack.attacks:
+            standing = score(part, standing)
+        return standing
+    return score(attack, clean)
 
 
-def attack_batches(attack: Attack, data: Split, batch_size: int) -> int:
-    """How many batches `measure_attack` attacks (an ensemble attacks every batch once per component)."""
+def attack_batches(attack: Attack, n_images: int, batch_size: int) -> int:
+    """How many batches `measure_attack` attacks at most, given `n_images` to attack (an ensemble
+    attacks once per component, each later component only the images the earlier ones left standing)."""
     parts = len(attack.attacks) if isinstance(attack, AutoAttack) else 1
-    return parts * -(-len(data) // batch_size)
+    return parts * -(-n_images // batch_size)

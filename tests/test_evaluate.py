@@ -37,7 +37,7 @@ from atop.evaluate import (
     measure,
     seen_attack,
 )
-from atop.scoring import measure_attack
+from atop.scoring import attacked_count, measure_attack
 from tracking.contract import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,10 +277,52 @@ def test_autoattack_is_scored_as_the_per_draw_worst_case_of_its_components() -> 
 
     clean = measure(defense, data, None, repeats=3)
     ours = measure_attack(defense, data, autoattack(), clean=clean, repeats=3)
-    parts = [measure(defense, data, part, clean=clean, repeats=3) for part in autoattack().attacks]
+    parts, standing = [], clean  # each component gated by what the earlier ones left standing
+    for part in autoattack().attacks:
+        standing = measure(defense, data, part, clean=standing, repeats=3)
+        parts.append(standing)
     assert np.array_equal(ours, np.logical_and.reduce(parts))  # per image and per draw
-    assert all(ours.mean() <= part.mean() for part in parts)  # never above a component
+    first_alone = measure(defense, data, autoattack().attacks[0], clean=clean, repeats=3)
+    assert np.array_equal(parts[0], first_alone) and (ours <= first_alone).all()  # never above the first
     assert ours.mean() < clean.mean()  # the attack did something
+
+
+class CountingAttack:
+    """An attack (FGSM, deterministic per image) that records how many images it was given."""
+
+    def __init__(self, model: nn.Module):
+        self.inner, self.seen = ATTACKS["fgsm_linf"].build(model, eps=8 / 255), 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.seen += len(x)
+        return self.inner(x, y)
+
+
+def test_images_no_clean_draw_got_right_are_not_attacked_and_the_figures_do_not_change() -> None:
+    """Gated by the clean draws, `measure` attacks only the images some draw classified correctly;
+    with a deterministic model and attack, every other image's answer is the same as attacking all."""
+    model, data = trained_classifier(), eval_images(64)
+    clean = measure(model, data, None, batch_size=16)
+    assert 0 < clean.sum() < len(data)  # some images wrong on the clean draw: the case holds
+    gated, everyone = CountingAttack(model), CountingAttack(model)
+    ours = measure(model, data, gated, clean=clean, batch_size=16)  # type: ignore[arg-type]
+    plain = measure(model, data, everyone, batch_size=16) & clean  # type: ignore[arg-type]
+    assert gated.seen == attacked_count(data, clean) == clean.any(axis=0).sum() and everyone.seen == len(data)
+    assert np.array_equal(ours, plain)
+    assert 0 < ours.sum() < clean.sum()  # the attack did something and left something standing
+    nobody = CountingAttack(model)
+    assert not measure(model, data, nobody, clean=np.zeros_like(clean), batch_size=16).any()  # type: ignore[arg-type]
+    assert nobody.seen == 0
+
+
+def test_a_random_defense_is_attacked_where_any_clean_draw_was_right() -> None:
+    defense, data = noisy_defense(trained_classifier()), eval_images(32)
+    clean = measure(defense, data, None, repeats=3)
+    some = clean.any(axis=0)
+    assert (clean.all(axis=0) != some).any()  # some images right on some draws only: the case holds
+    attack = CountingAttack(defense)
+    measure(defense, data, attack, clean=clean, repeats=3)  # type: ignore[arg-type]
+    assert attack.seen == some.sum()
 
 
 def test_bf16_evaluation_is_said_and_its_attack_is_no_weaker_than_fp32() -> None:
