@@ -40,6 +40,8 @@ _RUNS: dict[tuple, StudyRun] = {}
 _WORK: dict[str, Path] = {}
 #: process names of Tune's function-trainable actors (the trial workers)
 WORKER_MARKS = ("train_atop", "ImplicitFunc")
+#: process name of a node's MLflow sender (`tracking.spool_sender`): one per node, not per trial
+SENDER_MARK = "SpoolSender"
 
 
 @dataclass
@@ -58,6 +60,7 @@ class StudyRun:
     uss_peak: float = float("nan")  # their USS and PSS at that moment
     pss_peak: float = float("nan")
     workers_peak: int = 0  # most trial workers alive at once
+    sender_uss_peak: float = 0.0  # the largest USS of the node's MLflow sender, bytes
     log: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -91,6 +94,7 @@ class _MemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.period_s, self.stop = period_s, threading.Event()
         self.rss_peak, self.uss_peak, self.pss_peak, self.workers_peak = 0.0, 0.0, 0.0, 0
+        self.sender_uss_peak = 0.0
 
     def run(self) -> None:
         import psutil
@@ -102,6 +106,8 @@ class _MemorySampler(threading.Thread):
             for p in me.children(recursive=True):
                 try:
                     text = " ".join(p.cmdline()) or p.name()
+                    if SENDER_MARK in text:
+                        self.sender_uss_peak = max(self.sender_uss_peak, p.memory_full_info().uss)
                     if not any(m in text for m in WORKER_MARKS):
                         continue
                     info = p.memory_full_info()
@@ -176,7 +182,7 @@ def run_study(*, preset: str, num_trials: int, epochs: int, max_concurrent: int,
         shared_bytes=per_image * ((cfg.n_train or len(pool)) + cfg.n_eval), log=out.getvalue())
     if sampler:
         result.rss_peak, result.uss_peak, result.pss_peak = sampler.rss_peak, sampler.uss_peak, sampler.pss_peak
-        result.workers_peak = sampler.workers_peak
+        result.workers_peak, result.sender_uss_peak = sampler.workers_peak, sampler.sender_uss_peak
     _RUNS[key] = result
     return result
 
@@ -310,11 +316,13 @@ def memory_rows(ctx: Context) -> list[Result]:
                    f"RSS of trial workers: {one.rss_peak * mb:.0f} MB with {one.workers_peak} alive, "
                    f"{two.rss_peak * mb:.0f} MB with {two.workers_peak}; added per extra trial: USS "
                    f"{added['uss'] * mb:.0f} MB, PSS {added['pss'] * mb:.0f} MB; baseline = a Ray actor that only "
-                   f"imported torch (RSS; USS {floor['uss'] * mb:.0f}, PSS {floor['pss'] * mb:.0f} MB); train+test "
+                   f"imported torch (RSS; USS {floor['uss'] * mb:.0f}, PSS {floor['pss'] * mb:.0f} MB); not counted "
+                   f"above, the node's one MLflow sender: USS {two.sender_uss_peak * mb:.0f} MB; train+test "
                    f"as loaded {two.data_bytes * mb:.0f} MB, the n_train+n_eval subset trials receive once "
                    f"through the object store {two.shared_bytes * mb:.2f} MB",
                    extra={"rss_peak": [one.rss_peak, two.rss_peak], "uss_peak": [one.uss_peak, two.uss_peak],
                           "pss_peak": [one.pss_peak, two.pss_peak], "workers": [one.workers_peak, two.workers_peak],
+                          "sender_uss_peak": two.sender_uss_peak,
                           "added": added, "floor": floor, "data_bytes": two.data_bytes,
                           "shared_bytes": two.shared_bytes})]
 

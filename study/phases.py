@@ -25,7 +25,7 @@ from study.plan import OpenStudy
 from study.storage import job_submission_id
 from study.tables import pareto_table
 from study.trial_lines import say, trial_lines
-from tracking import mlflow_log
+from tracking import mlflow_log, spool_sender
 from tracking.contract import (
     ATTR_REFERENCE,
     ATTR_RUN_ID,
@@ -259,6 +259,7 @@ def search(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext, n_trials: int,
                                stop=settings.search_stop(started), interrupt=interrupt)
     trainable = tune.with_resources(tune.with_parameters(train_atop, ctx=ctx),
                                     {"cpu": settings.cpus, "gpu": settings.gpus})
+    spool_sender.start_senders()  # trials log through their node's sender (tracking.spool_sender)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
@@ -308,6 +309,7 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None,
                                        stage=Stage.CONFIRM.value, metric_prefix=TEST_PREFIX)
         trainable = tune.with_resources(tune.with_parameters(confirm_atop, ctx=test_ctx),
                                         {"cpu": s.cpus, "gpu": s.gpus})
+        spool_sender.start_senders()
         tuner = tune.Tuner(
             trainable, param_space={"job": tune.grid_search(jobs)},
             tune_config=tune.TuneConfig(max_concurrent_trials=s.max_concurrent, reuse_actors=True,
@@ -327,7 +329,11 @@ def confirm(plan: StudyPlan, opened: OpenStudy, ctx: StudyContext | None,
 
 
 def settle(plan: StudyPlan) -> None:
-    """Send the MLflow calls trials spooled during an outage; say where any still unsent are kept."""
+    """Send the MLflow calls trials spooled during an outage; say where any still unsent are kept.
+
+    The nodes' senders are stopped first (their calls left in the spool files), so that each file
+    has one writer: this process."""
+    spool_sender.stop_senders()
     _say_unsent(plan, mlflow_log.flush_spools(plan.spool_dir, plan.mlflow_uri))
 
 

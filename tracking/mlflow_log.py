@@ -8,10 +8,11 @@ params = `Config.to_dict()`; metrics per epoch with step = epoch; early-stopped 
 
 Tracking never stalls training. A `RunLogger` call only appends the call to its spool file (JSON
 lines, next to the trial) and returns; a background thread (one per spool file and process) sends
-the calls in order and removes them from the file once the server took them. While the server is
-down the calls wait in the file and the thread retries (backing off to every `RETRY_MAX_S`);
-`flush()` waits, bounded, and says whether anything is left. A call the server refuses for good (a
-4xx: a deleted run, a changed param, an artifact file that is gone) is skipped, reported on stdout
+the calls in order and removes them from the file once the server took them (a study's trials hand
+their calls to their node's sender process, which runs these same queues: `tracking.spool_sender`).
+While the server is down the calls wait in the file and the thread retries (backing off to every
+`RETRY_MAX_S`); `flush()` waits, bounded, and says whether anything is left. A call the server
+refuses for good (a 4xx: a deleted run, a changed param, an artifact file that is gone) is skipped, reported on stdout
 and in `SPOOL.skipped`, and does not hold up the calls behind it. A status change older than the
 run's current final status (a stale RUNNING or FINISHED replayed after the driver ended the run) is
 skipped as stale: status changes apply in time order. What is unsent when a process ends stays in
@@ -294,14 +295,16 @@ class RunLogger:
             (`open_trial_run`).
         spool: JSON-lines file holding the calls not sent yet (made when needed, removed when
             empty); artifacts are referenced by path (keep them where they are until it is gone).
+        queue: who holds the spool and sends its calls: by default this process (`SpoolQueue`);
+            a trial passes its node's sender (`tracking.spool_sender.node_logger`).
     """
 
-    def __init__(self, uri: str, run: str, spool: str | os.PathLike):
+    def __init__(self, uri: str, run: str, spool: str | os.PathLike, *, queue: Any = None):
         if not run:
             raise ValueError("RunLogger needs a run id or a TrialRunKey.ref, got an empty string")
         TrialRunKey.parse(run)  # a malformed key raises here, not later in the thread
         self.uri, self.run, self.spool = uri, run, Path(spool)
-        self._queue = _SpoolQueue.of(self.spool, uri)
+        self._queue = queue if queue is not None else SpoolQueue.of(self.spool, uri)
 
     # --- the calls a trial makes: each returns at once ----------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -440,11 +443,25 @@ def _read_spool(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 #: every spool queue of this process, by resolved spool path (kept: an idle one holds no thread)
-_QUEUES: dict[Path, _SpoolQueue] = {}
+_QUEUES: dict[Path, SpoolQueue] = {}
 _QUEUES_LOCK = threading.Lock()
 
 
-class _SpoolQueue:
+def close_queues(timeout_s: float) -> int:
+    """Close the spool queues of this process that have calls to send, one after the other, until
+    `timeout_s` is spent; returns the calls left unsent (the spool files keep them)."""
+    deadline = time.monotonic() + timeout_s
+    with _QUEUES_LOCK:
+        queues = list(_QUEUES.values())
+    left = 0
+    for queue in queues:
+        if queue.pending:
+            budget = deadline - time.monotonic()
+            left += queue.close(budget) if budget > 0 else queue.pending
+    return left
+
+
+class SpoolQueue:
     """The calls of one spool file in one process, sent in order by a thread of their own.
 
     The file is the truth: a call is appended to it before `put` returns (write-ahead), the thread
@@ -454,7 +471,7 @@ class _SpoolQueue:
     """
 
     @classmethod
-    def of(cls, spool: Path, uri: str) -> _SpoolQueue:
+    def of(cls, spool: Path, uri: str) -> SpoolQueue:
         key = spool.resolve()
         with _QUEUES_LOCK:
             queue = _QUEUES.get(key)
@@ -665,19 +682,13 @@ def upload(spool: str | os.PathLike, uri: str, timeout_s: float = FLUSH_S) -> in
     path = Path(spool)
     if not path.exists():  # nothing spooled (a live queue always has its file)
         return 0
-    return _SpoolQueue.of(path, uri).close(timeout_s)
+    return SpoolQueue.of(path, uri).close(timeout_s)
 
 
 @atexit.register
 def _flush_at_exit(budget_s: float = 10.0) -> None:
     """Give what is queued a last, bounded chance to leave (the spool files keep the rest)."""
-    deadline = time.monotonic() + budget_s
-    for queue in list(_QUEUES.values()):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        if queue.pending:
-            queue.close(left)
+    close_queues(budget_s)
 
 
 def main(argv: list[str] | None = None) -> int:

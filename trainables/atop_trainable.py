@@ -72,6 +72,7 @@ from tracking.contract import (
     Stage,
 )
 from tracking.mlflow_log import RunLogger, quiet_http
+from tracking.spool_sender import node_logger
 from trainables.faults import FaultPlan
 from trainables.trial_state import DEFENSE_FILE, restore_state, save_final, save_state
 from trainables.worker import (
@@ -138,7 +139,8 @@ def train_atop(config: dict[str, Any], ctx: StudyContext) -> None:
     if cfg.compile:  # compiled code of earlier trials' modules would fill dynamo's cache, then run eager
         torch._dynamo.reset()
     trial_dir = Path(tune.get_context().get_trial_dir())
-    log = RunLogger(ctx.mlflow_uri, run_id, Path(ctx.spool_dir) / spool_file(ctx.stage, number, cfg.seed)) \
+    # sent by this node's sender: a trial worker that imports no MLflow is ~90 MB smaller
+    log = node_logger(ctx.mlflow_uri, run_id, Path(ctx.spool_dir) / spool_file(ctx.stage, number, cfg.seed)) \
         if run_id else None
 
     checkpoint = tune.get_checkpoint()  # this trial's own (Tune retries it from there)
