@@ -118,9 +118,11 @@ def start_senders() -> int:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    for node in ray.nodes():
-        node_id = node["NodeID"]
-        if node["Alive"] and node_id not in _SENDERS:
+    alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    for node_id in set(_SENDERS) - set(alive):  # a node gone, or of an earlier Ray session of this process
+        del _SENDERS[node_id]
+    for node_id in alive:
+        if node_id not in _SENDERS:
             _SENDERS[node_id] = ray.remote(SpoolSender).options(
                 name=sender_name(node_id), get_if_exists=True, num_cpus=0, max_concurrency=SENDER_THREADS,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
