@@ -54,11 +54,11 @@ def measure(model: nn.Module, data: Split, attack: Attack | None, *, clean: np.n
     if clean is not None and clean.shape != (repeats, len(data)):
         raise ValueError(f"clean correctness has shape {clean.shape}, expected {(repeats, len(data))}")
     _reseed(model, seed)
-    batches = list(data.batches(batch_size, device=device))
-    inputs = [x for x, _ in batches]
+    images, labels = to_float(data.x).to(device), data.y.to(device)
     if attack is not None:
         alive = None if clean is None else np.asarray(clean.any(axis=0))
-        inputs = _attacked(data, attack, alive=alive, batch_size=batch_size, device=device, on_batch=on_batch)
+        images = _attacked(images, labels, attack, alive=alive, batch_size=batch_size, on_batch=on_batch)
+    batches = list(zip(images.split(batch_size), labels.split(batch_size)))
     out = np.zeros((repeats, len(data)), dtype=bool)
     for r in range(repeats):
         # every draw classifies the images in the same batches as the clean draw, so image i meets the
@@ -66,7 +66,7 @@ def measure(model: nn.Module, data: Split, attack: Attack | None, *, clean: np.n
         _reseed(model, seed + 1 + r)
         start = 0
         with torch.no_grad():
-            for x_in, (_, y) in zip(inputs, batches):
+            for x_in, y in batches:
                 out[r, start:start + len(y)] = (model(x_in).argmax(dim=1) == y).cpu().numpy()
                 start += len(y)
     if clean is not None:
@@ -79,18 +79,18 @@ def attacked_count(data: Split, clean: np.ndarray | None) -> int:
     return len(data) if clean is None else int(clean.any(axis=0).sum())
 
 
-def _attacked(data: Split, attack: Attack, *, alive: np.ndarray | None, batch_size: int,
-              device: str | torch.device, on_batch: Callable[[], None] | None) -> list[torch.Tensor]:
-    """`data`'s images in batches of `batch_size`, those marked `alive` (None: all) replaced by their
-    attacked version; the attack sees the alive images only, in batches of `batch_size`."""
-    rows = torch.arange(len(data)) if alive is None else torch.from_numpy(np.flatnonzero(alive))
-    images = to_float(data.x).to(device)
+def _attacked(images: torch.Tensor, labels: torch.Tensor, attack: Attack, *, alive: np.ndarray | None,
+              batch_size: int, on_batch: Callable[[], None] | None) -> torch.Tensor:
+    """`images` (float; changed in place) with those marked `alive` (None: all) replaced by their
+    attacked version; the attack sees the alive images only, in batches of `batch_size`. `labels`:
+    all the images' labels, on `images`' device."""
+    rows = torch.arange(len(images)) if alive is None else torch.from_numpy(np.flatnonzero(alive))
     for start in range(0, len(rows), batch_size):
-        idx = rows[start:start + batch_size]
-        images[idx.to(images.device)] = attack(images[idx.to(images.device)], data.y[idx].to(device))
+        idx = rows[start:start + batch_size].to(images.device)
+        images[idx] = attack(images[idx], labels[idx])
         if on_batch is not None:
             on_batch()
-    return list(images.split(batch_size))
+    return images
 
 
 def measure_attack(model: nn.Module, data: Split, attack: Attack, *, clean: np.ndarray, repeats: int = 1,

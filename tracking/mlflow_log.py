@@ -12,8 +12,8 @@ the calls in order and removes them from the file once the server took them (a s
 their calls to their node's sender process, which runs these same queues: `tracking.spool_sender`).
 While the server is down the calls wait in the file and the thread retries (backing off to every
 `RETRY_MAX_S`); `flush()` waits, bounded, and says whether anything is left. A call the server
-refuses for good (a 4xx: a deleted run, a changed param, an artifact file that is gone) is skipped, reported on stdout
-and in `SPOOL.skipped`, and does not hold up the calls behind it. A status change older than the
+refuses for good (a 4xx: a deleted run, a changed param, an artifact file that is gone) is skipped,
+reported on stdout and in `SPOOL.skipped`, and does not hold up the calls behind it. A status change older than the
 run's current final status (a stale RUNNING or FINISHED replayed after the driver ended the run) is
 skipped as stale: status changes apply in time order. What is unsent when a process ends stays in
 the spool file, which
@@ -510,6 +510,10 @@ class SpoolQueue:
         with self._cv:
             self._reload()
             return len(self._pending)
+
+    def state(self) -> dict[str, Any]:
+        """{"pending", "last_error", "skipped"}: what `RunLogger` reports of its queue."""
+        return {"pending": self.pending, "last_error": self.last_error, "skipped": list(self.skipped)}
 
     def put(self, op: dict[str, Any]) -> None:
         with self._cv:

@@ -52,9 +52,8 @@ class SpoolSender:
     def close(self, spool: str, uri: str, timeout_s: float) -> int:
         return SpoolQueue.of(Path(spool), uri).close(timeout_s)
 
-    def status(self, spool: str, uri: str) -> dict[str, Any]:
-        queue = SpoolQueue.of(Path(spool), uri)
-        return {"pending": queue.pending, "last_error": queue.last_error, "skipped": list(queue.skipped)}
+    def state(self, spool: str, uri: str) -> dict[str, Any]:
+        return SpoolQueue.of(Path(spool), uri).state()
 
     def close_all(self, timeout_s: float) -> int:
         """Close every queue (each `flush`ed for at most `timeout_s`); returns the calls left unsent."""
@@ -83,9 +82,6 @@ class _NodeQueue:
                 print(f"MLflow: this node's sender failed ({type(exc).__name__}); this trial sends its calls "
                       "itself from now on", flush=True)
                 self._local = SpoolQueue.of(self.path, self.uri)
-        if method == "status":
-            return {"pending": self._local.pending, "last_error": self._local.last_error,
-                    "skipped": list(self._local.skipped)}
         return getattr(self._local, method)(*args)
 
     def put(self, op: dict[str, Any]) -> None:
@@ -99,15 +95,15 @@ class _NodeQueue:
 
     @property
     def pending(self) -> int:
-        return self._ask("status")["pending"]
+        return self._ask("state")["pending"]
 
     @property
     def last_error(self) -> str | None:
-        return self._ask("status")["last_error"]
+        return self._ask("state")["last_error"]
 
     @property
     def skipped(self) -> list[str]:
-        return self._ask("status")["skipped"]
+        return self._ask("state")["skipped"]
 
 
 def start_senders() -> int:
