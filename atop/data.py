@@ -64,6 +64,10 @@ SPLITS = ("train", "test")
 #: validation images are carved out of the train split by a permutation with this fixed seed, so every
 #: trial, every seed of a confirm run and every later study on the same data see the same ones
 VALIDATION_SEED = 0
+#: the permutation's first images kept out of training whatever a study's validation count (up to this):
+#: studies with n_eval <= 512 (every preset) and `atop.run` then pre-train on the same pool of images,
+#: and so share their cached pre-trained weights
+VALIDATION_RESERVE = 512
 
 
 @dataclass
@@ -185,7 +189,10 @@ def carve_validation(train: Split, n_val: int, *, seed: int = VALIDATION_SEED) -
 
     The choice depends only on `seed` and the split's size, never on the run's own seed: searches,
     confirm runs with new seeds and later studies all score on the same validation images, and
-    every training subset must be drawn from `pool`.
+    every training subset must be drawn from `pool`. The validation images are the first `n_val` of a
+    fixed permutation, and `pool` is what follows its first `max(n_val, VALIDATION_RESERVE)` (the
+    reserve is capped at half of a smaller split): the pool is the same for every `n_val` up to the
+    reserve, so is the pre-training drawn from it (`training_pool`).
 
     Args:
         train: the whole train split (`source` "train").
@@ -199,6 +206,14 @@ def carve_validation(train: Split, n_val: int, *, seed: int = VALIDATION_SEED) -
         raise DataError(f"n_val={n_val} validation images out of a train split of {len(train)}; "
                         f"accepted: 1..{len(train) - 1}")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    val_rows, pool_rows = order[:n_val].sort().values, order[n_val:].sort().values
+    reserved = max(n_val, min(VALIDATION_RESERVE, len(train) // 2))
+    val_rows, pool_rows = order[:n_val].sort().values, order[reserved:].sort().values
     val = train.take(val_rows)
     return Holdout(pool=train.take(pool_rows), val=dataclasses.replace(val, source="val"))
+
+
+def training_pool(train: Split) -> Split:
+    """The train split less its validation reserve: what a run outside a study (`atop.run`) trains on,
+    the same pool as a study's with `n_eval` up to `VALIDATION_RESERVE`, so that both share cached
+    pre-trained weights and no run ever trains on a validation image."""
+    return carve_validation(train, 1).pool

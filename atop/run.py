@@ -56,7 +56,7 @@ def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, devic
     """Pre-train (or reuse), evaluate the pre-trained purifier, fine-tune (evaluating), return metrics."""
     from atop.checkpoint import build_classifier, build_purifier, load_checkpoint, save_checkpoint
     from atop.checkpoint_file import CheckpointError
-    from atop.data import load_split, subset
+    from atop.data import load_split, subset, training_pool
     from atop.defense import Defense
     from atop.evaluate import evaluate
     from atop.finetune import finetune
@@ -64,10 +64,10 @@ def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, devic
 
     preset = get_preset(preset_name)
     log = lambda msg: print(msg, flush=True)
-    train_full = load_split(cfg.dataset, "train", data_dir)
+    train_pool = training_pool(load_split(cfg.dataset, "train", data_dir))  # a study's pool: the same cache
     test = subset(load_split(cfg.dataset, "test", data_dir), cfg.n_eval)
     clf_path, pur_path = ensure_pretrained(cfg, preset.pretrain, pretrained_cache, device=device, log=log,
-                                           train=subset(train_full, preset.pretrain.n_train, seed=cfg.seed))
+                                           train=subset(train_pool, preset.pretrain.n_train, seed=cfg.seed))
     classifier = build_classifier(load_checkpoint(clf_path, kind="classifier"))
     purifier, disc = build_purifier(load_checkpoint(pur_path, kind="purifier"))
     if disc is None:  # fine-tuning continues the GAN game that pre-training started
@@ -79,7 +79,7 @@ def run(cfg: Config, preset_name: str, out: Path, *, data_dir: str | None, devic
     baseline = evaluate(baseline_defense, test, cfg, device=device, split="test")
     log(f"before fine-tuning ({baseline.description}): {_summary(baseline.metrics)}")
     report = None
-    for report in finetune(cfg, classifier, purifier, disc, subset(train_full, cfg.n_train, seed=cfg.seed), test,
+    for report in finetune(cfg, classifier, purifier, disc, subset(train_pool, cfg.n_train, seed=cfg.seed), test,
                            device=device):
         log(f"epoch {report.epoch}/{cfg.epochs}: {_summary(report.metrics)} "
             f"({report.metrics['images_per_s']:.0f} img/s, {report.metrics['epoch_s']:.0f} s)")

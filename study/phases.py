@@ -199,11 +199,10 @@ def shared_context(plan: StudyPlan, opened: OpenStudy, stop: Callable[[], bool] 
         clf_path, pur_path = plan.weights
         print(f"reusing the study's pre-trained {clf_path} and {pur_path.name}", flush=True)
     else:
-        pretrain_settings = settings.pretrain_settings()
         clf_path, pur_path = pretrain_once(
-            cfg, pretrain_settings, subset(plan.pool, pretrain_settings.n_train, seed=cfg.seed),
-            plan.pretrained_cache, cpus=min(settings.cpus * settings.max_concurrent, ray_cpus()),
-            gpus=settings.gpus, pretrained=plan.pretrained, stop=stop)
+            cfg, settings.pretrain_settings(), plan.pretraining_data, plan.pretrained_cache,
+            cpus=min(settings.cpus * settings.max_concurrent, ray_cpus()), gpus=settings.gpus,
+            pretrained=plan.pretrained, stop=stop)
         saved = plan.store.read_json(STUDY_FILE)
         plan.store.write_json(STUDY_FILE, {**saved, "weights": weights_record(clf_path, pur_path)})
     return StudyContext(

@@ -36,7 +36,8 @@ class StudyPlan:
         mlflow_uri: the tracking URI (checked when given or on resume).
         data_dir: the data folder as resolved (None: `$ATOP_DATA_DIR` or atop's default).
         cfg: the config every trial starts from (`StudySettings.base_config()`).
-        pool: the train split less the validation images: all that pre-training and fine-tuning see.
+        pool: the train split less its validation reserve (`atop.data.carve_validation`): all that
+            pre-training and fine-tuning see.
         val: the validation images every search trial is scored on (`cfg.n_eval` of the train split,
             `atop.data.carve_validation`: the same for every trial, seed and later study).
         test: the whole test split; only the confirm stage scores on it.
@@ -82,6 +83,14 @@ class StudyPlan:
     @property
     def spool_dir(self) -> Path:
         return self.folder / "spool"
+
+    @property
+    def pretraining_data(self) -> Split:
+        """The images the classifier and purifier are pre-trained on (a seeded subset of `pool`): the
+        pre-training cache's data key, the same for every study whose pool is the same."""
+        from atop.data import subset
+
+        return subset(self.pool, self.settings.pretrain_settings().n_train, seed=self.cfg.seed)
 
     @property
     def validation_record(self) -> dict[str, Any]:

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from atop.data import DataError, carve_validation, load_npz, load_split, resolve_data_dir, subset
+from atop.data import (
+    VALIDATION_RESERVE,
+    DataError,
+    carve_validation,
+    load_npz,
+    load_split,
+    resolve_data_dir,
+    subset,
+    training_pool,
+)
 
 DATA_DIR = Path(os.environ.get("ATOP_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -60,15 +69,31 @@ def test_validation_is_carved_from_train_and_disjoint_from_what_trains():
     train = load_split("cifar10", "train", DATA_DIR)
     assert train.source == "train" and torch.equal(train.indices, torch.arange(len(train)))
     held = carve_validation(train, 500)
-    assert held.val.source == "val" and len(held.val) == 500 and len(held.pool) == len(train) - 500
+    # 500 validation images; the pool is the split less the reserve of 512 (VALIDATION_RESERVE)
+    assert held.val.source == "val" and len(held.val) == 500 and len(held.pool) == len(train) - 512
     val_rows, pool_rows = set(held.val.indices.tolist()), set(held.pool.indices.tolist())
-    assert not val_rows & pool_rows and len(val_rows | pool_rows) == len(train)
+    assert not val_rows & pool_rows and len(val_rows | pool_rows) == len(train) - 12
     assert torch.equal(held.val.x, train.x[held.val.indices])  # rows are what the indices say
     # fixed per data set: the same images on every call, whatever seed the run itself uses
     assert torch.equal(carve_validation(train, 500).val.indices, held.val.indices)
     assert len(set(held.val.y.tolist())) == 10  # a class-mixed sample
     picked = subset(held.pool, 300, seed=7)  # training subsets keep their provenance
     assert picked.source == "train" and not set(picked.indices.tolist()) & val_rows
+
+
+def test_studies_with_any_validation_count_up_to_the_reserve_train_on_one_pool():
+    """Pre-trained weights are cached by their data: a study scoring on 256 validation images, one on 512
+    and `atop.run` must pre-train on the same images to share them, and none on a validation image."""
+    train = load_split("cifar10", "train", DATA_DIR)
+    small, large = carve_validation(train, 256), carve_validation(train, VALIDATION_RESERVE)
+    pool = training_pool(train)
+    assert torch.equal(small.pool.indices, large.pool.indices) and torch.equal(pool.indices, large.pool.indices)
+    assert set(small.val.indices.tolist()) < set(large.val.indices.tolist())  # the same images, fewer
+    assert not set(large.val.indices.tolist()) & set(pool.indices.tolist())
+    # more validation images than the reserve: the pool shrinks by exactly as many, none shared
+    more = carve_validation(train, VALIDATION_RESERVE + 100)
+    assert len(more.pool) == len(train) - VALIDATION_RESERVE - 100
+    assert not set(more.val.indices.tolist()) & set(more.pool.indices.tolist())
 
 
 def test_validation_size_out_of_range_is_one_line_error():

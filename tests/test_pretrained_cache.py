@@ -157,3 +157,28 @@ def test_real_data_fingerprint_is_stable(cifar_dir):
     train, again, other = subset(full, 1000, seed=0), subset(full, 1000, seed=0), subset(full, 1000, seed=1)
     key = cache_paths(CFG, TINY, train, "c", code="v")
     assert key == cache_paths(CFG, TINY, again, "c", code="v") != cache_paths(CFG, TINY, other, "c", code="v")
+
+
+def test_studies_of_other_validation_counts_and_atop_run_share_the_cached_weights(cifar_dir, tmp_path):
+    """reproduce-cpu scores on 256 validation images and cifar10-cpu on 512, with the same pre-training:
+    both pre-train on the images the validation reserve leaves, so the later one finds the earlier one's
+    cached weights, and so does `atop.run` (`training_pool`)."""
+    from atop.data import training_pool
+    from atop.presets import get_preset
+    from study.run import build_parser, prepare
+
+    found = {}
+    for preset in ("cifar10-cpu", "reproduce-cpu"):
+        plan = prepare(build_parser().parse_args([
+            "--preset", preset, "--data-dir", str(cifar_dir), "--storage-path", str(tmp_path / "studies"),
+            "--study-name", preset]))
+        found[preset] = (len(plan.val), cache_paths(plan.cfg, plan.settings.pretrain_settings(),
+                                                    plan.pretraining_data, tmp_path, code="v1"))
+    assert found["cifar10-cpu"][0] == 512 and found["reproduce-cpu"][0] == 256
+    assert found["cifar10-cpu"][1] == found["reproduce-cpu"][1]
+    assert not (tmp_path / "studies").exists()  # prepare created nothing
+    preset = get_preset("cifar10-cpu")  # as atop.run --preset cifar10-cpu builds its config and data
+    run_cfg = Config.from_dict(preset.config)
+    run_data = subset(training_pool(load_split("cifar10", "train", cifar_dir)), preset.pretrain.n_train,
+                      seed=run_cfg.seed)
+    assert cache_paths(run_cfg, preset.pretrain, run_data, tmp_path, code="v1") == found["cifar10-cpu"][1]
