@@ -69,10 +69,12 @@ def test_validation_is_carved_from_train_and_disjoint_from_what_trains():
     train = load_split("cifar10", "train", DATA_DIR)
     assert train.source == "train" and torch.equal(train.indices, torch.arange(len(train)))
     held = carve_validation(train, 500)
-    # 500 validation images; the pool is the split less the reserve of 512 (VALIDATION_RESERVE)
-    assert held.val.source == "val" and len(held.val) == 500 and len(held.pool) == len(train) - 512
+    # 500 validation images; the pool is the split less the whole reserve (512 images), so the reserve's
+    # other 12 images are in neither
+    assert VALIDATION_RESERVE == 512
+    assert held.val.source == "val" and len(held.val) == 500 and len(held.pool) == len(train) - VALIDATION_RESERVE
     val_rows, pool_rows = set(held.val.indices.tolist()), set(held.pool.indices.tolist())
-    assert not val_rows & pool_rows and len(val_rows | pool_rows) == len(train) - 12
+    assert not val_rows & pool_rows and len(val_rows | pool_rows) == len(train) - (VALIDATION_RESERVE - 500)
     assert torch.equal(held.val.x, train.x[held.val.indices])  # rows are what the indices say
     # fixed per data set: the same images on every call, whatever seed the run itself uses
     assert torch.equal(carve_validation(train, 500).val.indices, held.val.indices)

@@ -13,10 +13,10 @@ their calls to their node's sender process, which runs these same queues: `track
 While the server is down the calls wait in the file and the thread retries (backing off to every
 `RETRY_MAX_S`); `flush()` waits, bounded, and says whether anything is left. A call the server
 refuses for good (a 4xx: a deleted run, a changed param, an artifact file that is gone) is skipped,
-reported on stdout and in `SPOOL.skipped`, and does not hold up the calls behind it. A status change older than the
-run's current final status (a stale RUNNING or FINISHED replayed after the driver ended the run) is
-skipped as stale: status changes apply in time order. What is unsent when a process ends stays in
-the spool file, which
+reported on stdout and in `SPOOL.skipped`, and does not hold up the calls behind it. A status
+change older than the run's current final status (a stale RUNNING or FINISHED replayed after the
+driver ended the run) is skipped as stale: status changes apply in time order. What is unsent when
+a process ends stays in the spool file, which
 
     python -m tracking upload SPOOL.jsonl [...] --mlflow-uri URI
 
