@@ -85,7 +85,7 @@ PRESETS: dict[str, Preset] = {
     # Real trade-offs on a 2-core CPU: fast_cnn pre-trained on all 50,000 images (5 epochs: 84.7% on
     # the 10,000 test images; about 5 minutes at the 975 img/s of its bf16 channels-last step on 2
     # quiet cores). The unet purifier learns with the frozen classifier's CE (lr 2e-3, batch 32: more
-    # steps, not larger ones; lr 4e-3 or CE weight 0.5 did worse), but does not yet keep clean
+    # steps, not larger ones; lr 4e-3, or CE weight 0.5 or 1.0, did worse), but does not yet keep clean
     # accuracy within 10 points of the classifier (83.5% on the first 1,000 test images). Through
     # RT2: 3 epochs on 10,000 images gave 50.5% (RT1 70.1%, RT3 37.2%); 6 epochs on 20,000 images
     # (~10 min at 200 img/s on 2 quiet cores) gave 59.5% (RT1 75.1%, RT3 45.4%), its CE still falling.

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
-from atop.artifacts import image_grid, write_parquet
+from atop.artifacts import GRID_BOTTOM, GRID_GAP, GRID_LEFT, GRID_TOP, image_grid, write_parquet
 from atop.config import Config
 from atop.data import Split
 from atop.defense import Defense
@@ -26,6 +27,14 @@ def test_image_grid_is_a_png_and_leaves_no_temporary_file(tmp_path):
     path = image_grid(defense, data, CFG, tmp_path / "g.png", n=4)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["g.png"]
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    # 4 columns and 4 rows of 32x32 images, each enlarged 3x, between the margins
+    assert grid.shape == (GRID_TOP + 4 * (96 + GRID_GAP) + GRID_BOTTOM, GRID_LEFT + 4 * (96 + GRID_GAP), 3)
+    # the clean row holds the images themselves, pixel for pixel (nearest-neighbour enlargement)
+    for c in range(4):
+        left = GRID_LEFT + c * (96 + GRID_GAP)
+        tile = grid[GRID_TOP:GRID_TOP + 96, left:left + 96]
+        assert np.array_equal(tile[::3, ::3], data.x[c].permute(1, 2, 0).numpy())
 
 
 def test_parquet_has_a_leading_trial_number_column(tmp_path):
