@@ -146,6 +146,15 @@ def test_eot_batched_and_looped_agree_on_a_deterministic_model() -> None:
         assert torch.allclose(u, v, atol=1e-5)
 
 
+@pytest.mark.parametrize("eot_batched, sizes", [(None, [4, 4, 4]), (False, [4, 4, 4]), (True, [12])])
+def test_eot_draws_are_looped_on_a_cpu_unless_batching_is_asked_for(eot_batched, sizes) -> None:
+    model, (x, y) = trained_classifier(), batch(4)
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    ATTACKS["pgd_linf"].build(model, eps=8 / 255, eot=3, eot_batched=eot_batched).loss_and_grad(x, y)
+    assert seen == sizes
+
+
 def test_bpda_forward_is_the_defense_and_backward_skips_the_purifier() -> None:
     model, (x, _) = trained_classifier(), batch(4)
     masked = MaskedDefense(model)
@@ -215,7 +224,9 @@ def test_apgd_returns_no_weaker_images_than_its_first_misclassified_iterates() -
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     hook = defense.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
     defense.reseed(0)
-    ours = ATTACKS["apgd_ce_linf"].build(defense, eps=8 / 255, steps=steps, eot=eot, seed=0)(x, y)
+    # batched: each EOT step is one forward pass of eot * n images, which the hook can pick out
+    ours = ATTACKS["apgd_ce_linf"].build(defense, eps=8 / 255, steps=steps, eot=eot, eot_batched=True,
+                                         seed=0)(x, y)
     hook.remove()
     iterates = [(inp[:n], out.view(eot, n, -1)) for inp, out in seen if len(inp) == eot * n]
     assert len(iterates) == steps + 1  # the random start and one per step

@@ -3,8 +3,8 @@
 Subclasses implement a short `perturb(x, y)`. The base class owns what every attack must get right:
 inputs checked to be in [0,1], the result projected into the eps-ball and [0,1], gradients taken
 with respect to the input only (model parameters never accumulate `.grad`), and EOT: the loss
-gradient of a stochastic model averaged over `eot` random draws, batched into one forward pass by
-default (`eot_batched=False` loops over draws, to bound memory); and the one rule by which an attack
+gradient of a stochastic model averaged over `eot` random draws, batched into one forward pass on a
+GPU and looped over on a CPU by default (`eot_batched` forces either); and the one rule by which an attack
 decides, on a random model, which of its candidate images to keep: `select_by_fresh_draws`.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ class AttackOptions(TypedDict):
     eps: float
     norm: Norm
     eot: int
-    eot_batched: bool
+    eot_batched: bool | None
     draws: int
 
 
@@ -74,7 +74,10 @@ class Attack:
         eps: radius of the threat model, on the [0,1] pixel scale (l-inf) or as an l2 norm.
         norm: `Norm.LINF` or `Norm.L2`.
         eot: random draws of the model averaged per gradient (Expectation over Transformation).
-        eot_batched: draw all EOT samples in one forward pass (fast) or loop over them (less memory).
+        eot_batched: draw all EOT samples in one forward pass or loop over them; None (default):
+            batched for inputs on CUDA, looped on a CPU. On a CPU the loop was as fast or faster and
+            held less: smoke-size evaluation (EOT 2, batch 64) 11-15 s per epoch against 13-15 s, its
+            peak ~180 MB lower, the same figures (docs/PERFORMANCE.md); GPUs keep the one large batch.
         seed: seeds the attack's own randomness (random starts, random search).
         draws: fresh draws of the model that decide which candidate image an attack keeps (default
             10; see `select_by_fresh_draws`); each decision costs `draws` forward passes per image.
@@ -85,7 +88,7 @@ class Attack:
     BUDGET: tuple[str, ...] = ("steps",)
 
     def __init__(self, model: nn.Module, *, eps: float, norm: Norm | str = Norm.LINF, eot: int = 1,
-                 eot_batched: bool = True, seed: int = 0, draws: int = DRAWS):
+                 eot_batched: bool | None = None, seed: int = 0, draws: int = DRAWS):
         if eps < 0:
             raise ValueError(f"eps={eps} is negative; accepted: eps >= 0")
         if eot < 1:
@@ -116,10 +119,14 @@ class Attack:
 
     # --- helpers for subclasses -------------------------------------------------------------
 
+    def _batched(self, x: torch.Tensor) -> bool:
+        """Whether this call draws its EOT samples in one forward pass (see `eot_batched`)."""
+        return self.eot_batched if self.eot_batched is not None else x.device.type == "cuda"
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits averaged over `eot` draws of the model, without gradients (black-box queries)."""
-        if self.eot_batched:
+        if self._batched(x):
             return self.model(x.repeat(self.eot, *([1] * (x.dim() - 1)))).view(self.eot, len(x), -1).mean(0)
         return torch.stack([self.model(x) for _ in range(self.eot)]).mean(0)
 
@@ -127,7 +134,7 @@ class Attack:
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-example loss and its input gradient, both averaged over `eot` draws, and the mean logits."""
         x = x.detach().requires_grad_(True)
-        if self.eot_batched:
+        if self._batched(x):
             logits = self.model(x.repeat(self.eot, *([1] * (x.dim() - 1))))
             losses = loss_fn(logits, y.repeat(self.eot)).view(self.eot, -1).mean(0)
             grad, = torch.autograd.grad(losses.sum(), x)
