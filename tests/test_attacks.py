@@ -150,8 +150,11 @@ def test_eot_batched_and_looped_agree_on_a_deterministic_model() -> None:
 def test_eot_draws_are_looped_on_a_cpu_unless_batching_is_asked_for(eot_batched, sizes) -> None:
     model, (x, y) = trained_classifier(), batch(4)
     seen: list[int] = []
-    model.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
-    ATTACKS["pgd_linf"].build(model, eps=8 / 255, eot=3, eot_batched=eot_batched).loss_and_grad(x, y)
+    hook = model.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))  # a shared model: removed below
+    try:
+        ATTACKS["pgd_linf"].build(model, eps=8 / 255, eot=3, eot_batched=eot_batched).loss_and_grad(x, y)
+    finally:
+        hook.remove()
     assert seen == sizes
 
 
