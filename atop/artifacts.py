@@ -75,9 +75,10 @@ def image_grid(defense: Any, test: Split, cfg: Config, path: str | Path, *, n: i
         pred_clean, pred_adv = defense(x).argmax(1), defense.classifier(purified).argmax(1)
     rows = [("clean", x), (f"attacked ({name})", x_adv), (f"transformed ({cfg.rt.value})", views[: len(x)]),
             ("purified", purified)]
-    side, columns = x.shape[-1] * GRID_SCALE, len(x)
-    width = GRID_LEFT + columns * (side + GRID_GAP)
-    grid = Image.new("RGB", (width, GRID_TOP + len(rows) * (side + GRID_GAP) + GRID_BOTTOM), "white")
+    side = x.shape[-1] * GRID_SCALE
+    lefts = [GRID_LEFT + c * (side + GRID_GAP) for c in range(len(x) + 1)]  # each column's left edge, then the width
+    bottom = GRID_TOP + len(rows) * (side + GRID_GAP)  # where the predictions on the attacked images go
+    grid = Image.new("RGB", (lefts[-1], bottom + GRID_BOTTOM), "white")
     draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=11)
     draw.text((4, 2), f"{cfg.rt.value}, lambda={cfg.lambda_ce:.3g}: clean / attacked / transformed / purified",
               fill="black", font=font)
@@ -85,13 +86,11 @@ def image_grid(defense: Any, test: Split, cfg: Config, path: str | Path, *, n: i
         top = GRID_TOP + r * (side + GRID_GAP)
         draw.text((4, top + side // 2 - 6), label, fill="black", font=font)
         pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        for c in range(columns):
-            tile = Image.fromarray(pixels[c]).resize((side, side), Image.Resampling.NEAREST)
-            grid.paste(tile, (GRID_LEFT + c * (side + GRID_GAP), top))
-    for c in range(columns):
-        left = GRID_LEFT + c * (side + GRID_GAP)
+        for c, left in enumerate(lefts[:-1]):
+            grid.paste(Image.fromarray(pixels[c]).resize((side, side), Image.Resampling.NEAREST), (left, top))
+    for c, left in enumerate(lefts[:-1]):
         draw.text((left, GRID_TOP - 14), f"y={int(y[c])} p={int(pred_clean[c])}", fill="black", font=font)
-        draw.text((left, GRID_TOP + len(rows) * (side + GRID_GAP)), f"p={int(pred_adv[c])}", fill="black", font=font)
+        draw.text((left, bottom), f"p={int(pred_adv[c])}", fill="black", font=font)
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
