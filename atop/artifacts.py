@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from atop.attacks import ATTACKS
 from atop.config import Config
 from atop.data import Split
-from atop.evaluate import LEVELS, attack_eps, seen_attack
+from atop.evaluate import AttackedExamples
 from atop.io import atomic_write, atomic_write_bytes
 
 
@@ -42,46 +41,56 @@ def write_parquet(per_example: dict[str, np.ndarray], path: str | Path, trial_nu
 GRID_SCALE, GRID_LEFT, GRID_TOP, GRID_BOTTOM, GRID_GAP = 3, 150, 34, 16, 4
 
 
-def image_grid(defense: Any, test: Split, cfg: Config, path: str | Path, *, n: int = 8,
-               device: str | torch.device = "cpu") -> Path:
-    """PNG of the first `n` test images: rows clean / attacked (the seen attack at the config's
-    evaluation level) / transformed (first RT view) / purified, each image enlarged 3x (nearest);
-    above each column its label and the defense's prediction on the clean image, below it the
-    prediction on the attacked one.
+def image_grid(defense: Any, examples: AttackedExamples, test: Split, cfg: Config, path: str | Path, *,
+               n: int | None = None, device: str | torch.device = "cpu") -> Path:
+    """PNG of the first `n` evaluation images: rows clean / attacked / transformed (first RT view) /
+    purified, each image enlarged 3x (nearest); above each column its label and the defense's
+    prediction on the clean image, below it the prediction on the attacked one.
+
+    The attacked row is the evaluation's own: `examples` holds the seen attack's outputs that the
+    evaluation scored, so the grid shows those images and runs no attack of its own. An image the
+    evaluation did not attack (every clean draw misclassified it) is shown as it is, its prediction
+    marked with a `*` that the title explains.
 
     Drawn with Pillow rather than matplotlib: a trial makes one at its end, on its critical path, and
     matplotlib took ~0.4 s per grid and ~25 MB in every trial worker (measured on the smoke preset).
 
     Args:
         defense: an `atop.defense.Defense` (reseeded with `cfg.seed` here).
-        test: the evaluation images.
-        cfg: the trial's config (attack, eps, level, RT name, lambda for the title).
+        examples: `EvalResult.examples` of the evaluation of `defense` on `test`.
+        test: the evaluation images (the first `n` are drawn).
+        cfg: the trial's config (RT name and lambda for the title).
         path: the PNG file to write.
-        n: images (columns).
+        n: images (columns), at most the examples kept (default: all of them, `EXAMPLE_IMAGES` unless
+            fewer images were evaluated).
         device: where the defense runs.
+
+    Raises:
+        ValueError: `n` above the examples kept.
     """
     from PIL import Image, ImageDraw, ImageFont
 
+    n = len(examples.images) if n is None else n
+    if not 1 <= n <= len(examples.images):
+        raise ValueError(f"n={n} images for the grid; the evaluation kept {len(examples.images)} (1 to that many)")
     x, y = next(test.batches(n, device=device))
+    x_adv, attacked = examples.images[:n].to(device), examples.attacked[:n]
     defense.reseed(cfg.seed)
-    name = seen_attack(cfg)
-    spec = ATTACKS[name]
-    budget = spec.budget(**{k: v for k, v in LEVELS[cfg.eval_level].items() if k in ("steps", "eot", "queries")})
-    attack = spec.build(defense, eps=attack_eps(cfg, name), seed=cfg.seed, **budget)
-    x_adv = attack(x, y)
     with torch.no_grad():
         views, _ = defense.transform(x_adv, defense.generator(x_adv.device))
         purified = defense.purify(x_adv)
         pred_clean, pred_adv = defense(x).argmax(1), defense.classifier(purified).argmax(1)
-    rows = [("clean", x), (f"attacked ({name})", x_adv), (f"transformed ({cfg.rt.value})", views[: len(x)]),
+    rows = [("clean", x), (f"attacked ({examples.attack})", x_adv), (f"transformed ({cfg.rt.value})", views[: len(x)]),
             ("purified", purified)]
     side = x.shape[-1] * GRID_SCALE
     lefts = [GRID_LEFT + c * (side + GRID_GAP) for c in range(len(x) + 1)]  # each column's left edge, then the width
     bottom = GRID_TOP + len(rows) * (side + GRID_GAP)  # where the predictions on the attacked images go
     grid = Image.new("RGB", (lefts[-1], bottom + GRID_BOTTOM), "white")
     draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=11)
-    draw.text((4, 2), f"{cfg.rt.value}, lambda={cfg.lambda_ce:.3g}: clean / attacked / transformed / purified",
-              fill="black", font=font)
+    title = f"{cfg.rt.value}, lambda={cfg.lambda_ce:.3g}: clean / attacked / transformed / purified"
+    if not attacked.all():
+        title += " (* not attacked: every clean draw misclassified it)"
+    draw.text((4, 2), title, fill="black", font=font)
     for r, (label, images) in enumerate(rows):
         top = GRID_TOP + r * (side + GRID_GAP)
         draw.text((4, top + side // 2 - 6), label, fill="black", font=font)
@@ -90,7 +99,7 @@ def image_grid(defense: Any, test: Split, cfg: Config, path: str | Path, *, n: i
             grid.paste(Image.fromarray(pixels[c]).resize((side, side), Image.Resampling.NEAREST), (left, top))
     for c, left in enumerate(lefts[:-1]):
         draw.text((left, GRID_TOP - 14), f"y={int(y[c])} p={int(pred_clean[c])}", fill="black", font=font)
-        draw.text((left, bottom), f"p={int(pred_adv[c])}", fill="black", font=font)
+        draw.text((left, bottom), f"p={int(pred_adv[c])}" + ("" if attacked[c] else " *"), fill="black", font=font)
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from atop.data import Split
     from atop.scoring import attack_eps, measure, seen_attack  # offered here through __getattr__
 
-__all__ = ["AUDITED", "LEVELS", "LEVEL_ATTACKS", "EvalResult", "accuracy", "attack_eps", "config_budget", "describe",
+__all__ = ["AUDITED", "EXAMPLE_IMAGES", "LEVELS", "LEVEL_ATTACKS", "AttackedExamples", "EvalResult", "accuracy", "attack_eps", "config_budget", "describe",
            "evaluate", "how_obtained", "level_budget", "main", "measure", "seen_attack", "weakened"]
 #: names this module offers from `atop.scoring` (which imports torch), loaded on first use
 _FROM_SCORING = ("attack_eps", "measure", "seen_attack")
@@ -79,6 +79,8 @@ LEVEL_ATTACKS: dict[EvalLevel, tuple[str, ...]] = {
 }
 #: levels that run the gradient-masking audit (`atop.audit`) by default
 AUDITED = (EvalLevel.LIGHT, EvalLevel.FULL)
+#: how many of the first images' seen-attack outputs an evaluation keeps (`EvalResult.examples`)
+EXAMPLE_IMAGES = 8
 _BUDGET_KEYS = ("steps", "eot", "queries", "repeats")
 
 
@@ -161,6 +163,19 @@ def accuracy(name: str, correct: np.ndarray) -> dict[str, float]:
     return {name: mean, f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_majority": majority}
 
 
+@dataclass(frozen=True)
+class AttackedExamples:
+    """The seen attack's output on an evaluation's first images: the very images it scored.
+
+    An image that every clean draw misclassified is not attacked (`atop.scoring.measure`); it is kept
+    as the clean image, and `attacked` says which were.
+    """
+
+    attack: str  # registry name of the seen attack
+    images: torch.Tensor  # (n, C, H, W) float in [0,1], on the CPU
+    attacked: np.ndarray  # (n,) bool
+
+
 @dataclass
 class EvalResult:
     #: clean_acc, robust_acc_seen, robust_acc_unseen, robust_acc/<attack>, worst_case_acc (means over
@@ -176,6 +191,7 @@ class EvalResult:
     #: figure (a key of `metrics` without suffix) -> per-image rate of correct draws, shape (N,): what
     #: a bootstrap over images (e.g. across seeds, `study.confirm`) resamples
     rates: dict[str, np.ndarray] = field(default_factory=dict)
+    examples: AttackedExamples | None = None  # the seen attack's output on the first `EXAMPLE_IMAGES` images
 
     @property
     def level(self) -> EvalLevel:
@@ -229,7 +245,7 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
 
     from atop.attacks import ATTACKS
     from atop.audit import run_audit
-    from atop.data import subset
+    from atop.data import subset, to_float
     from atop.scoring import (
         attack_batches,
         attack_eps,
@@ -242,7 +258,8 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     level = EvalLevel(level or cfg.eval_level)
     budget = {**level_budget(level, steps=steps, eot=eot, queries=queries, repeats=repeats),
               "precision": cfg.eval_precision.value}
-    names = list(dict.fromkeys([seen_attack(cfg), *cfg.unseen_attack_names, *LEVEL_ATTACKS[level], *attacks]))
+    seen = seen_attack(cfg)
+    names = list(dict.fromkeys([seen, *cfg.unseen_attack_names, *LEVEL_ATTACKS[level], *attacks]))
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
         raise ValueError(f"unknown attack(s) {', '.join(unknown)}; accepted: {', '.join(sorted(ATTACKS))}")
@@ -250,6 +267,15 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
             "device": device}
     attack_budget = {k: budget[k] for k in ("steps", "eot", "queries")}
     what = f"evaluate ({level.value}, {len(data)} images)"
+    kept = to_float(data.x[:EXAMPLE_IMAGES])  # the seen attack's outputs replace the clean images it attacks
+    was_attacked = np.zeros(len(kept), dtype=bool)
+
+    def keep(rows: torch.Tensor, images: torch.Tensor) -> None:
+        first = rows < len(kept)
+        where = rows[first].cpu()
+        kept[where] = images[first].detach().float().cpu()
+        was_attacked[where.numpy()] = True
+
     # bf16: the defense's own forward passes under autocast; inputs, gradients and attack steps stay fp32
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
                         enabled=cfg.eval_precision is Precision.BF16):
@@ -260,7 +286,8 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
             attack = spec.build(defense, eps=attack_eps(cfg, name), seed=cfg.seed, **spec.budget(**attack_budget))
             total = attack_batches(attack, attacked_count(data, per["clean"]), opts["batch_size"])
             with step(f"{what} {name}", total=total, unit="batch") as progress:
-                per[name] = measure_attack(defense, data, attack, clean=per["clean"], on_batch=progress.advance, **opts)
+                per[name] = measure_attack(defense, data, attack, clean=per["clean"], on_batch=progress.advance,
+                                           on_attacked=keep if name == seen else None, **opts)
                 progress.finish(f"robust acc {per[name].mean():.3f}")
             settings[name] = {**attack.settings(), "level": level.value, "repeats": budget["repeats"]}
         report, audit_dict = None, None
@@ -280,7 +307,7 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
     attacked = [n for n in per if n != "clean"]
     per["unseen"] = np.logical_and.reduce([per[n] for n in cfg.unseen_attack_names])
     per["worst_case"] = np.logical_and.reduce([per["clean"], *(per[n] for n in attacked)])
-    figures = {"clean_acc": "clean", "robust_acc_seen": seen_attack(cfg), "robust_acc_unseen": "unseen",
+    figures = {"clean_acc": "clean", "robust_acc_seen": seen, "robust_acc_unseen": "unseen",
                **{f"robust_acc/{n}": n for n in attacked}}
     if report is not None or level is not EvalLevel.SCREEN:
         figures["worst_case_acc"] = "worst_case"
@@ -296,7 +323,7 @@ def evaluate(defense: nn.Module, data: Split, cfg: Config, *, level: EvalLevel |
         if budget["repeats"] > 1:
             per_example[f"{name}_correct_rate"] = values.mean(axis=0)
     return EvalResult(metrics, settings, budget, len(data), split or data.source or "unnamed", per_example, std,
-                      audit_dict, rates)
+                      audit_dict, rates, AttackedExamples(seen, kept, was_attacked))
 
 
 # --- command line ----------------------------------------------------------------------------

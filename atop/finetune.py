@@ -28,7 +28,7 @@ from atop.attacks import PGD, Attack
 from atop.config import Config, EvalLevel, GradPath, L1Target, Precision, TrainAttack
 from atop.data import Split
 from atop.defense import Defense, freeze
-from atop.evaluate import evaluate
+from atop.evaluate import AttackedExamples, evaluate
 from atop.losses import d_hinge_loss, g_hinge_loss, l1_loss
 from atop.progress import step
 from atop.transforms import RandomTransform
@@ -43,6 +43,7 @@ class EpochReport:
     eval_settings: dict[str, Any] = field(default_factory=dict)  # attack name -> settings behind each number
     rates: dict[str, Any] = field(default_factory=dict)  # figure -> per-image rate (`EvalResult.rates`)
     audit: dict[str, Any] | None = None  # the gradient-masking audit, where this epoch's level ran it
+    examples: AttackedExamples | None = None  # the seen attack's scored outputs on the first images (`EvalResult`)
 
 
 class PurifierTrainer:
@@ -189,7 +190,7 @@ def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discrimina
         started = time.perf_counter()
         result = evaluate(defense, test, cfg, level=cfg.eval_level, device=device)
         yield EpochReport(0, {**result.metrics, "epoch_s": time.perf_counter() - started}, trainer.state_dict(),
-                          result.per_example, result.settings, result.rates, result.audit)
+                          result.per_example, result.settings, result.rates, result.audit, result.examples)
     for epoch in range(start_epoch, cfg.epochs):
         shuffle.manual_seed(cfg.seed + epoch)  # the same batches on resume as in an uninterrupted run
         ce_weight = cfg.lambda_ce if epoch >= cfg.ce_warmup_epochs else 0.0
@@ -222,4 +223,5 @@ def finetune(cfg: Config, classifier: nn.Module, purifier: nn.Module, discrimina
         level = cfg.eval_level if epoch + 1 == cfg.epochs else EvalLevel.SCREEN
         result = evaluate(defense, test, cfg, level=level, device=device)
         yield EpochReport(epoch + 1, {**result.metrics, **trained, "epoch_s": time.perf_counter() - started},
-                          trainer.state_dict(), result.per_example, result.settings, result.rates, result.audit)
+                          trainer.state_dict(), result.per_example, result.settings, result.rates, result.audit,
+                          result.examples)

@@ -31,9 +31,13 @@ def _reseed(model: nn.Module, seed: int) -> None:
         model.reseed(seed)
 
 
+#: called with each attacked batch's row numbers in `data` and its attacked images (`measure`'s `on_attacked`)
+OnAttacked = Callable[[torch.Tensor, torch.Tensor], None]
+
+
 def measure(model: nn.Module, data: Split, attack: Attack | None, *, clean: np.ndarray | None = None,
             repeats: int = 1, seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu",
-            on_batch: Callable[[], None] | None = None) -> np.ndarray:
+            on_batch: Callable[[], None] | None = None, on_attacked: OnAttacked | None = None) -> np.ndarray:
     """Attack every image once, then classify each attacked image with `repeats` fresh model draws.
 
     The model's randomness is reseeded (where it has `.reseed`) to `seed` for the attack and to
@@ -47,6 +51,8 @@ def measure(model: nn.Module, data: Split, attack: Attack | None, *, clean: np.n
             robust accuracy; an image that no draw of `clean` got right is therefore not attacked,
             its answer being False on every draw whatever the attack does (`attacked_count`).
         on_batch: called after each batch is attacked (progress of long attacks).
+        on_attacked: called with each attacked batch's row numbers and attacked images (e.g. to keep
+            the very images that were scored, `atop.evaluate`'s examples).
 
     Returns:
         Bool array (repeats, N): whether draw r classified (attacked) image i correctly.
@@ -57,7 +63,8 @@ def measure(model: nn.Module, data: Split, attack: Attack | None, *, clean: np.n
     images, labels = to_float(data.x).to(device), data.y.to(device)
     if attack is not None:
         alive = None if clean is None else np.asarray(clean.any(axis=0))
-        images = _attacked(images, labels, attack, alive=alive, batch_size=batch_size, on_batch=on_batch)
+        images = _attacked(images, labels, attack, alive=alive, batch_size=batch_size, on_batch=on_batch,
+                           on_attacked=on_attacked)
     batches = list(zip(images.split(batch_size), labels.split(batch_size)))
     out = np.zeros((repeats, len(data)), dtype=bool)
     for r in range(repeats):
@@ -80,7 +87,7 @@ def attacked_count(data: Split, clean: np.ndarray | None) -> int:
 
 
 def _attacked(images: torch.Tensor, labels: torch.Tensor, attack: Attack, *, alive: np.ndarray | None,
-              batch_size: int, on_batch: Callable[[], None] | None) -> torch.Tensor:
+              batch_size: int, on_batch: Callable[[], None] | None, on_attacked: OnAttacked | None) -> torch.Tensor:
     """`images` (float; changed in place) with those marked `alive` (None: all) replaced by their
     attacked version; the attack sees the alive images only, in batches of `batch_size`. `labels`:
     all the images' labels, on `images`' device."""
@@ -88,6 +95,8 @@ def _attacked(images: torch.Tensor, labels: torch.Tensor, attack: Attack, *, ali
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size].to(images.device)
         images[idx] = attack(images[idx], labels[idx])
+        if on_attacked is not None:
+            on_attacked(idx, images[idx])
         if on_batch is not None:
             on_batch()
     return images
@@ -95,7 +104,7 @@ def _attacked(images: torch.Tensor, labels: torch.Tensor, attack: Attack, *, ali
 
 def measure_attack(model: nn.Module, data: Split, attack: Attack, *, clean: np.ndarray, repeats: int = 1,
                    seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu",
-                   on_batch: Callable[[], None] | None = None) -> np.ndarray:
+                   on_batch: Callable[[], None] | None = None, on_attacked: OnAttacked | None = None) -> np.ndarray:
     """`measure`, except that an ensemble (`AutoAttack`) is scored as the per-image, per-draw worst case
     of its components: each output is classified by the same fresh draws, and a draw counts as robust
     only if the image survives every component on it. The ensemble's figure is therefore never above
@@ -108,7 +117,7 @@ def measure_attack(model: nn.Module, data: Split, attack: Attack, *, clean: np.n
     """
     def score(part: Attack, gate: np.ndarray) -> np.ndarray:
         return measure(model, data, part, clean=gate, repeats=repeats, seed=seed, batch_size=batch_size,
-                       device=device, on_batch=on_batch)
+                       device=device, on_batch=on_batch, on_attacked=on_attacked)
 
     if isinstance(attack, AutoAttack):
         standing = clean

@@ -28,6 +28,7 @@ from atop.checkpoint import save_checkpoint
 from atop.config import Config, EvalLevel
 from atop.data import Split
 from atop.evaluate import (
+    EXAMPLE_IMAGES,
     LEVELS,
     accuracy,
     describe,
@@ -338,3 +339,26 @@ def test_bf16_evaluation_is_said_and_its_attack_is_no_weaker_than_fp32() -> None
     assert abs(bf16.metrics["clean_acc"] - fp32.metrics["clean_acc"]) <= 2 / 64
     assert 0 < fp32.metrics["robust_acc_seen"] < fp32.metrics["clean_acc"]  # the comparison means something
     assert bf16.metrics["robust_acc_seen"] <= fp32.metrics["robust_acc_seen"] + 1 / 64
+
+
+def test_an_evaluation_keeps_the_seen_attack_s_images_it_scored() -> None:
+    """`EvalResult.examples`: the first images as the seen attack left them and as they were scored
+    (deterministic model: classifying the kept images gives the scored answers), the clean image
+    where nothing was attacked (every clean draw wrong)."""
+    model, data = trained_classifier(), eval_images(16)
+    cfg = Config.from_dict({"n_eval": 16, "batch_size": 4, "unseen_attacks": "fgsm_linf"})
+    result = evaluate(model, data, cfg, level="screen", steps=3)
+    examples = result.examples
+    assert examples is not None and examples.attack == seen_attack(cfg) == "pgd_linf"
+    assert examples.images.shape == (EXAMPLE_IMAGES, 3, 32, 32)
+    clean = result.per_example["clean_correct"][:EXAMPLE_IMAGES]
+    assert 0 < clean.sum() < EXAMPLE_IMAGES  # some attacked, some not: the case holds
+    assert np.array_equal(examples.attacked, clean)
+    shown = data.x[:EXAMPLE_IMAGES].float() / 255
+    moved = (examples.images - shown).abs().amax(dim=(1, 2, 3))
+    assert (moved[~clean] == 0).all() and (moved[clean] > 0).all()
+    assert (moved <= cfg.eval_eps_linf + 1e-6).all()
+    with torch.no_grad():
+        answers = (model(examples.images).argmax(1) == data.y[:EXAMPLE_IMAGES]).numpy()
+    scored = result.per_example["pgd_linf_correct"][:EXAMPLE_IMAGES]
+    assert np.array_equal(answers & clean, scored)

@@ -111,7 +111,6 @@ class StudyContext:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     tags: dict[str, str] = field(default_factory=dict)  # git SHA, package versions, ... for every run
-    grid_images: int = 8
     eval_split: str = EvalSplit.VAL.value
     stage: str = Stage.SEARCH.value
     metric_prefix: str = ""  # put before every MLflow metric name (the Tune result keeps plain names)
@@ -301,11 +300,14 @@ def _final_artifacts(log: RunLogger, number: int, cfg: Config, ctx: StudyContext
                    final.metrics if final is not None else {})
         defense = Defense.from_config(cfg, purifier, classifier).to(device).eval()
         if final is not None:  # the last epoch's evaluation, at the config's level
-            per_example = final.per_example
+            per_example, examples = final.per_example, final.examples
         else:  # resumed after its last epoch: nothing ran here, evaluate the restored purifier
-            per_example = evaluate(defense, ctx.eval_data, cfg, device=device).per_example
+            result = evaluate(defense, ctx.eval_data, cfg, device=device)
+            per_example, examples = result.per_example, result.examples
         write_parquet(per_example, made / PER_EXAMPLE_FILE, trial_number=number)
-        image_grid(defense, ctx.eval_data, cfg, made / GRID_FILE, n=ctx.grid_images, device=device)
+        assert examples is not None  # the last epoch is always evaluated
+        # the attacked images that evaluation scored: the grid runs no attack of its own
+        image_grid(defense, examples, ctx.eval_data, cfg, made / GRID_FILE, device=device)
         for name in (DEFENSE_FILE, PER_EXAMPLE_FILE, GRID_FILE):
             shutil.move(made / name, out / name)  # a rename where both are on one file system
             log.log_artifact(out / name)
