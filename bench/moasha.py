@@ -62,6 +62,9 @@ class Setting:
     sampler: str = "tpe"  # the study's default
     population_size: int = 16  # NSGA-II only
     clock: Clock = field(default_factory=Clock)
+    #: rung decisions read each trial's exact final objectives (no evaluation noise, no crossing curves):
+    #: a perfect predictor, so the bound on what any rule cutting at these rungs could gain
+    oracle: bool = False
 
 
 def learning_curve(p: dict[str, Any], epochs: int) -> np.ndarray:
@@ -133,6 +136,10 @@ def simulate(setting: Setting, scheduler: str, seed: int, *, until: float | None
     events: list[tuple[float, int, Any, np.ndarray | None, int]] = []  # (time, order, trial, curve, epoch)
     order = itertools.count()
 
+    def rung_view(seen: np.ndarray, curve: np.ndarray) -> list[float]:
+        """What a rung decides on: the epoch's noisy figures, or (`oracle`) the trial's exact final ones."""
+        return (curve[-1] if setting.oracle else seen).tolist()
+
     def start(t: float) -> None:
         if (scheduler == "none" and arm.started >= setting.n_trials) or (until is not None and t >= until):
             return
@@ -158,14 +165,15 @@ def simulate(setting: Setting, scheduler: str, seed: int, *, until: float | None
             arm.true.append(curve[-1])
             arm.end = max(arm.end, end)
             heapq.heappush(events, (end, next(order), None, None, 0))
-        elif epoch in rung_epochs and not decide(records[epoch], seen.tolist(), setting.reduction_factor):
-            records[epoch].append(seen.tolist())
+        elif epoch in rung_epochs and not decide(records[epoch], (at_rung := rung_view(seen, curve)),
+                                                 setting.reduction_factor):
+            records[epoch].append(at_rung)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             arm.stopped_at.append(epoch)
             heapq.heappush(events, (t + clock.stopped, next(order), None, None, 0))
         else:
             if epoch in rung_epochs:
-                records[epoch].append(seen.tolist())
+                records[epoch].append(rung_view(seen, curve))
             heapq.heappush(events, (t + 1.0, next(order), trial, curve, epoch + 1))
     return arm
 
@@ -219,9 +227,11 @@ def eaf_balance(pairs: Sequence[Pair], objectives: tuple[int, int] = (0, 1)) -> 
 @row("moasha")
 def moasha_rows(ctx: Context) -> list[Result]:
     """MO-ASHA against no stopping at the same wall-clock budget (simulated clock, real rule and sampler),
-    at the study's default reduction factor 3 and at 2."""
+    at the study's default reduction factor 3 and at 2, and the bound: eta 3 deciding on exact final
+    objectives (`Setting.oracle`)."""
     seeds = range(3 if ctx.quick else 10)
-    return [r for eta in (3, 2) for r in _rows(ctx, Setting(reduction_factor=eta), seeds)]
+    settings = [Setting(reduction_factor=3), Setting(reduction_factor=2), Setting(reduction_factor=3, oracle=True)]
+    return [r for setting in settings for r in _rows(ctx, setting, seeds)]
 
 
 def _rows(ctx: Context, setting: Setting, seeds: Sequence[int]) -> list[Result]:
@@ -232,12 +242,14 @@ def _rows(ctx: Context, setting: Setting, seeds: Sequence[int]) -> list[Result]:
     gain = np.array(hv_mo) - np.array(hv_none)
     half = 1.96 * gain.std(ddof=1) / math.sqrt(len(gain))  # normal 95% interval of the mean paired gain
     more, less = eaf_balance(pairs)
-    c, eta = setting.clock, f"eta {setting.reduction_factor:g}"
+    c, eta = setting.clock, f"eta {setting.reduction_factor:g}" + (" oracle" if setting.oracle else "")
     how = (f"simulated (bench/moasha.py): {setting.space} space, {setting.epochs} epochs ({setting.ce_warmup_epochs} "
            f"CE warm-up where not searched), {setting.concurrency} at once, none = {setting.n_trials} trials, "
            f"grace {setting.grace_period}, {eta} (rungs "
            f"{rungs(setting.grace_period, setting.reduction_factor, setting.epochs)}), {setting.sampler}; clock in "
-           f"epochs: start {c.start}, final {c.final}, stopped {c.stopped}; true objectives of COMPLETE trials, "
+           f"epochs: start {c.start}, final {c.final}, stopped {c.stopped}; "
+           + ("rungs decide on exact final objectives (a perfect predictor: the bound); " if setting.oracle else "")
+           + "true objectives of COMPLETE trials, "
            f"{len(pairs)} seeds")
     fractions = (0.25, 0.5, 0.75, 1.0)
     curves = {arm: [float(np.median([p.hv(getattr(p, arm), f * p.budget) for p in pairs])) for f in fractions]

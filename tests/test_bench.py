@@ -223,3 +223,35 @@ def test_moasha_simulation_stops_trials_at_rungs_and_spends_the_freed_time_on_ne
     assert ratio == math.inf or 0 < ratio <= 1
     assert Pair(none, none).time_to_none_hv() <= 1  # an arm reaches its own hypervolume by its end
     assert np.allclose(pair.none.by(math.inf), np.array(none.true))
+
+
+def test_the_moasha_oracle_decides_on_each_trial_s_exact_final_objectives(monkeypatch):
+    import dataclasses
+
+    import numpy as np
+
+    from bench import moasha
+
+    finals: list[list[float]] = []
+    seen: list[list[float]] = []
+    curve, decide = moasha.learning_curve, moasha.decide
+
+    def recorded_curve(p, epochs):
+        out = curve(p, epochs)
+        finals.append(out[-1].tolist())
+        return out
+
+    def recorded_decide(records, vector, eta):
+        seen.append(list(vector))
+        return decide(records, vector, eta)
+
+    monkeypatch.setattr(moasha, "learning_curve", recorded_curve)
+    monkeypatch.setattr(moasha, "decide", recorded_decide)
+    setting = moasha.Setting(epochs=4, concurrency=2, n_trials=8, grace_period=1, reduction_factor=2, sampler="random")
+    for oracle in (True, False):
+        finals.clear()
+        seen.clear()
+        moasha.simulate(dataclasses.replace(setting, oracle=oracle), "mo-asha", seed=0, until=12.0)
+        assert seen  # rungs were reached: the case holds
+        exact = [any(np.array_equal(v, f) for f in finals) for v in seen]
+        assert all(exact) if oracle else not any(exact)  # without it: the epoch's noisy 512-image figures
