@@ -49,8 +49,9 @@ if TYPE_CHECKING:
     from atop.data import Split
     from atop.scoring import attack_eps, measure, seen_attack  # offered here through __getattr__
 
-__all__ = ["AUDITED", "EXAMPLE_IMAGES", "LEVELS", "LEVEL_ATTACKS", "AttackedExamples", "EvalResult", "accuracy", "attack_eps", "config_budget", "describe",
-           "evaluate", "how_obtained", "level_budget", "main", "measure", "seen_attack", "weakened"]
+__all__ = ["AUDITED", "EXAMPLE_IMAGES", "LEVELS", "LEVEL_ATTACKS", "AttackedExamples", "EvalResult", "accuracy",
+           "attack_eps", "config_budget", "describe", "evaluate", "how_obtained", "level_budget", "main", "measure",
+           "seen_attack", "weakened"]
 #: names this module offers from `atop.scoring` (which imports torch), loaded on first use
 _FROM_SCORING = ("attack_eps", "measure", "seen_attack")
 
