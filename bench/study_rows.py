@@ -256,6 +256,32 @@ def _data_dir(ctx: Context) -> str | None:
 
 # --- rows -------------------------------------------------------------------------------------------------
 
+def idle_breakdown(trials: list, concurrency: int) -> dict[str, float]:
+    """Where a trial phase's slot-seconds that are not trial compute went, in seconds.
+
+    `first_trials`: lifetime minus compute of the first `concurrency` trials (each starts a worker:
+    actor, imports, weights, then its own end); `trial_ends`: the same for every later trial (its
+    final evaluation's artifacts and report on a warm worker); `tail`: the slots left idle at the
+    end, each from its last trial's end (after the last trial started, so nothing else ran there)
+    to the phase's end; `between`: the rest (from one trial's end to the next one's start).
+    """
+    def lifetime(t: Any) -> float:
+        return (t.datetime_complete - t.datetime_start).total_seconds()
+
+    def overhead(t: Any) -> float:
+        return lifetime(t) - float(t.user_attrs.get(COMPUTE_S, 0.0))
+
+    ordered = sorted(trials, key=lambda t: t.datetime_start)
+    start, end = ordered[0].datetime_start, max(t.datetime_complete for t in trials)
+    idle = (end - start).total_seconds() * concurrency - sum(float(t.user_attrs.get(COMPUTE_S, 0.0)) for t in trials)
+    last_start = ordered[-1].datetime_start
+    ended = sorted((t.datetime_complete for t in trials if t.datetime_complete > last_start), reverse=True)
+    out = {"first_trials": sum(overhead(t) for t in ordered[:concurrency]),
+           "trial_ends": sum(overhead(t) for t in ordered[concurrency:]),
+           "tail": sum((end - t).total_seconds() for t in ended[1:concurrency])}
+    return {"idle": idle, **out, "between": idle - sum(out.values())}
+
+
 def efficiency_rows(ctx: Context) -> list[Result]:
     """Σ trial compute_s / (trial-phase wall × max_concurrent), and overhead seconds per trial.
 
@@ -271,12 +297,16 @@ def efficiency_rows(ctx: Context) -> list[Result]:
     eff = sum(compute) / (wall * r.max_concurrent)
     overhead = (wall * r.max_concurrent - sum(compute)) / len(r.trials)
     in_trial = (sum(lifetimes) - sum(compute)) / len(r.trials)
+    idle = idle_breakdown(r.trials, r.max_concurrent)
     common = (f"{s['preset']} preset, {len(r.trials)} trials x {s['epochs']} epochs, {r.max_concurrent} at once, "
               f"no scheduler; trial phase {wall:.0f} s (driver {r.driver_s:.0f} s incl. Ray start)")
+    spent = (f"idle {idle['idle']:.0f} of {wall * r.max_concurrent:.0f} slot-s: first trials (worker starts) "
+             f"{idle['first_trials']:.0f}, later trials' ends {idle['trial_ends']:.0f}, tail {idle['tail']:.0f}, "
+             f"between trials {idle['between']:.0f}")
     return [
         Result("study efficiency", eff, 0.9, "share", 1,
-               f"{common}; Σcompute_s {sum(compute):.0f} s; baseline = goal 0.9",
-               extra={"compute_s": compute, "trial_phase_s": wall, "driver_s": r.driver_s}),
+               f"{common}; Σcompute_s {sum(compute):.0f} s; {spent}; baseline = goal 0.9",
+               extra={"compute_s": compute, "trial_phase_s": wall, "driver_s": r.driver_s, "idle_s": idle}),
         Result("study overhead per trial", overhead, float("nan"), "s/trial", 1,
                f"(wall x concurrency - Σcompute)/trials; of it {in_trial:.1f} s inside each trial's lifetime "
                "(actor start, weights, final evaluation + artifacts, MLflow), the rest between trials",

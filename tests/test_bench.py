@@ -255,3 +255,24 @@ def test_the_moasha_oracle_decides_on_each_trial_s_exact_final_objectives(monkey
         assert seen  # rungs were reached: the case holds
         exact = [any(np.array_equal(v, f) for f in finals) for v in seen]
         assert all(exact) if oracle else not any(exact)  # without it: the epoch's noisy 512-image figures
+
+
+def test_idle_breakdown_splits_a_trial_phase_s_idle_slot_seconds():
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+
+    from bench.study_rows import idle_breakdown
+    from tracking.contract import COMPUTE_S
+
+    t0 = datetime(2026, 12, 1)
+
+    def trial(start: float, end: float, compute: float) -> SimpleNamespace:
+        return SimpleNamespace(datetime_start=t0 + timedelta(seconds=start), datetime_complete=t0 + timedelta(seconds=end),
+                               user_attrs={COMPUTE_S: compute})
+
+    # two slots: A runs 0-10 then 10.5-20, B runs 0-12 then the last trial 12-30; A idles 20-30
+    trials = [trial(0, 10, 8), trial(0, 12, 9), trial(10.5, 20, 9), trial(12, 30, 17.5)]
+    out = idle_breakdown(trials, concurrency=2)
+    assert out["idle"] == pytest.approx(60 - 43.5)
+    assert out["first_trials"] == pytest.approx(2 + 3) and out["trial_ends"] == pytest.approx(0.5 + 0.5)
+    assert out["tail"] == pytest.approx(10) and out["between"] == pytest.approx(0.5)  # A's 10-10.5
