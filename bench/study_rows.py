@@ -256,6 +256,16 @@ def _data_dir(ctx: Context) -> str | None:
 
 # --- rows -------------------------------------------------------------------------------------------------
 
+def _compute_s(trial: Any) -> float:
+    """A finished trial's own compute seconds (`compute_s`, as its last report gave them)."""
+    return float(trial.user_attrs.get(COMPUTE_S, 0.0))
+
+
+def _lifetime_s(trial: Any) -> float:
+    """From the trial's ask to its tell."""
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
 def idle_breakdown(trials: list, concurrency: int) -> dict[str, float]:
     """Where a trial phase's slot-seconds that are not trial compute went, in seconds.
 
@@ -265,15 +275,12 @@ def idle_breakdown(trials: list, concurrency: int) -> dict[str, float]:
     end, each from its last trial's end (after the last trial started, so nothing else ran there)
     to the phase's end; `between`: the rest (from one trial's end to the next one's start).
     """
-    def lifetime(t: Any) -> float:
-        return (t.datetime_complete - t.datetime_start).total_seconds()
-
     def overhead(t: Any) -> float:
-        return lifetime(t) - float(t.user_attrs.get(COMPUTE_S, 0.0))
+        return _lifetime_s(t) - _compute_s(t)
 
     ordered = sorted(trials, key=lambda t: t.datetime_start)
     start, end = ordered[0].datetime_start, max(t.datetime_complete for t in trials)
-    idle = (end - start).total_seconds() * concurrency - sum(float(t.user_attrs.get(COMPUTE_S, 0.0)) for t in trials)
+    idle = (end - start).total_seconds() * concurrency - sum(_compute_s(t) for t in trials)
     last_start = ordered[-1].datetime_start
     ended = sorted((t.datetime_complete for t in trials if t.datetime_complete > last_start), reverse=True)
     out = {"first_trials": sum(overhead(t) for t in ordered[:concurrency]),
@@ -291,8 +298,8 @@ def efficiency_rows(ctx: Context) -> list[Result]:
     """
     s = _sizes(ctx.quick)
     r = run_study(**s, max_concurrent=2, data_dir=_data_dir(ctx), sample_memory=True)
-    compute = [float(t.user_attrs.get(COMPUTE_S, 0.0)) for t in r.trials]
-    lifetimes = [(t.datetime_complete - t.datetime_start).total_seconds() for t in r.trials]
+    compute = [_compute_s(t) for t in r.trials]
+    lifetimes = [_lifetime_s(t) for t in r.trials]
     wall = r.trial_phase_s
     eff = sum(compute) / (wall * r.max_concurrent)
     overhead = (wall * r.max_concurrent - sum(compute)) / len(r.trials)
